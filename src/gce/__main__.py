@@ -1,0 +1,3 @@
+from gce.cli import main
+
+raise SystemExit(main())

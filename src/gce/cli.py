@@ -1,0 +1,36 @@
+"""The ``gce`` command. Errors caused by input, data or configuration print one line, exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gce import __version__
+from gce.errors import GceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gce.commands import data, eval as eval_cmd, train, weights
+
+    parser = argparse.ArgumentParser(prog="gce", description="Deep metric learning with Group Channel-wise Ensembles")
+    parser.add_argument("--version", action="version", version=f"gce {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (train, eval_cmd, data, weights):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except GceError as exc:
+        print(f"gce: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gce: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""``gce eval``: retrieval and clustering metrics of a checkpoint or an untrained backbone."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gce.data import load_dataset
+from gce.data.images import ImageDataset, check_records
+from gce.data.transforms import test_transform
+from gce.errors import GceError
+from gce.evaluation import default_recall_ks, evaluate_embeddings, extract_embeddings
+from gce.training.trainer import load_model, write_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint or an untrained backbone on a dataset split",
+                       description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a gce model.pt/best.pt/last.pt or run folder")
+    src.add_argument("--backbone", help="untrained reference: resnet18, resnet50, googlenet, mobilenet_v2, or raw (pixels)")
+    p.add_argument("--no-pretrained", action="store_true", help="with --backbone: random instead of ImageNet weights")
+    p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
+    p.add_argument("--root", help="dataset root (default: the checkpoint's)")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's, else 224)")
+    p.add_argument("--test-resize", type=int, help="resize before the centre crop (default size*256/224)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--recall-ks", type=int, nargs="+", help="K values (default: the benchmark's)")
+    p.add_argument("--no-clustering", action="store_true", help="skip NMI and F1 (k-means)")
+    p.add_argument("--backend", choices=["torch", "faiss"], default="torch")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed for NMI/F1")
+    p.add_argument("--out", type=Path, help="write the metrics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def _build_embedder(args: argparse.Namespace):
+    from gce.models.plain import PooledTrunk, RawPixels
+
+    if args.checkpoint is not None:
+        model, cfg = load_model(args.checkpoint, device=args.device)
+        return model, cfg
+    if args.backbone == "raw":
+        return RawPixels(), None
+    return PooledTrunk(args.backbone, pretrained=not args.no_pretrained), None
+
+
+def run(args: argparse.Namespace) -> int:
+    model, cfg = _build_embedder(args)
+    dataset = args.dataset or (cfg.data.dataset if cfg else None)
+    root = args.root or (cfg.data.root if cfg else None)
+    if not dataset or not root:
+        raise GceError("--dataset and --root are required with --backbone")
+    size = args.image_size or (cfg.data.image_size if cfg else 224)
+    resize = args.test_resize or (cfg.data.test_resize if cfg and not args.image_size else None)
+    options = cfg.data.options if cfg and dataset == cfg.data.dataset else {}
+    splits = load_dataset(dataset, root, **options)
+    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet)
+    images = ImageDataset(records, test_transform(size, resize_to=resize))
+    embeddings, labels = extract_embeddings(model.to(args.device), images, batch_size=args.batch_size,
+                                            num_workers=args.workers, device=args.device,
+                                            progress=not args.quiet, desc=f"embedding {dataset}/{args.split}")
+    result = evaluate_embeddings(
+        embeddings, labels, recall_ks=args.recall_ks or list(default_recall_ks(dataset)),
+        is_query=records.is_query, is_gallery=records.is_gallery, clustering=not args.no_clustering,
+        backend=args.backend, seed=args.seed,
+    )
+    name = str(args.checkpoint) if args.checkpoint else f"{args.backbone} (untrained)"
+    print(f"{name} on {dataset}/{args.split} ({len(records)} images, {records.num_classes} classes, {size} px)")
+    print(result.format_table())
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, result.to_dict())
+        print(f"metrics written to {args.out}")
+    return 0

@@ -1,0 +1,202 @@
+"""Typed experiment configuration, loaded from YAML with ``key.sub=value`` overrides.
+
+Every option of a run lives here; nothing is read from global argument objects. Validation
+happens before any work starts and every error is one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gce.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo in a YAML key into an error instead of a silently ignored option.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = Field(description="cub, cars196, sop, inshop, folder, csv or emoji")
+    root: str = Field(description="dataset root folder (csv: the CSV file)")
+    image_size: int = Field(224, ge=8)
+    test_resize: int | None = Field(None, ge=8, description="resize before the centre crop; default size*256/224")
+    crop_scale: tuple[float, float] = (0.16, 1.0)
+    hflip: bool = True
+    workers: int = Field(2, ge=0)
+    skip_bad: bool = False
+    verify_images: bool = True
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of train classes held out for validation")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra loader options (test_fraction, seed ...)")
+
+
+class ModelConfig(_Section):
+    backbone: Literal["resnet18", "resnet50", "googlenet", "mobilenet_v2"] = "resnet50"
+    head: Literal["gce", "linear_split"] = "gce"
+    num_learners: int = Field(4, ge=1)
+    embedding_dim: int = Field(512, ge=1)
+    pretrained: bool = True
+    freeze_bn: bool = True
+    pooling: Literal["avg", "max", "avg+max"] = "avg+max"
+    block_channels: int | None = Field(None, ge=1)
+    input_mixing: Literal["grouped", "shared"] = "grouped"
+
+
+class MetaClassConfig(_Section):
+    strategy: Literal["class_proxy", "random", "samples", "none"] = "class_proxy"
+    update_every: int = Field(2, ge=1, description="epochs between meta-class refreshes")
+    balanced: bool = True
+    balance_by: Literal["classes", "images"] = "classes"
+    redraw: bool = False
+
+
+class LossConfig(_Section):
+    margin: float = Field(0.1, gt=0.0)
+    mining: Literal["semihard", "hard", "all"] = "semihard"
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    full_embedding_weight: float = Field(0.0, ge=0.0)
+
+
+class SamplerConfig(_Section):
+    classes_per_batch: int = Field(16, ge=2)
+    samples_per_class: int = Field(4, ge=1)
+    batches_per_epoch: int | None = Field(None, ge=1, description="default: train images // batch size")
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0.0, description="head learning rate")
+    backbone_lr: float | None = Field(None, gt=0.0, description="default: same as lr")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(15, ge=1)
+    finetune_epochs: int = Field(0, ge=0, description="extra epochs on the full embedding with all data")
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: str = "runs/default"
+    eval_test_every: int = Field(1, ge=0, description="report test metrics every N epochs (0: only at the end)")
+    amp: bool = False
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    recall_ks: list[int] | None = None
+    clustering: bool = True
+    backend: Literal["torch", "faiss"] = "torch"
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    metaclass: MetaClassConfig = Field(default_factory=MetaClassConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "ExperimentConfig":
+        m = self.model
+        if m.embedding_dim % m.num_learners:
+            raise ValueError(
+                f"model.embedding_dim={m.embedding_dim} is not divisible by model.num_learners={m.num_learners}"
+            )
+        if m.block_channels is not None and m.block_channels % m.num_learners:
+            raise ValueError(
+                f"model.block_channels={m.block_channels} is not divisible by model.num_learners={m.num_learners}"
+            )
+        if self.metaclass.strategy == "none" and m.num_learners != 1:
+            raise ValueError(
+                f"metaclass.strategy=none is the single-metric baseline and needs model.num_learners=1 "
+                f"(got {m.num_learners})"
+            )
+        if self.metaclass.strategy != "none" and m.num_learners == 1:
+            raise ValueError("model.num_learners=1 needs metaclass.strategy=none")
+        lo, hi = self.data.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"data.crop_scale={list(self.data.crop_scale)} must satisfy 0 < min <= max <= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if first["type"] == "missing":
+        return f"missing config key '{key}'"
+    if not key:  # a cross-field check: its message already names the keys
+        return msg
+    return f"bad value for '{key}': {msg} (got {first.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], value); the value is parsed as YAML (1e-4, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+    return parts, value
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(parts)}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML config file, apply ``key=value`` overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    return config_from_dict(tree)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,105 @@
+"""Atomic, verifiable checkpoints.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
+the old one, so a crash (even SIGKILL) mid-write never leaves a half-written ``last.pt``. The
+previous good checkpoint is kept as ``prev.pt``; loading falls back to it when ``last.pt`` is
+unreadable. Checkpoints hold only tensors and plain Python values so they load with
+``torch.load(weights_only=True)``, which cannot execute code from a tampered file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gce.errors import CheckpointError
+
+LAST = "last.pt"
+PREVIOUS = "prev.pt"
+_FORMAT = 1
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
+    """Write ``state`` as ``folder/last.pt`` atomically; the old one becomes ``prev.pt``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format": _FORMAT, "state": state}, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest()
+    tmp = folder / f".{LAST}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    (folder / f".{LAST}.sha256.tmp").write_text(digest)
+    last = folder / LAST
+    if last.exists():
+        os.replace(last, folder / PREVIOUS)
+        sha = folder / f"{LAST}.sha256"
+        if sha.exists():
+            os.replace(sha, folder / f"{PREVIOUS}.sha256")
+    os.replace(tmp, last)
+    os.replace(folder / f".{LAST}.sha256.tmp", folder / f"{LAST}.sha256")
+    _fsync_dir(folder)
+    return last
+
+
+def _read_verified(path: Path) -> dict[str, Any]:
+    payload = path.read_bytes()
+    sha_file = path.with_name(path.name + ".sha256")
+    if sha_file.exists() and hashlib.sha256(payload).hexdigest() != sha_file.read_text().strip():
+        raise CheckpointError(f"{path}: checksum mismatch (file is damaged or half-written)")
+    try:
+        blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged zip/pickle
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+        raise CheckpointError(f"{path}: not a gce checkpoint")
+    return blob["state"]
+
+
+def load_checkpoint(path_or_folder: str | Path, *, warn=print) -> tuple[dict[str, Any], Path]:
+    """Load a checkpoint file, or the newest good one in a run folder.
+
+    For a folder, ``last.pt`` is tried first and ``prev.pt`` if it is damaged (with a message).
+    """
+    target = Path(path_or_folder)
+    if target.is_file():
+        return _read_verified(target), target
+    if not target.is_dir():
+        raise CheckpointError(f"no checkpoint at {target}")
+    errors = []
+    for name in (LAST, PREVIOUS):
+        candidate = target / name
+        if not candidate.exists():
+            continue
+        try:
+            state = _read_verified(candidate)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        if errors:
+            warn(f"warning: {errors[0]}; falling back to {candidate}")
+        return state, candidate
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    raise CheckpointError(f"no checkpoint in {target} (expected {LAST})")

@@ -1,0 +1,67 @@
+"""Run logs: one JSON object per line (easy to plot or grep) mirrored to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends ``{"event": ..., "epoch": ..., ...}`` records to ``metrics.jsonl``.
+
+    On resume the records of epochs after the checkpoint are dropped first, so a killed and resumed
+    run leaves the same file as an uninterrupted one.
+    """
+
+    def __init__(self, folder: str | Path, tensorboard: bool = True) -> None:
+        self.path = Path(folder) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self._writer = None
+
+    def truncate_after(self, epoch: int) -> None:
+        """Keep only records of epochs ``< epoch`` (the ones covered by the checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _epoch_of(line) < epoch]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
+        record = {"event": event, "epoch": epoch, **values}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, default=_jsonable) + "\n")
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._writer.add_scalar(f"{event}/{key}", value, step if step is not None else epoch)
+            self._writer.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _epoch_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("epoch", -1))
+    except (ValueError, TypeError):
+        return 1 << 30  # an unparsable (half-written) line is dropped
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,489 @@
+"""The training loop: meta-class refreshes, per-learner triplet steps, validation, checkpoints.
+
+One epoch = a fixed plan of class-balanced batches (P classes x M images), each drawn from one
+learner's data subset, round-robin over learners. The plan, the augmentation of every image and the
+meta-class refreshes are functions of (seed, epoch, batch), so a run resumed from any checkpoint,
+even one written mid-epoch on Ctrl-C, reproduces the uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gce.config import ExperimentConfig, save_config
+from gce.data import load_dataset
+from gce.data.images import ImageDataset, check_records, load_rgb
+from gce.data.records import ImageRecords
+from gce.data.samplers import SubsetBalancedBatchSampler
+from gce.data.transforms import test_transform, train_transform
+from gce.errors import CheckpointError, ConfigError, GceError
+from gce.evaluation import EvalResult, default_recall_ks, evaluate_embeddings, extract_embeddings
+from gce.losses import GCELoss
+from gce.metaclass import assignment_stats, build_strategy
+from gce.models import EmbeddingModel, build_model
+from gce.training.checkpoint import load_checkpoint, save_checkpoint
+from gce.training.logging import MetricsLogger
+
+EXIT_INTERRUPTED = 130
+
+
+class TrainingInterrupted(GceError):
+    """Raised after Ctrl-C once the current step is finished and a checkpoint is written."""
+
+
+class NonFiniteLossError(GceError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def item_seed(seed: int, epoch: int, batch: int, position: int) -> int:
+    """Seed of one image's augmentation: independent of workers, batch order and resumption."""
+    return int(np.random.SeedSequence([seed, epoch, batch, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class SeededAugmentedDataset(Dataset):
+    """Training images whose random augmentation is drawn from a per-item seed.
+
+    Items are requested as ``(index, seed)``; the transform runs inside ``fork_rng`` so the global
+    torch RNG is left untouched and DataLoader workers cannot change the result.
+    """
+
+    def __init__(self, records: ImageRecords, transform: Callable) -> None:
+        self.records = records
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key
+        image = load_rgb(self.records.paths[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tensor = self.transform(image)
+        return tensor, int(self.records.labels[index])
+
+
+def split_validation(records: ImageRecords, fraction: float, seed: int) -> tuple[ImageRecords, ImageRecords | None]:
+    """Hold out a seeded ``fraction`` of the training classes for validation (class-disjoint)."""
+    if fraction <= 0:
+        return records, None
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(records.num_classes)
+    num_val = max(2, int(round(fraction * records.num_classes)))
+    if records.num_classes - num_val < 2:
+        raise ConfigError(
+            f"data.val_fraction={fraction} leaves fewer than 2 training classes of {records.num_classes}"
+        )
+    is_val = np.isin(records.labels, classes[:num_val])
+    return records.subset(np.flatnonzero(~is_val)), records.subset(np.flatnonzero(is_val))
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work if the run folder cannot be created or written (or the disk is full)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 1024 * 1024)  # a full disk fails here rather than at the first checkpoint
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise GceError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: EmbeddingModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = model.param_groups(backbone_lr=o.backbone_lr or o.lr, head_lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(groups)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups)
+    return torch.optim.SGD(groups, momentum=o.momentum, nesterov=o.momentum > 0)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    o, total = cfg.optim, cfg.train.epochs + cfg.train.finetune_epochs
+    if o.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if o.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@dataclass
+class RunData:
+    train: ImageRecords
+    val: ImageRecords | None
+    test: ImageRecords
+
+
+def prepare_data(cfg: ExperimentConfig, progress: bool) -> RunData:
+    d = cfg.data
+    splits = load_dataset(d.dataset, d.root, **d.options)
+    train, val = split_validation(splits.train, d.val_fraction, cfg.train.seed)
+    test = splits.test
+    if d.verify_images:
+        train = check_records(train, skip_bad=d.skip_bad, progress=progress)
+        test = check_records(test, skip_bad=d.skip_bad, progress=progress)
+        if val is not None:
+            val = check_records(val, skip_bad=d.skip_bad, progress=progress)
+    return RunData(train=train, val=val, test=test)
+
+
+class Trainer:
+    """Trains one experiment config; ``run()`` returns the final test metrics."""
+
+    def __init__(self, cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress
+        self.log = log
+        self.out = Path(cfg.train.out_dir)
+        self.device = torch.device(cfg.train.device)
+        self._interrupt_requested = False
+
+    # ----------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        check_writable(self.out)
+        if not self.resume and (self.out / "last.pt").exists():
+            raise GceError(f"{self.out} already holds a run; pass --resume to continue it or choose another train.out_dir")
+        seed_everything(cfg.train.seed)
+        self.data = prepare_data(cfg, self.progress)
+        self._check_sampler_feasible()
+        m = cfg.model
+        self.model = build_model(
+            backbone=m.backbone, head=m.head, num_learners=m.num_learners, embedding_dim=m.embedding_dim,
+            pretrained=m.pretrained, freeze_bn=m.freeze_bn, pooling=m.pooling,
+            block_channels=m.block_channels, input_mixing=m.input_mixing,
+        ).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.strategy = build_strategy(
+            cfg.metaclass.strategy, num_learners=m.num_learners, balanced=cfg.metaclass.balanced,
+            balance_by=cfg.metaclass.balance_by, redraw=cfg.metaclass.redraw,
+        )
+        self.loss_fn = GCELoss(margin=cfg.loss.margin, mining=cfg.loss.mining,
+                               full_embedding_weight=cfg.loss.full_embedding_weight, distance=cfg.loss.distance)
+        d = cfg.data
+        self.train_set = SeededAugmentedDataset(
+            self.data.train, train_transform(d.image_size, scale=d.crop_scale, hflip=d.hflip))
+        eval_tf = test_transform(d.image_size, resize_to=d.test_resize)
+        self.train_eval_set = ImageDataset(self.data.train, eval_tf)
+        self.test_set = ImageDataset(self.data.test, eval_tf)
+        self.val_set = ImageDataset(self.data.val, eval_tf) if self.data.val is not None else None
+        s = cfg.sampler
+        batch = s.classes_per_batch * s.samples_per_class
+        self.batches_per_epoch = s.batches_per_epoch or max(1, len(self.data.train) // batch)
+        self.assignment: np.ndarray | None = None
+        self.sampler = SubsetBalancedBatchSampler(
+            labels=self.data.train.labels, group_of_sample=np.zeros(len(self.data.train), dtype=np.int64),
+            classes_per_batch=s.classes_per_batch, samples_per_class=s.samples_per_class,
+            batches_per_epoch=self.batches_per_epoch, seed=cfg.train.seed,
+        )
+        self.logger = MetricsLogger(self.out)
+        self.start_epoch, self.start_batch, self.partial = 0, 0, {"loss_sum": 0.0, "steps": 0, "triplets": 0}
+        self.best_val = -1.0
+        if self.resume:
+            self._restore()
+        else:
+            save_config(cfg, self.out / "config.yaml")
+
+    def _check_sampler_feasible(self) -> None:
+        s, k = self.cfg.sampler, self.cfg.model.num_learners
+        classes = self.data.train.num_classes
+        if classes < 2 * k:
+            raise ConfigError(
+                f"model.num_learners={k} needs at least {2 * k} training classes (2 per learner); the training split has {classes}"
+            )
+        if s.classes_per_batch > classes:
+            raise ConfigError(
+                f"sampler.classes_per_batch={s.classes_per_batch} is larger than the {classes} training classes"
+            )
+
+    # -------------------------------------------------------------- checkpoint
+    def _state(self, epoch: int, batch: int) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "partial": dict(self.partial),
+            "best_val": self.best_val,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "assignment": None if self.assignment is None else torch.from_numpy(self.assignment.copy()),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+    def _save(self, epoch: int, batch: int) -> Path:
+        return save_checkpoint(self._state(epoch, batch), self.out)
+
+    def _restore(self) -> None:
+        state, path = load_checkpoint(self.out, warn=self.log)
+        check_same_model(state["config"], self.cfg.to_dict())
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["assignment"] is not None:
+            self._set_assignment(state["assignment"].numpy())
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
+        self.partial = dict(state["partial"])
+        self.best_val = float(state["best_val"])
+        # Drop log records written after this checkpoint so the log matches an uninterrupted run.
+        # (mid-epoch, the epoch's meta-class record is already there and is not redone).
+        self.logger.truncate_after(self.start_epoch + (1 if self.start_batch else 0))
+        where = f"epoch {self.start_epoch}" + (f", batch {self.start_batch}" if self.start_batch else "")
+        self.log(f"resumed from {path} at {where}")
+
+    # ------------------------------------------------------------- meta-class
+    def _set_assignment(self, assignment: np.ndarray) -> None:
+        self.assignment = assignment
+        if self.strategy.level == "class":
+            groups = assignment[self.data.train.labels]
+        else:
+            groups = assignment
+        self.sampler.set_assignment(groups)
+
+    def _embed(self, dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_embeddings(
+            self.model, dataset, batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.workers,
+            device=self.device, progress=self.progress, desc=desc,
+        )
+
+    def _update_metaclasses(self, epoch: int) -> None:
+        needs_embeddings = self.cfg.metaclass.strategy in ("class_proxy", "samples")
+        embeddings = None
+        if needs_embeddings:
+            embeddings, _ = self._embed(self.train_eval_set, f"epoch {epoch}: proxies")
+        labels = self.data.train.labels
+        new = self.strategy.assign(embeddings, labels, self.data.train.num_classes,
+                                   previous=self.assignment, seed=self.cfg.train.seed + epoch)
+        stats = assignment_stats(new, labels, self.data.train.num_classes, previous=self.assignment,
+                                 level=self.strategy.level)
+        self._set_assignment(np.asarray(new, dtype=np.int64))
+        values = {"classes_per_learner": stats.classes_per_learner, "images_per_learner": stats.images_per_learner,
+                  "moved_fraction": stats.moved_fraction}
+        self.logger.log("metaclass", epoch, values)
+        self.log(f"epoch {epoch}: meta-classes updated: classes/learner {stats.classes_per_learner}, "
+                 f"images/learner {stats.images_per_learner}, moved {stats.moved_fraction:.1%}")
+
+    # ------------------------------------------------------------------ steps
+    def _loader(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> DataLoader:
+        keyed = [[(idx, item_seed(self.cfg.train.seed, epoch, b, pos)) for pos, idx in enumerate(indices)]
+                 for b, (_, indices) in enumerate(plan)][first:]
+        workers = self.cfg.data.workers
+        return DataLoader(self.train_set, batch_sampler=keyed, num_workers=workers,
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, learner: int | None) -> tuple[float, int]:
+        self.model.train()
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+        use_amp = self.cfg.train.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            embeddings = self.model(images)
+        embeddings = embeddings.float()
+        learner_slice = None if learner is None else self.model.learner_slices()[learner]
+        loss, info = self.loss_fn(embeddings, labels, learner_slice)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} (learner {learner}); stopping. The last good checkpoint is "
+                f"{self.out / 'last.pt'}; lower optim.lr or enable optim.grad_clip"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        return float(loss.item()), int(info.get("triplets", 0))
+
+    def _train_epoch(self, epoch: int, finetune: bool) -> dict[str, float]:
+        plan = self.sampler.plan_epoch(epoch)
+        first = self.start_batch if epoch == self.start_epoch else 0
+        if first == 0:
+            self.partial = {"loss_sum": 0.0, "steps": 0, "triplets": 0}
+        bar = tqdm(total=len(plan), initial=first, desc=f"epoch {epoch}", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        for b, (images, labels) in enumerate(self._loader(epoch, plan, first), start=first):
+            learner = None if finetune or self.cfg.model.num_learners == 1 else plan[b][0]
+            loss, triplets = self._step(images, labels, learner)
+            self.partial["loss_sum"] += loss
+            self.partial["steps"] += 1
+            self.partial["triplets"] += triplets
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.partial['loss_sum'] / self.partial['steps']:.4f}")
+            if self._interrupt_requested and b + 1 < len(plan):
+                bar.close()
+                path = self._save(epoch, b + 1)
+                raise TrainingInterrupted(f"interrupted: checkpoint written to {path}")
+        bar.close()
+        steps = max(1, self.partial["steps"])
+        return {"loss": self.partial["loss_sum"] / steps, "triplets_per_step": self.partial["triplets"] / steps}
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate(self, dataset: ImageDataset, desc: str, clustering: bool | None = None) -> EvalResult:
+        embeddings, labels = self._embed(dataset, desc)
+        records = dataset.records
+        ks = self.cfg.eval.recall_ks or list(default_recall_ks(self.cfg.data.dataset))
+        return evaluate_embeddings(
+            embeddings, labels, recall_ks=ks, is_query=records.is_query, is_gallery=records.is_gallery,
+            clustering=self.cfg.eval.clustering if clustering is None else clustering,
+            backend=self.cfg.eval.backend, seed=self.cfg.train.seed,
+        )
+
+    def _end_of_epoch(self, epoch: int, train_stats: dict[str, float], seconds: float) -> None:
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.logger.log("train", epoch, {**train_stats, "seconds": seconds, "lr": lrs[-1]})
+        msg = f"epoch {epoch}: loss {train_stats['loss']:.4f} ({seconds:.0f} s)"
+        if self.val_set is not None:
+            val = self.evaluate(self.val_set, f"epoch {epoch}: validation", clustering=False)
+            self.logger.log("val", epoch, val.to_dict())
+            r1 = val.recall[min(val.recall)]
+            msg += f", val R@1 {100 * r1:.1f}"
+            if r1 > self.best_val:  # model selection uses held-out training classes only
+                self.best_val = r1
+                save_model_only(self.model, self.cfg, self.out / "best.pt")
+        every, last = self.cfg.train.eval_test_every, self.total_epochs - 1
+        if (every and epoch % every == 0) or epoch == last:
+            test = self.evaluate(self.test_set, f"epoch {epoch}: test")
+            self.logger.log("test", epoch, test.to_dict())
+            msg += f", test R@1 {100 * test.recall[min(test.recall)]:.1f}"
+            if test.nmi is not None:
+                msg += f" NMI {100 * test.nmi:.1f}"
+            msg += f" MAP@R {100 * test.map_at_r:.1f}"
+            self.last_test = test
+        self.log(msg)
+
+    # -------------------------------------------------------------------- run
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.train.epochs + self.cfg.train.finetune_epochs
+
+    def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
+        if self._interrupt_requested:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self._interrupt_requested = True
+        self.log("\nCtrl-C: finishing the current step and writing a checkpoint (press again to abort)")
+
+    def run(self) -> EvalResult:
+        self.setup()
+        self.last_test: EvalResult | None = None
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if _is_main_thread() else None
+        try:
+            if self.start_epoch == 0 and self.start_batch == 0:
+                self.log(f"training {self.cfg.name}: {len(self.data.train)} images / {self.data.train.num_classes} classes,"
+                         f" {self.batches_per_epoch} batches per epoch, {self.total_epochs} epochs -> {self.out}")
+            for epoch in range(self.start_epoch, self.total_epochs):
+                finetune = epoch >= self.cfg.train.epochs
+                resuming_mid_epoch = epoch == self.start_epoch and self.start_batch > 0
+                if not resuming_mid_epoch:
+                    self._prepare_epoch(epoch, finetune)
+                started = time.perf_counter()
+                stats = self._train_epoch(epoch, finetune)
+                self.scheduler.step()
+                self._end_of_epoch(epoch, stats, time.perf_counter() - started)
+                self.start_batch = 0
+                self._save(epoch + 1, 0)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            self.logger.close()
+        if self.last_test is None:  # resumed a finished run: evaluate the final weights
+            self.last_test = self.evaluate(self.test_set, "test")
+        save_model_only(self.model, self.cfg, self.out / "model.pt")
+        write_json(self.out / "final_metrics.json", self.last_test.to_dict())
+        return self.last_test
+
+    def _prepare_epoch(self, epoch: int, finetune: bool) -> None:
+        if finetune:
+            if epoch == self.cfg.train.epochs:
+                self.log(f"epoch {epoch}: fine-tuning the full embedding on all data")
+            self.sampler.set_assignment(np.zeros(len(self.data.train), dtype=np.int64))
+            return
+        m = self.cfg.metaclass
+        due = epoch % m.update_every == 0
+        if self.assignment is None or (due and (m.strategy != "random" or m.redraw)):
+            self._update_metaclasses(epoch)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model_only(model: EmbeddingModel, cfg: ExperimentConfig, path: Path) -> None:
+    """An export for evaluation and search: weights plus the model config, no optimiser state."""
+    from gce.training.checkpoint import _FORMAT  # same container format as training checkpoints
+
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"format": _FORMAT, "state": {"config": cfg.to_dict(), "model": model.state_dict()}}, buffer)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a run whose model/data/sampler settings differ from the checkpoint's."""
+    differences = []
+    for section in ("model", "data", "metaclass", "loss", "sampler", "optim"):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key) and key not in ("workers",):
+                differences.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+    if differences:
+        raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
+    """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
+    from gce.config import config_from_dict
+
+    state, _ = load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    m = cfg.model
+    model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
+                        embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
+                        block_channels=m.block_channels, input_mixing=m.input_mixing)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg
+
+
+def main_exit_code(exc: BaseException) -> int:
+    return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else 1
+
+
