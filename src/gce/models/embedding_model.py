@@ -1,0 +1,162 @@
+"""The embedding model: backbone trunk + embedding head, and its builder from config values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gce.errors import ConfigError
+from gce.models.backbones import BACKBONES, build_trunk, freeze_batchnorm, is_frozen_batchnorm
+from gce.models.heads import EmbeddingHead, GroupChannelwiseHead, LinearSplitHead, check_head_config
+
+__all__ = ["HEADS", "EmbeddingModel", "build_model"]
+
+HEADS = ("gce", "linear_split")
+
+
+class EmbeddingModel(nn.Module):
+    """``images (B x 3 x H x W, ImageNet-normalised) -> embedding (B x D)``.
+
+    The embedding is the concatenation of ``num_learners`` unit vectors of ``learner_dim``
+    dimensions (see :meth:`learner_slices`). ``config`` records the :func:`build_model` arguments
+    so a checkpoint can rebuild the same architecture.
+
+    Layers frozen with :func:`~gce.models.backbones.freeze_batchnorm` stay in eval mode through
+    :meth:`train`.
+    """
+
+    def __init__(self, trunk: nn.Module, head: EmbeddingHead, config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.config: dict[str, Any] = dict(config or {})
+
+    @property
+    def num_learners(self) -> int:
+        return self.head.num_learners
+
+    @property
+    def learner_dim(self) -> int:
+        return self.head.learner_dim
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head.embedding_dim
+
+    def learner_slices(self) -> list[slice]:
+        """Slice of the embedding that belongs to each learner, in order."""
+        return self.head.learner_slices()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        """Set train/eval mode, keeping frozen BatchNorm layers in eval mode."""
+        super().train(mode)
+        for m in self.modules():
+            if is_frozen_batchnorm(m):
+                m.eval()
+        return self
+
+    def learner_parameter_slices(self, k: int) -> dict[str, slice]:
+        """Names (as in ``named_parameters()``) of the head parameters learner ``k`` owns a part
+        of, each with the rows (dim 0) that are learner ``k``'s.
+
+        Parameters shared by all learners (the trunk; the ``"shared"`` mixing conv) are not listed.
+        Use it to look at one learner's gradients: ``param.grad[rows]``.
+        """
+        return {f"head.{name}": rows for name, rows in self.head.learner_parameter_slices(k).items()}
+
+    def learner_parameters(self, k: int) -> dict[str, torch.Tensor]:
+        """The head parameters that belong to learner ``k``: detached views of their rows.
+
+        The views share storage with the parameters (they see later updates) but carry no
+        gradient; see :meth:`learner_parameter_slices` for gradients.
+        """
+        params = dict(self.named_parameters())
+        return {name: params[name].detach()[rows] for name, rows in self.learner_parameter_slices(k).items()}
+
+    def param_groups(self, backbone_lr: float, head_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: trunk at ``backbone_lr``, head at ``head_lr``.
+
+        Only parameters that require gradients are included (frozen BatchNorm ones do not), and
+        an empty group is left out. Each group has a ``"name"`` ("backbone" or "head") for logging.
+        """
+        groups = []
+        for name, module, lr in (("backbone", self.trunk, backbone_lr), ("head", self.head, head_lr)):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"name": name, "params": params, "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+
+def _check_model_config(
+    backbone: str,
+    head: str,
+    num_learners: int,
+    embedding_dim: int,
+    pooling: str,
+    block_channels: int | None,
+    input_mixing: str,
+) -> None:
+    """Validate all values before anything is built or loaded; errors name the ``model.`` key."""
+    if backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={backbone!r} is unknown; valid backbones: {', '.join(BACKBONES)}")
+    if head not in HEADS:
+        raise ConfigError(f"model.head={head!r} is unknown; valid heads: {', '.join(HEADS)}")
+    check_head_config(
+        BACKBONES[backbone].channels,
+        num_learners,
+        embedding_dim,
+        pooling=pooling,
+        block_channels=block_channels if head == "gce" else None,
+        input_mixing=input_mixing if head == "gce" else None,
+        prefix="model.",
+    )
+
+
+def build_model(
+    backbone: str,
+    head: str,
+    num_learners: int,
+    embedding_dim: int,
+    pretrained: bool,
+    freeze_bn: bool,
+    pooling: str = "avg+max",
+    block_channels: int | None = None,
+    input_mixing: str = "grouped",
+    allow_download: bool = True,
+) -> EmbeddingModel:
+    """Build an :class:`EmbeddingModel` from config values.
+
+    ``head`` is ``"gce"`` (:class:`GroupChannelwiseHead`) or ``"linear_split"``
+    (:class:`LinearSplitHead`; ``block_channels`` and ``input_mixing`` do not apply to it and are
+    ignored). ``freeze_bn`` freezes the trunk's BatchNorm layers only: the head's BatchNorm is new
+    and must learn. Bad values raise :class:`ConfigError` naming the key, e.g.
+    ``model.embedding_dim=100 is not divisible by model.num_learners=3``; missing ImageNet weights
+    raise :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`).
+    """
+    _check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing)
+    trunk, channels = build_trunk(backbone, pretrained, allow_download=allow_download)
+    if freeze_bn:
+        freeze_batchnorm(trunk)
+    if head == "gce":
+        head_module: EmbeddingHead = GroupChannelwiseHead(
+            channels, num_learners, embedding_dim, block_channels, pooling=pooling, input_mixing=input_mixing
+        )
+    else:
+        head_module = LinearSplitHead(channels, num_learners, embedding_dim, pooling=pooling)
+    config = {
+        "backbone": backbone,
+        "head": head,
+        "num_learners": num_learners,
+        "embedding_dim": embedding_dim,
+        "pretrained": pretrained,
+        "freeze_bn": freeze_bn,
+        "pooling": pooling,
+        "block_channels": block_channels,
+        "input_mixing": input_mixing,
+    }
+    return EmbeddingModel(trunk, head_module, config)

@@ -1,0 +1,289 @@
+"""Embedding heads: feature map ``B x C x h x w`` -> ensemble embedding ``B x D``.
+
+Both heads split the embedding into ``K = num_learners`` consecutive slices of
+``learner_dim = D / K`` dimensions, one per base learner, and L2-normalise each slice. The
+concatenated ensemble embedding therefore has norm ``sqrt(K)``; cosine similarity on it is the
+mean of the learners' cosine similarities.
+
+- :class:`GroupChannelwiseHead` is the GCE head: a group channel-wise convolution block whose
+  channel group ``k`` feeds only learner ``k``.
+- :class:`LinearSplitHead` is the Divide-and-Conquer-style ablation: one dense linear layer whose
+  output rows are split between the learners. With ``K=1`` it is the single-metric baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gce.errors import ConfigError
+
+__all__ = [
+    "INPUT_MIXING_MODES",
+    "POOLING_MODES",
+    "EmbeddingHead",
+    "GlobalPool",
+    "GroupChannelwiseHead",
+    "LinearSplitHead",
+    "check_head_config",
+]
+
+POOLING_MODES = ("avg", "max", "avg+max")
+INPUT_MIXING_MODES = ("grouped", "shared")
+
+
+def check_head_config(
+    in_channels: int,
+    num_learners: int,
+    embedding_dim: int,
+    *,
+    pooling: str = "avg+max",
+    block_channels: int | None = None,
+    input_mixing: str | None = None,
+    prefix: str = "",
+) -> None:
+    """Raise :class:`ConfigError` for an impossible head configuration.
+
+    ``prefix`` is prepended to key names in messages (``"model."`` when called from the config
+    layer), so the user sees the key to fix. ``input_mixing=None`` skips the GCE-only checks.
+    """
+    k, d = num_learners, embedding_dim
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"{prefix}num_learners={k!r} must be a positive integer")
+    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+        raise ConfigError(f"{prefix}embedding_dim={d!r} must be a positive integer")
+    if d % k:
+        raise ConfigError(f"{prefix}embedding_dim={d} is not divisible by {prefix}num_learners={k}")
+    if pooling not in POOLING_MODES:
+        raise ConfigError(f"{prefix}pooling={pooling!r} is unknown; valid: {', '.join(POOLING_MODES)}")
+    if input_mixing is None:
+        return
+    if input_mixing not in INPUT_MIXING_MODES:
+        raise ConfigError(
+            f"{prefix}input_mixing={input_mixing!r} is unknown; valid: {', '.join(INPUT_MIXING_MODES)}"
+        )
+    if input_mixing == "grouped" and in_channels % k:
+        divisors = [q for q in range(1, min(in_channels, 64) + 1) if in_channels % q == 0]
+        raise ConfigError(
+            f"{prefix}num_learners={k} does not divide the trunk's {in_channels} channels, which "
+            f"{prefix}input_mixing='grouped' splits between the learners; use num_learners in "
+            f"{divisors} or input_mixing='shared'"
+        )
+    if block_channels is not None:
+        if not isinstance(block_channels, int) or isinstance(block_channels, bool) or block_channels < 1:
+            raise ConfigError(f"{prefix}block_channels={block_channels!r} must be a positive integer")
+        if block_channels % k:
+            raise ConfigError(
+                f"{prefix}block_channels={block_channels} is not divisible by {prefix}num_learners={k}"
+            )
+
+
+class GlobalPool(nn.Module):
+    """Global pooling ``B x C x h x w -> B x C``: average, max, or their sum (``"avg+max"``).
+
+    Pooling acts on each channel separately, so it never mixes channel groups. The sum of average
+    and max pooling is a common DML choice: max pooling keeps small, distinctive parts, average
+    pooling keeps the overall appearance.
+    """
+
+    def __init__(self, mode: str = "avg+max") -> None:
+        super().__init__()
+        if mode not in POOLING_MODES:
+            raise ConfigError(f"pooling={mode!r} is unknown; valid: {', '.join(POOLING_MODES)}")
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "avg":
+            return x.mean(dim=(2, 3))
+        if self.mode == "max":
+            return x.amax(dim=(2, 3))
+        return x.mean(dim=(2, 3)) + x.amax(dim=(2, 3))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+class EmbeddingHead(nn.Module):
+    """Common part of the heads: the learner split and the per-learner normalisation."""
+
+    def __init__(self, in_channels: int, num_learners: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_learners = num_learners
+        self.embedding_dim = embedding_dim
+        self.learner_dim = embedding_dim // num_learners
+
+    def learner_slices(self) -> list[slice]:
+        """Slice of the embedding's last dimension that belongs to each learner, in order."""
+        d = self.learner_dim
+        return [slice(k * d, (k + 1) * d) for k in range(self.num_learners)]
+
+    def learner_parameter_slices(self, k: int) -> dict[str, slice]:
+        """For each head parameter (by name) owned in part by learner ``k``: its rows (dim 0).
+
+        Parameters shared by all learners are left out. Subclasses implement
+        :meth:`_owned_parameters`.
+        """
+        if not 0 <= k < self.num_learners:
+            raise IndexError(f"learner {k} out of range for {self.num_learners} learners")
+        return {name: _group_rows(p.shape[0], self.num_learners, k) for name, p in self._owned_parameters()}
+
+    def _owned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters whose dim 0 is split evenly between the learners, in learner order."""
+        raise NotImplementedError
+
+    def _normalise_learners(self, z: torch.Tensor) -> torch.Tensor:
+        """L2-normalise each learner's ``learner_dim`` slice of ``z`` (``B x D``)."""
+        b = z.shape[0]
+        z = F.normalize(z.view(b, self.num_learners, self.learner_dim), dim=2)
+        return z.reshape(b, self.embedding_dim)
+
+
+def _group_rows(rows: int, groups: int, k: int) -> slice:
+    size = rows // groups
+    return slice(k * size, (k + 1) * size)
+
+
+class GroupChannelwiseHead(EmbeddingHead):
+    """The GCE head: a group channel-wise convolution block and per-group embeddings.
+
+    Layout, with ``K = num_learners`` and ``c = block_channels / K``::
+
+        feature map (C channels)
+          [input_mixing="shared" only: 1x1 dense conv C -> K*c, no bias]
+          -> 3x3 conv, groups=K (block_channels = K*c out) -> BatchNorm -> ReLU
+          -> global pooling per channel (avg, max or avg+max)
+          -> 1x1 conv, groups=K (block_channels -> D), i.e. a block-diagonal linear layer
+          -> K vectors of D/K, each L2-normalised, concatenated to B x D
+
+    Channel group ``k`` of the block (channels ``k*c .. (k+1)*c-1``) and rows
+    ``k*D/K .. (k+1)*D/K-1`` of the embedding belong to learner ``k`` alone: no weight of one
+    learner ever touches another learner's activations, so a loss on learner ``k``'s slice has an
+    exactly zero gradient on the other learners' block and embedding weights.
+
+    ``input_mixing`` decides what each learner sees of the trunk:
+
+    - ``"grouped"`` (default, the reading of the spec "channel group k belongs to learner k and
+      never mixes"): the grouped 3x3 conv also splits the *trunk's* channels into K input groups,
+      so learner ``k`` sees only trunk channels ``k*C/K .. (k+1)*C/K-1``. The learners are fully
+      separate from the trunk output on; the cost is that each one sees 1/K of the pretrained
+      features, and ``C`` must be divisible by ``K``.
+    - ``"shared"``: a 1x1 dense conv (shared by all learners) first mixes all trunk channels into
+      ``block_channels`` channels, which the grouped conv then splits. Every learner sees every
+      trunk feature (more capacity per learner, any ``K``), at the price of one shared layer of
+      ``C x block_channels`` weights; the groups are still separate from the block on.
+
+    ``block_channels`` defaults to ``C`` (``"grouped"``) or ``C`` rounded up to a multiple of K
+    (``"shared"``). The grouped 3x3 conv has ``9 * C * block_channels / K`` weights: lower
+    ``block_channels`` for large trunks with small K (resnet50, K=1: 38M weights at the default).
+
+    Initialisation: where each group's 3x3 conv maps as many channels in as out (the defaults),
+    it starts as the identity (Dirac kernel), so that with an ImageNet trunk the fresh block
+    passes the pretrained features through (in eval mode, ReLU(BN(x)) with BN's initial running
+    statistics is ``x`` for the non-negative trunk output) and the embedding is, per learner, a random
+    orthogonal projection of the pooled pretrained features -- a useful embedding before any
+    training. Otherwise the conv is Kaiming-initialised. Each learner's embedding block is
+    initialised with orthonormal rows; BN starts at weight 1, bias 0.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_learners: int,
+        embedding_dim: int,
+        block_channels: int | None = None,
+        pooling: str = "avg+max",
+        input_mixing: str = "grouped",
+    ) -> None:
+        check_head_config(
+            in_channels,
+            num_learners,
+            embedding_dim,
+            pooling=pooling,
+            block_channels=block_channels,
+            input_mixing=input_mixing,
+        )
+        super().__init__(in_channels, num_learners, embedding_dim)
+        k = num_learners
+        if block_channels is None:
+            block_channels = in_channels if input_mixing == "grouped" else -(-in_channels // k) * k
+        self.block_channels = block_channels
+        self.input_mixing = input_mixing
+
+        # Shared mixing layer (shared mode only): no bias, the BN after the grouped conv has one.
+        self.mix = nn.Conv2d(in_channels, block_channels, 1, bias=False) if input_mixing == "shared" else None
+        conv_in = block_channels if self.mix is not None else in_channels
+        self.block = nn.Sequential(
+            nn.Conv2d(conv_in, block_channels, 3, padding=1, groups=k, bias=False),
+            nn.BatchNorm2d(block_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = GlobalPool(pooling)
+        self.embed = nn.Conv2d(block_channels, embedding_dim, 1, groups=k)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as described in the class docstring."""
+        k = self.num_learners
+        if self.mix is not None:
+            # Linear layer (no activation follows directly): keep the input's variance.
+            nn.init.kaiming_normal_(self.mix.weight, mode="fan_in", nonlinearity="linear")
+        conv = self.block[0]
+        if conv.in_channels == conv.out_channels:
+            nn.init.dirac_(conv.weight, groups=k)
+        else:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        bn = self.block[1]
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+        # One orthonormal-row block per learner: a distance-preserving random projection.
+        with torch.no_grad():
+            for rows in self.embed.weight.view(k, self.learner_dim, -1):
+                nn.init.orthogonal_(rows)
+        nn.init.zeros_(self.embed.bias)
+
+    def _owned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        # Grouped conv weights are laid out (out_channels, in_channels/groups, kh, kw): the rows of
+        # output group k are learner k's. BN's per-channel parameters follow the same rows.
+        return [
+            ("block.0.weight", self.block[0].weight),
+            ("block.1.weight", self.block[1].weight),
+            ("block.1.bias", self.block[1].bias),
+            ("embed.weight", self.embed.weight),
+            ("embed.bias", self.embed.bias),
+        ]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.mix(features) if self.mix is not None else features
+        x = self.pool(self.block(x))
+        z = self.embed(x[:, :, None, None]).flatten(1)
+        return self._normalise_learners(z)
+
+
+class LinearSplitHead(EmbeddingHead):
+    """Divide-and-Conquer-style head: pooled ``C`` features -> one dense ``Linear(C, D)`` -> K slices.
+
+    All learners share the trunk and the pooled feature; they differ only in their rows of the
+    linear layer (rows ``k*D/K .. (k+1)*D/K-1`` are learner ``k``'s). Each slice is L2-normalised.
+    With ``num_learners=1`` this is the single-metric baseline. The weight starts with
+    orthonormal rows (``D <= C``) so that the fresh embedding preserves pooled-feature geometry.
+    """
+
+    def __init__(self, in_channels: int, num_learners: int, embedding_dim: int, pooling: str = "avg+max") -> None:
+        check_head_config(in_channels, num_learners, embedding_dim, pooling=pooling)
+        super().__init__(in_channels, num_learners, embedding_dim)
+        self.pool = GlobalPool(pooling)
+        self.linear = nn.Linear(in_channels, embedding_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Orthogonal weight, zero bias."""
+        nn.init.orthogonal_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def _owned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [("linear.weight", self.linear.weight), ("linear.bias", self.linear.bias)]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self._normalise_learners(self.linear(self.pool(features)))
