@@ -1,0 +1,41 @@
+"""Meta-classes: class proxies, clustering/partition strategies and Hungarian matching.
+
+See :mod:`gce.metaclass.strategies` for what an assignment is and which strategies exist.
+"""
+
+from gce.metaclass.matching import match_to_previous, moved_fraction, overlap_matrix
+from gce.metaclass.proxies import ProxyEMA, class_proxies
+from gce.metaclass.strategies import (
+    STRATEGY_NAMES,
+    AssignmentStats,
+    ClassProxyStrategy,
+    Level,
+    MetaClassStrategy,
+    NoneStrategy,
+    RandomStrategy,
+    SampleKMeansStrategy,
+    assignment_stats,
+    build_strategy,
+    cluster_points,
+    group_of_sample,
+)
+
+__all__ = [
+    "STRATEGY_NAMES",
+    "AssignmentStats",
+    "ClassProxyStrategy",
+    "Level",
+    "MetaClassStrategy",
+    "NoneStrategy",
+    "ProxyEMA",
+    "RandomStrategy",
+    "SampleKMeansStrategy",
+    "assignment_stats",
+    "build_strategy",
+    "class_proxies",
+    "cluster_points",
+    "group_of_sample",
+    "match_to_previous",
+    "moved_fraction",
+    "overlap_matrix",
+]
