@@ -198,7 +198,7 @@ class Trainer:
         self.sampler = SubsetBalancedBatchSampler(
             labels=self.data.train.labels, group_of_sample=np.zeros(len(self.data.train), dtype=np.int64),
             classes_per_batch=s.classes_per_batch, samples_per_class=s.samples_per_class,
-            batches_per_epoch=self.batches_per_epoch, seed=cfg.train.seed,
+            batches_per_epoch=self.batches_per_epoch, seed=cfg.train.seed, num_groups=1,
         )
         self.logger = MetricsLogger(self.out)
         self.start_epoch, self.start_batch, self.partial = 0, 0, {"loss_sum": 0.0, "steps": 0, "triplets": 0}
@@ -264,7 +264,7 @@ class Trainer:
             groups = assignment[self.data.train.labels]
         else:
             groups = assignment
-        self.sampler.set_assignment(groups)
+        self.sampler.set_assignment(groups, num_groups=self.cfg.model.num_learners)
 
     def _embed(self, dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         return extract_embeddings(
@@ -419,7 +419,7 @@ class Trainer:
         if finetune:
             if epoch == self.cfg.train.epochs:
                 self.log(f"epoch {epoch}: fine-tuning the full embedding on all data")
-            self.sampler.set_assignment(np.zeros(len(self.data.train), dtype=np.int64))
+            self.sampler.set_assignment(np.zeros(len(self.data.train), dtype=np.int64), num_groups=1)
             return
         m = self.cfg.metaclass
         due = epoch % m.update_every == 0

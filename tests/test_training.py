@@ -1,0 +1,111 @@
+"""End-to-end training on a tiny generated dataset: loss goes down, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gce.cli import main
+from gce.config import load_config
+from gce.errors import GceError
+from gce.training.checkpoint import load_checkpoint
+from gce.training.trainer import Trainer, load_model
+
+CONFIG = """
+name: tiny
+data: {{dataset: folder, root: {root}, image_size: 32, test_resize: 32, workers: 0,
+        options: {{test_fraction: 0.25, seed: 0}}}}
+model: {{backbone: resnet18, head: gce, num_learners: 2, embedding_dim: 32, pretrained: false,
+         freeze_bn: false}}
+metaclass: {{strategy: class_proxy, update_every: 1}}
+sampler: {{classes_per_batch: 3, samples_per_class: 2, batches_per_epoch: 6}}
+optim: {{name: adam, lr: 1.0e-3}}
+train: {{epochs: 3, seed: 0, out_dir: {out}, eval_test_every: 1}}
+eval: {{batch_size: 16}}
+"""
+
+
+def write_config(tmp_path: Path, root: Path, out: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(CONFIG.format(root=root, out=out))
+    return path
+
+
+def run_train(config: Path, *extra: str) -> int:
+    return main(["train", str(config), "--quiet", *extra])
+
+
+@pytest.mark.slow
+def test_train_resume_and_eval_end_to_end(tmp_path, shape_folder, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, shape_folder, out)
+    assert run_train(config) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert [r["epoch"] for r in records if r["event"] == "test"] == [0, 1, 2]
+    updates = [r for r in records if r["event"] == "metaclass"]
+    assert len(updates) == 3 and all(sum(u["classes_per_learner"]) == 6 for u in updates)
+    state, _ = load_checkpoint(out)
+    assert state["epoch"] == 3 and state["batch"] == 0
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert 0.0 <= final["recall@1"] <= 1.0
+
+    # Resume from the epoch-1 checkpoint in a second folder: same weights and log as the full run.
+    resumed = tmp_path / "resumed"
+    config2 = write_config(tmp_path, shape_folder, resumed)
+    assert run_train(config2, "train.epochs=1") == 0  # stops after epoch 0: a checkpoint at epoch 1
+    assert run_train(config2, "--resume") == 0  # the epoch budget may grow on resume
+    state_resumed, _ = load_checkpoint(resumed)
+    for key, tensor in state["model"].items():
+        assert torch.equal(tensor, state_resumed["model"][key]), key
+    full_log = [r for r in records if r["event"] in ("train", "test")]
+    resumed_log = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    resumed_log = [r for r in resumed_log if r["event"] in ("train", "test")]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(resumed_log) == strip(full_log)
+
+    # The exported model evaluates through the CLI.
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--quiet", "--out", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "R@1" in printed or "recall@1" in printed.lower()
+    assert json.loads((tmp_path / "m.json").read_text())["recall@1"] == pytest.approx(final["recall@1"])
+
+
+def test_refuses_to_overwrite_a_run_and_checks_resume_config(tmp_path, shape_folder):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, shape_folder, out)
+    assert run_train(config, "train.epochs=1", "sampler.batches_per_epoch=1", "train.eval_test_every=0") == 0
+    with pytest.raises(GceError, match="already holds a run"):
+        Trainer(load_config(config, ["train.epochs=1"]), progress=False).run()
+    assert run_train(config, "--resume", "model.embedding_dim=64", "train.epochs=2") == 1
+
+
+def test_loaded_model_matches_trained(tmp_path, shape_folder):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, shape_folder, out)
+    assert run_train(config, "train.epochs=1", "sampler.batches_per_epoch=2", "train.eval_test_every=0") == 0
+    model, cfg = load_model(out / "model.pt")
+    assert cfg.model.num_learners == 2
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    assert y.shape == (2, 32)
+    assert torch.allclose(y[:, :16].norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.num_learners=4", "model.embedding_dim=32"], "needs at least 8 training classes"),
+        (["sampler.classes_per_batch=7"], "sampler.classes_per_batch=7 is larger than the 6 training classes"),
+    ],
+)
+def test_impossible_sampler_settings_fail_before_training(tmp_path, shape_folder, overrides, message, capsys):
+    config = write_config(tmp_path, shape_folder, tmp_path / "run")
+    assert run_train(config, *overrides) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
