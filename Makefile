@@ -30,11 +30,13 @@ test: install
 $(DATA)/emoji/manifest.csv: | install
 	$(GCE) data emoji --out $(DATA)/emoji --cache $(DATA)/.npm-cache
 
-# The main job, end to end on CPU.
+# The main job, end to end on CPU: train GCE on the emoji benchmark (DEMO_EPOCHS of the config's
+# 15, to stay within minutes), compare with the untrained backbone, draw the figures.
+DEMO_EPOCHS ?= 4
 demo: install $(DATA)/emoji/manifest.csv
 	$(GCE) weights install
-	$(GCE) eval --backbone mobilenet_v2 --dataset emoji --root $(DATA)/emoji --image-size 64 \
-		--out $(RUNS)/demo/untrained_mobilenet_v2.json
+	$(GCE) demo configs/emoji.yaml data.root=$(DATA)/emoji train.epochs=$(DEMO_EPOCHS) \
+		train.eval_test_every=0 train.out_dir=$(RUNS)/demo/emoji-gce --out $(RUNS)/demo
 
 bench: install
 	$(PY) benchmarks/eval_speed.py

@@ -18,11 +18,22 @@ MINIMAL = "data: {dataset: emoji, root: data/emoji}\n"
 
 
 def test_every_shipped_config_validates():
+    import yaml
+
+    from gce.ablation import load_ablation, run_config
+
     files = sorted(CONFIGS.rglob("*.yaml"))
-    assert len(files) >= 9
-    for path in files:
+    experiments = [p for p in files if "variants" not in yaml.safe_load(p.read_text())]
+    ablations = [p for p in files if p not in experiments]
+    assert len(experiments) >= 9 and len(ablations) >= 2
+    for path in experiments:
         cfg = load_config(path)
         assert cfg.model.embedding_dim % cfg.model.num_learners == 0, path
+    for path in ablations:
+        ablation, tree = load_ablation(path)
+        for variant in ablation.variants:
+            for seed in ablation.seeds:
+                assert run_config(ablation, tree, variant, seed).train.seed == seed
 
 
 def test_extends_merges_sections_and_overrides_win():

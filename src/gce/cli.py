@@ -10,12 +10,12 @@ from gce.errors import GceError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gce.commands import data, eval as eval_cmd, train, weights
+    from gce.commands import ablate, data, demo, eval as eval_cmd, train, weights
 
     parser = argparse.ArgumentParser(prog="gce", description="Deep metric learning with Group Channel-wise Ensembles")
     parser.add_argument("--version", action="version", version=f"gce {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, eval_cmd, data, weights):
+    for module in (train, eval_cmd, ablate, demo, data, weights):
         module.add_parser(sub)
     return parser
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args lets `key=value` overrides follow options (gce train c.yaml --resume a.b=1).
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "command", None) in ("train", "ablate", "demo") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -87,6 +87,7 @@ class TrainConfig(_Section):
     out_dir: str = "runs/default"
     eval_test_every: int = Field(1, ge=0, description="report test metrics every N epochs (0: only at the end)")
     amp: bool = False
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
 
 
 class EvalConfig(_Section):

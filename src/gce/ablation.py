@@ -1,0 +1,126 @@
+"""Ablation runner: the same base config under several variants and seeds, then a summary.
+
+Each (variant, seed) run lives in ``<out_dir>/<variant>/seed<seed>/``. A run with
+``final_metrics.json`` is finished and skipped; a run with a checkpoint is resumed; others start
+fresh. So a killed ablation restarts only the runs that did not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gce.config import ExperimentConfig, apply_override, config_from_dict, parse_override, read_config_tree
+from gce.errors import ConfigError
+
+SUMMARY_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
+
+
+class AblationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="experiment YAML every variant starts from (relative to this file)")
+    out_dir: str = "runs/ablation"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    overrides: list[str] = Field(default_factory=list, description="key=value applied to every variant")
+    variants: dict[str, list[str]] = Field(min_length=1, description="variant name -> key=value overrides")
+
+
+def load_ablation(path: str | Path, extra_overrides: list[str] = ()) -> tuple[AblationConfig, dict[str, Any]]:
+    path = Path(path)
+    try:
+        ablation = AblationConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except FileNotFoundError:
+        raise ConfigError(f"ablation file not found: {path}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{path}: '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+    base_tree = read_config_tree(path.parent / ablation.base)
+    for text in [*ablation.overrides, *extra_overrides]:
+        apply_override(base_tree, *parse_override(text))
+    return ablation, base_tree
+
+
+def run_config(ablation: AblationConfig, base_tree: dict[str, Any], variant: str, seed: int) -> ExperimentConfig:
+    import copy
+
+    tree = copy.deepcopy(base_tree)
+    for text in ablation.variants[variant]:
+        apply_override(tree, *parse_override(text))
+    apply_override(tree, ["train", "seed"], seed)
+    apply_override(tree, ["train", "out_dir"], str(Path(ablation.out_dir) / variant / f"seed{seed}"))
+    apply_override(tree, ["name"], f"{variant}-seed{seed}")
+    return config_from_dict(tree)
+
+
+def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: list[str] | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Run every unfinished (variant, seed), then write the summary; returns the summary path."""
+    from gce.training.trainer import Trainer
+
+    ablation, base_tree = load_ablation(path, list(extra_overrides))
+    variants = only or list(ablation.variants)
+    unknown = [v for v in variants if v not in ablation.variants]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; the file defines {list(ablation.variants)}")
+    configs = {(v, s): run_config(ablation, base_tree, v, s) for v in variants for s in ablation.seeds}  # validate all first
+    for (variant, seed), cfg in configs.items():
+        out = Path(cfg.train.out_dir)
+        if (out / "final_metrics.json").exists():
+            log(f"[{variant} seed {seed}] finished earlier, skipped")
+            continue
+        resume = (out / "last.pt").exists() or (out / "prev.pt").exists()
+        log(f"[{variant} seed {seed}] {'resuming' if resume else 'starting'} in {out}")
+        Trainer(cfg, resume=resume, progress=progress, log=log).run()
+    return write_summary(Path(ablation.out_dir), variants, ablation.seeds)
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return {
+        "final": json.loads((folder / "final_metrics.json").read_text()),
+        "test": [r for r in records if r["event"] == "test"],
+        "metaclass": [r for r in records if r["event"] == "metaclass"],
+        "train": [r for r in records if r["event"] == "train"],
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summary_table(results: dict[str, list[dict[str, Any]]], metrics: tuple[str, ...] = SUMMARY_METRICS) -> str:
+    """Markdown table: mean ± sample std over seeds, in percent."""
+    header = "| variant | seeds | " + " | ".join(m.replace("recall@", "R@").upper().replace("R@", "R@") for m in metrics) + " |"
+    lines = [header, "|---|---|" + "---|" * len(metrics)]
+    for variant, runs in results.items():
+        cells = []
+        for metric in metrics:
+            values = [100 * r["final"][metric] for r in runs if r["final"].get(metric) is not None]
+            if not values:
+                cells.append("-")
+                continue
+            mean, std = mean_std(values)
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(out_dir: Path, variants: list[str], seeds: list[int]) -> Path:
+    from gce.plots import plot_metaclass_sizes, plot_recall_curves
+
+    results = {v: [read_run(out_dir / v / f"seed{s}") for s in seeds if (out_dir / v / f"seed{s}" / "final_metrics.json").exists()]
+               for v in variants}
+    results = {v: runs for v, runs in results.items() if runs}
+    summary = out_dir / "summary.md"
+    summary.write_text(summary_table(results) + "\n")
+    plot_recall_curves(results, out_dir / "recall_at_1.png")
+    plot_metaclass_sizes(results, out_dir / "classes_per_learner.png")
+    return summary

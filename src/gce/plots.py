@@ -1,0 +1,95 @@
+"""PNG figures: training curves, ablation curves, meta-class sizes and retrieval grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curve(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Training loss and test Recall@1 / MAP@R per epoch from a run's metrics.jsonl records."""
+    train = [r for r in records if r["event"] == "train"]
+    test = [r for r in records if r["event"] == "test"]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot([r["epoch"] for r in train], [r["loss"] for r in train], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="triplet loss", title="training loss")
+    for key, label in (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("nmi", "NMI")):
+        points = [(r["epoch"], 100 * r[key]) for r in test if r.get(key) is not None]
+        if points:
+            ax_metric.plot(*zip(*points), marker="o", label=label)
+    ax_metric.set(xlabel="epoch", ylabel="%", title="test metrics")
+    ax_metric.legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_recall_curves(results: dict[str, list[dict[str, Any]]], path: Path, metric: str = "recall@1") -> Path:
+    """Mean (band: min-max over seeds) test ``metric`` per epoch for each variant."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for variant, runs in results.items():
+        curves = [{r["epoch"]: 100 * r[metric] for r in run["test"]} for run in runs]
+        epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not epochs:
+            continue
+        values = np.array([[c[e] for e in epochs] for c in curves])
+        ax.plot(epochs, values.mean(0), marker="o", label=variant)
+        if len(runs) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=f"test {metric} (%)", title=f"test {metric} per epoch")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_metaclass_sizes(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Classes per learner at each meta-class update (first seed of each variant with K > 1)."""
+    shown = {v: runs[0]["metaclass"] for v, runs in results.items()
+             if runs and runs[0]["metaclass"] and len(runs[0]["metaclass"][0]["classes_per_learner"]) > 1}
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4 * max(1, len(shown)), 3.5), squeeze=False)
+    for ax, (variant, updates) in zip(axes[0], shown.items()):
+        sizes = np.array([u["classes_per_learner"] for u in updates])
+        epochs = [u["epoch"] for u in updates]
+        for k in range(sizes.shape[1]):
+            ax.plot(epochs, sizes[:, k], marker="o", label=f"learner {k}")
+        ax.set(xlabel="epoch", ylabel="classes", title=variant)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def retrieval_grid(query_images: Sequence, neighbour_images: Sequence[Sequence], correct: np.ndarray,
+                   path: Path, title: str = "") -> Path:
+    """Each row: a query, then its nearest neighbours framed green (same class) or red (other)."""
+    rows, cols = len(query_images), 1 + len(neighbour_images[0])
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
+    for r in range(rows):
+        axes[r][0].imshow(query_images[r])
+        axes[r][0].set_title("query" if r == 0 else "", fontsize=8)
+        for c, image in enumerate(neighbour_images[r], start=1):
+            ax = axes[r][c]
+            ax.imshow(image)
+            colour = "#1a9641" if correct[r][c - 1] else "#d7191c"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+            if r == 0:
+                ax.set_title(f"#{c}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
