@@ -316,3 +316,20 @@ def test_assignment_stats_sample_level_brute_force() -> None:
     assert stats.moved_fraction == pytest.approx(float(np.mean(old != new)))
     split = sum(len(set(new[labels == c].tolist())) > 1 for c in range(6))
     assert stats.split_classes == split
+
+
+def test_warm_start_refresh_moves_fewer_classes_than_reclustering():
+    """A refresh from the previous groups keeps classes whose nearest group did not change."""
+    from gce.metaclass import build_strategy, moved_fraction
+
+    rng = np.random.default_rng(3)
+    proxies = rng.normal(size=(200, 16))  # no cluster structure: re-clustering is arbitrary
+    labels = np.arange(200)
+    cold = build_strategy("class_proxy", 4, balanced=True, warm_start=False)
+    warm = build_strategy("class_proxy", 4, balanced=True, warm_start=True)
+    first = cold.assign(proxies, labels, 200, seed=0)
+    drifted = proxies + 0.1 * rng.normal(size=proxies.shape)
+    moved_cold = moved_fraction(first, cold.assign(drifted, labels, 200, previous=first, seed=1))
+    moved_warm = moved_fraction(first, warm.assign(drifted, labels, 200, previous=first, seed=1))
+    assert moved_warm < moved_cold
+    assert moved_warm < 0.1

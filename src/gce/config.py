@@ -52,6 +52,7 @@ class MetaClassConfig(_Section):
     balanced: bool = True
     balance_by: Literal["classes", "images"] = "classes"
     redraw: bool = False
+    warm_start: bool = Field(True, description="class_proxy: refresh k-means from the previous groups")
 
 
 class LossConfig(_Section):

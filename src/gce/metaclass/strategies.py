@@ -184,9 +184,13 @@ def _sq_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray, np.ndarray]:
-    """Plain seeded k-means; returns (labels, centroids)."""
-    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int,
+            init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded k-means, from k-means++ restarts or from given ``init`` centroids; returns (labels, centroids)."""
+    if init is not None:
+        km = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed)
+    else:
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
     with warnings.catch_warnings():
         # Fewer distinct points than clusters only triggers a warning here; the empty or tiny
         # clusters it leaves are repaired by _enforce_min_size.
@@ -295,10 +299,14 @@ def cluster_points(
     weights: np.ndarray | None = None,
     n_init: int = 10,
     n_iter: int = BALANCE_ITERATIONS,
+    init_groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cluster unit vectors into ``num_clusters`` groups; returns one group id per point.
 
-    Unbalanced: scikit-learn k-means (seeded, ``n_init`` restarts).
+    Unbalanced: scikit-learn k-means (seeded, ``n_init`` restarts). With ``init_groups`` (a previous
+    grouping of the same points) k-means starts from those groups' normalised means instead: a
+    refresh that moves only the points whose nearest group changed, rather than a re-clustering
+    whose result depends on the restart.
 
     Balanced (``balanced=True``), starting from the k-means centroids, for up to ``n_iter`` rounds
     (stopping early when nothing changes): assign points under size constraints, then recompute
@@ -321,7 +329,10 @@ def cluster_points(
         raise ValueError(f"cannot make {num_clusters} clusters from {n} points")
     if num_clusters == 1:
         return np.zeros(n, dtype=np.int64)
-    groups, centroids = _kmeans(points, num_clusters, seed, n_init)
+    init = None
+    if init_groups is not None:
+        init = _centroids(points, np.asarray(init_groups), num_clusters, _normalise_rows(points[:num_clusters].copy()))
+    groups, centroids = _kmeans(points, num_clusters, seed, n_init, init=init)
     if balanced:
         w = None if weights is None else np.asarray(weights, dtype=np.float64)
         centroids = _normalise_rows(centroids)
@@ -352,17 +363,20 @@ class ClassProxyStrategy:
         balanced: equalise group sizes (see :func:`cluster_points`).
         balance_by: ``"classes"`` (sizes differ by at most one class) or ``"images"``.
         n_init: k-means restarts.
+        warm_start: with a previous assignment, start k-means from its groups' proxy means (a
+            refresh) instead of k-means++ restarts (a re-clustering that reshuffles many classes).
     """
 
     level: Level = "class"
 
     def __init__(self, num_learners: int, balanced: bool = False, balance_by: str = "classes",
-                 n_init: int = 10) -> None:
+                 n_init: int = 10, warm_start: bool = True) -> None:
         _check_balance_by(balance_by)
         self.num_learners = num_learners
         self.balanced = balanced
         self.balance_by = balance_by
         self.n_init = n_init
+        self.warm_start = warm_start
 
     def assign(self, embeddings: ArrayLike | None, labels: ArrayLike, num_classes: int,
                previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
@@ -390,7 +404,8 @@ class ClassProxyStrategy:
         # Without class sizes every class counts as one image: "images" balance = "classes".
         weights = sizes if (self.balanced and self.balance_by == "images") else None
         groups = cluster_points(_normalise_rows(prox), self.num_learners, seed,
-                                balanced=self.balanced, weights=weights, n_init=self.n_init)
+                                balanced=self.balanced, weights=weights, n_init=self.n_init,
+                                init_groups=prev if self.warm_start else None)
         if prev is not None:
             groups = match_to_previous(prev, groups, self.num_learners, weights=sizes)
         return groups
@@ -498,6 +513,7 @@ def build_strategy(
     redraw: bool = False,
     *,
     kmeans_n_init: int = 10,
+    warm_start: bool = True,
 ) -> MetaClassStrategy:
     """Strategy by name: ``class_proxy``, ``random``, ``samples`` or ``none``.
 
@@ -509,7 +525,7 @@ def build_strategy(
         raise ValueError(f"num_learners must be >= 1, got {num_learners}")
     _check_balance_by(balance_by)
     if name == "class_proxy":
-        return ClassProxyStrategy(num_learners, balanced, balance_by, n_init=kmeans_n_init)
+        return ClassProxyStrategy(num_learners, balanced, balance_by, n_init=kmeans_n_init, warm_start=warm_start)
     if name == "random":
         return RandomStrategy(num_learners, balance_by, redraw)
     if name == "samples":

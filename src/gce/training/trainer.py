@@ -184,6 +184,7 @@ class Trainer:
         self.strategy = build_strategy(
             cfg.metaclass.strategy, num_learners=m.num_learners, balanced=cfg.metaclass.balanced,
             balance_by=cfg.metaclass.balance_by, redraw=cfg.metaclass.redraw,
+            warm_start=cfg.metaclass.warm_start,
         )
         self.loss_fn = GCELoss(margin=cfg.loss.margin, mining=cfg.loss.mining,
                                full_embedding_weight=cfg.loss.full_embedding_weight, distance=cfg.loss.distance)
