@@ -40,3 +40,19 @@ def test_test_transform_explicit_resize_keeps_whole_image():
     assert torch.isclose(out[0, 0, 0], expected, atol=1e-4)
     with pytest.raises(ValueError, match="resize_to"):
         test_transform(64, resize_to=32)
+
+
+def test_flip_only_training_transform_keeps_the_whole_image():
+    import torch
+    from PIL import Image
+
+    from gce.data.transforms import train_transform
+
+    image = Image.new("RGB", (40, 40), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 40, 4))  # a blue band at the top that a crop could cut off
+    tf = train_transform(32, random_crop=False, hflip=True)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = tf(image)
+        assert out.shape == (3, 32, 32)
+        assert out[2, 0].mean() > out[0, 0].mean()  # the top row is still blue

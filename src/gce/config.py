@@ -7,7 +7,7 @@ happens before any work starts and every error is one line naming the offending 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +25,7 @@ class DataConfig(_Section):
     root: str = Field(description="dataset root folder (csv: the CSV file)")
     image_size: int = Field(224, ge=8)
     test_resize: int | None = Field(None, ge=8, description="resize before the centre crop; default size*256/224")
+    random_crop: bool = Field(True, description="RandomResizedCrop in training (else resize + centre crop)")
     crop_scale: tuple[float, float] = (0.16, 1.0)
     hflip: bool = True
     workers: int = Field(2, ge=0)
@@ -93,7 +94,7 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
-    recall_ks: list[int] | None = None
+    recall_ks: list[Annotated[int, Field(ge=1)]] | None = None
     clustering: bool = True
     backend: Literal["torch", "faiss"] = "torch"
 
@@ -191,6 +192,13 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: the problem and where (its own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config; ``extends: other.yaml`` (relative to the file) is merged underneath."""
     path = Path(path)
@@ -199,9 +207,13 @@ def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     tree = loaded or {}

@@ -18,10 +18,18 @@ def normalize() -> T.Normalize:
 
 
 def train_transform(
-    image_size: int, *, scale: tuple[float, float] = DEFAULT_CROP_SCALE, hflip: bool = True
+    image_size: int, *, scale: tuple[float, float] = DEFAULT_CROP_SCALE, hflip: bool = True,
+    random_crop: bool = True,
 ) -> T.Compose:
-    """RandomResizedCrop(image_size, scale) + optional horizontal flip + tensor + normalisation."""
-    steps: list = [T.RandomResizedCrop(image_size, scale=tuple(scale))]
+    """RandomResizedCrop(image_size, scale) + optional horizontal flip + tensor + normalisation.
+
+    ``random_crop=False`` replaces the crop by Resize + CenterCrop (flips only), for small images
+    that are already centred and at the training size (emoji).
+    """
+    if random_crop:
+        steps: list = [T.RandomResizedCrop(image_size, scale=tuple(scale))]
+    else:
+        steps = [T.Resize(image_size), T.CenterCrop(image_size)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), normalize()]

@@ -103,6 +103,23 @@ def check_writable(folder: Path) -> None:
         raise GceError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
 
 
+def resolve_device(name: str, key: str) -> torch.device:
+    """``torch.device(name)``, or a one-line ConfigError naming ``key`` if it is malformed or absent here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"bad value for '{key}': {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={name}, but no CUDA GPU is available here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}={name}, but only {count} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={name}, but MPS is not available here; use cpu")
+    return device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -138,7 +155,9 @@ class RunData:
 
 def prepare_data(cfg: ExperimentConfig, progress: bool) -> RunData:
     d = cfg.data
-    splits = load_dataset(d.dataset, d.root, **d.options)
+    # data.skip_bad also covers what the loader skips (listed-but-missing files, empty class
+    # folders); an explicit data.options.skip_bad wins.
+    splits = load_dataset(d.dataset, d.root, **{"skip_bad": d.skip_bad, **d.options})
     train, val = split_validation(splits.train, d.val_fraction, cfg.train.seed)
     test = splits.test
     if d.verify_images:
@@ -159,14 +178,14 @@ class Trainer:
         self.progress = progress
         self.log = log
         self.out = Path(cfg.train.out_dir)
-        self.device = torch.device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, "train.device")
         self._interrupt_requested = False
 
     # ----------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg = self.cfg
         check_writable(self.out)
-        if not self.resume and (self.out / "last.pt").exists():
+        if not self.resume and ((self.out / "last.pt").exists() or (self.out / "prev.pt").exists()):
             raise GceError(f"{self.out} already holds a run; pass --resume to continue it or choose another train.out_dir")
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
@@ -190,7 +209,7 @@ class Trainer:
                                full_embedding_weight=cfg.loss.full_embedding_weight, distance=cfg.loss.distance)
         d = cfg.data
         self.train_set = SeededAugmentedDataset(
-            self.data.train, train_transform(d.image_size, scale=d.crop_scale, hflip=d.hflip))
+            self.data.train, train_transform(d.image_size, scale=d.crop_scale, hflip=d.hflip, random_crop=d.random_crop))
         eval_tf = test_transform(d.image_size, resize_to=d.test_resize)
         self.train_eval_set = ImageDataset(self.data.train, eval_tf)
         self.test_set = ImageDataset(self.data.test, eval_tf)
@@ -210,6 +229,9 @@ class Trainer:
         if self.resume:
             self._restore()
         else:
+            # No checkpoint here (checked above): records left by a run killed before its first
+            # checkpoint would otherwise precede this run's in the log.
+            self.logger.truncate_after(0)
             save_config(cfg, self.out / "config.yaml")
 
     def _check_sampler_feasible(self) -> None:
@@ -222,6 +244,19 @@ class Trainer:
         if s.classes_per_batch > classes:
             raise ConfigError(
                 f"sampler.classes_per_batch={s.classes_per_batch} is larger than the {classes} training classes"
+            )
+        # Batches come from one learner's subset. With subsets balanced by classes the smallest
+        # has classes // K of them, known now: fail before training rather than train every
+        # learner on smaller batches than configured. (Unbalanced, image-balanced and sample-level
+        # subsets vary; the sampler then warns and uses all classes of a subset that is short.)
+        m = self.cfg.metaclass
+        even = (m.strategy == "random" and m.balance_by == "classes") or (
+            m.strategy == "class_proxy" and m.balanced and m.balance_by == "classes")
+        if k > 1 and even and s.classes_per_batch > classes // k:
+            raise ConfigError(
+                f"sampler.classes_per_batch={s.classes_per_batch} is larger than the {classes // k} classes of the "
+                f"smallest learner subset ({classes} training classes split evenly over model.num_learners={k}); "
+                f"use sampler.classes_per_batch <= {classes // k} or fewer learners"
             )
 
     # -------------------------------------------------------------- checkpoint
@@ -240,7 +275,22 @@ class Trainer:
         }
 
     def _save(self, epoch: int, batch: int) -> Path:
+        self._check_finite_weights(f"epoch {epoch}, batch {batch}" if batch else f"epoch {epoch - 1}")
         return save_checkpoint(self._state(epoch, batch), self.out)
+
+    def _kept_checkpoint(self) -> str:
+        if (self.out / "last.pt").exists() or (self.out / "prev.pt").exists():
+            return f"The last good checkpoint is kept in {self.out} (last.pt)"
+        return "No checkpoint had been written yet"
+
+    def _check_finite_weights(self, where: str) -> None:
+        """Never evaluate or checkpoint NaN/inf weights (a step can diverge with a finite loss)."""
+        if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            return
+        raise NonFiniteLossError(
+            f"model weights became NaN or infinite during {where}; stopping without writing a checkpoint. "
+            f"{self._kept_checkpoint()}; lower optim.lr or enable optim.grad_clip"
+        )
 
     def _restore(self) -> None:
         state, path = load_checkpoint(self.out, warn=self.log)
@@ -256,8 +306,9 @@ class Trainer:
         self.partial = dict(state["partial"])
         self.best_val = float(state["best_val"])
         # Drop log records written after this checkpoint so the log matches an uninterrupted run.
-        # (mid-epoch, the epoch's meta-class record is already there and is not redone).
-        self.logger.truncate_after(self.start_epoch + (1 if self.start_batch else 0))
+        # Mid-epoch, the epoch's meta-class record is already there and is not redone; its
+        # train/val/test records (written by an attempt killed after the epoch) are redone.
+        self.logger.truncate_after(self.start_epoch, keep_at_epoch=("metaclass",) if self.start_batch else ())
         where = f"epoch {self.start_epoch}" + (f", batch {self.start_batch}" if self.start_batch else "")
         self.log(f"resumed from {path} at {where}")
 
@@ -298,7 +349,11 @@ class Trainer:
         keyed = [[(idx, item_seed(self.cfg.train.seed, epoch, b, pos)) for pos, idx in enumerate(indices)]
                  for b, (_, indices) in enumerate(plan)][first:]
         workers = self.cfg.data.workers
-        return DataLoader(self.train_set, batch_sampler=keyed, num_workers=workers,
+        # Its own generator: a DataLoader draws its base seed from the global torch RNG otherwise,
+        # so resuming mid-epoch (a second loader for the same epoch) would shift the RNG state.
+        # (Augmentation is seeded per item, so this seed changes nothing else.)
+        generator = torch.Generator().manual_seed(item_seed(self.cfg.train.seed, epoch, 0, 0))
+        return DataLoader(self.train_set, batch_sampler=keyed, num_workers=workers, generator=generator,
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, learner: int | None) -> tuple[float, int]:
@@ -312,8 +367,8 @@ class Trainer:
         loss, info = self.loss_fn(embeddings, labels, learner_slice)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"loss became {loss.item()} (learner {learner}); stopping. The last good checkpoint is "
-                f"{self.out / 'last.pt'}; lower optim.lr or enable optim.grad_clip"
+                f"loss became {loss.item()} (learner {learner}); stopping. {self._kept_checkpoint()}; "
+                f"lower optim.lr or enable optim.grad_clip"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -357,6 +412,7 @@ class Trainer:
         )
 
     def _end_of_epoch(self, epoch: int, train_stats: dict[str, float], seconds: float) -> None:
+        self._check_finite_weights(f"epoch {epoch}")
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.logger.log("train", epoch, {**train_stats, "seconds": seconds, "lr": lrs[-1]})
         msg = f"epoch {epoch}: loss {train_stats['loss']:.4f} ({seconds:.0f} s)"
@@ -408,7 +464,10 @@ class Trainer:
                 self.scheduler.step()
                 self._end_of_epoch(epoch, stats, time.perf_counter() - started)
                 self.start_batch = 0
-                self._save(epoch + 1, 0)
+                path = self._save(epoch + 1, 0)
+                if self._interrupt_requested and epoch + 1 < self.total_epochs:
+                    # Ctrl-C during the epoch's last step or its evaluation: stop here.
+                    raise TrainingInterrupted(f"interrupted: checkpoint written to {path}")
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
