@@ -8,9 +8,22 @@ from pathlib import Path
 from gce.data import load_dataset
 from gce.data.images import ImageDataset, check_records
 from gce.data.transforms import test_transform
-from gce.errors import GceError
+from gce.errors import DatasetError, GceError
 from gce.evaluation import default_recall_ks, evaluate_embeddings, extract_embeddings
-from gce.training.trainer import load_model, write_json
+from gce.training.trainer import load_model, resolve_device, write_json
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,10 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     p.add_argument("--root", help="dataset root (default: the checkpoint's)")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's, else 224)")
-    p.add_argument("--test-resize", type=int, help="resize before the centre crop (default size*256/224)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--image-size", type=_count(8), help="crop size (default: the checkpoint's, else 224)")
+    p.add_argument("--test-resize", type=_count(8), help="resize before the centre crop (default size*256/224)")
+    p.add_argument("--batch-size", type=_count(1), default=128)
+    p.add_argument("--workers", type=_count(0), default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--recall-ks", type=int, nargs="+", help="K values (default: the benchmark's)")
     p.add_argument("--no-clustering", action="store_true", help="skip NMI and F1 (k-means)")
@@ -50,6 +63,7 @@ def _build_embedder(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_device(args.device, "--device")
     model, cfg = _build_embedder(args)
     dataset = args.dataset or (cfg.data.dataset if cfg else None)
     root = args.root or (cfg.data.root if cfg else None)
@@ -57,9 +71,15 @@ def run(args: argparse.Namespace) -> int:
         raise GceError("--dataset and --root are required with --backbone")
     size = args.image_size or (cfg.data.image_size if cfg else 224)
     resize = args.test_resize or (cfg.data.test_resize if cfg and not args.image_size else None)
-    options = cfg.data.options if cfg and dataset == cfg.data.dataset else {}
+    options = dict(cfg.data.options) if cfg and dataset == cfg.data.dataset else {}
+    if args.skip_bad:  # listed-but-missing files and empty class folders too, not only undecodable ones
+        options["skip_bad"] = True
     splits = load_dataset(dataset, root, **options)
-    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet)
+    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet,
+                            split=args.split)
+    if len(records) < 2:
+        raise DatasetError(f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
+                           f" retrieval evaluation needs at least 2")
     images = ImageDataset(records, test_transform(size, resize_to=resize))
     embeddings, labels = extract_embeddings(model.to(args.device), images, batch_size=args.batch_size,
                                             num_workers=args.workers, device=args.device,

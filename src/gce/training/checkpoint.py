@@ -45,22 +45,58 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     torch.save({"format": _FORMAT, "state": state}, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest()
+    _remove_stale_temporaries(folder)
     tmp = folder / f".{LAST}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    (folder / f".{LAST}.sha256.tmp").write_text(digest)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        (folder / f".{LAST}.sha256.tmp").write_text(digest)
+    except OSError as exc:  # disk full, quota, folder gone: the old checkpoints are untouched
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write a checkpoint to {folder}: {exc.strerror or exc};"
+                              f" the previous checkpoint is kept") from None
     last = folder / LAST
     if last.exists():
-        os.replace(last, folder / PREVIOUS)
-        sha = folder / f"{LAST}.sha256"
+        # The checksum moves first: a kill between the two renames then leaves last.pt without a
+        # checksum (loaded unverified, it is complete) rather than prev.pt with last.pt's old
+        # checksum of another file (a mismatch, and no last.pt to load instead).
+        sha, previous_sha = folder / f"{LAST}.sha256", folder / f"{PREVIOUS}.sha256"
         if sha.exists():
-            os.replace(sha, folder / f"{PREVIOUS}.sha256")
+            os.replace(sha, previous_sha)
+        elif previous_sha.exists():  # last.pt lost its checksum to a kill: prev.pt must not get a stale one
+            os.unlink(previous_sha)
+        os.replace(last, folder / PREVIOUS)
     os.replace(tmp, last)
     os.replace(folder / f".{LAST}.sha256.tmp", folder / f"{LAST}.sha256")
     _fsync_dir(folder)
     return last
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``.last.pt.tmp-<pid>`` files left by killed writers (one checkpoint size each)."""
+    prefix = f".{LAST}.tmp-"
+    for name in os.listdir(folder):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another live process is writing (it should not be, but leave its file alone)
+        try:
+            os.unlink(folder / name)
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (EPERM)
+        return True
+    return True
 
 
 def _read_verified(path: Path) -> dict[str, Any]:
@@ -71,10 +107,21 @@ def _read_verified(path: Path) -> dict[str, Any]:
     try:
         blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged zip/pickle
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: cannot be read ({_load_problem(exc)})") from None
     if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
         raise CheckpointError(f"{path}: not a gce checkpoint")
     return blob["state"]
+
+
+def _load_problem(exc: Exception) -> str:
+    """torch.load's error on one line. Its weights-only refusal is a paragraph that suggests
+    weights_only=False; what matters is the last line (the refused global or opcode)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "Weights only load failed" in str(exc):
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = [line for line in lines if not line.startswith(boilerplate)]
+        return f"refused by the weights-only loader: {detail[0] if detail else 'unsupported content'}"
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def load_checkpoint(path_or_folder: str | Path, *, warn=print) -> tuple[dict[str, Any], Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,18 @@ class MetricsLogger:
             except ImportError:  # tensorboard is optional at run time
                 self._writer = None
 
-    def truncate_after(self, epoch: int) -> None:
-        """Keep only records of epochs ``< epoch`` (the ones covered by the checkpoint)."""
+    def truncate_after(self, epoch: int, keep_at_epoch: tuple[str, ...] = ()) -> None:
+        """Keep only records of epochs ``< epoch`` (the ones covered by the checkpoint), and those
+        of epoch ``epoch`` whose event is in ``keep_at_epoch`` (written before a mid-epoch checkpoint)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _epoch_of(line) < epoch]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and (_epoch_of(line) < epoch
+                                     or (_epoch_of(line) == epoch and _event_of(line) in keep_at_epoch))]
+        # Via a temporary file: a kill during a plain rewrite would leave the log empty or cut.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
         record = {"event": event, "epoch": epoch, **values}
@@ -59,6 +66,13 @@ def _epoch_of(line: str) -> int:
         return int(json.loads(line).get("epoch", -1))
     except (ValueError, TypeError):
         return 1 << 30  # an unparsable (half-written) line is dropped
+
+
+def _event_of(line: str) -> str | None:
+    try:
+        return json.loads(line).get("event")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _jsonable(value: Any) -> Any:

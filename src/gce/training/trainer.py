@@ -161,10 +161,10 @@ def prepare_data(cfg: ExperimentConfig, progress: bool) -> RunData:
     train, val = split_validation(splits.train, d.val_fraction, cfg.train.seed)
     test = splits.test
     if d.verify_images:
-        train = check_records(train, skip_bad=d.skip_bad, progress=progress)
-        test = check_records(test, skip_bad=d.skip_bad, progress=progress)
+        train = check_records(train, skip_bad=d.skip_bad, progress=progress, split="train")
+        test = check_records(test, skip_bad=d.skip_bad, progress=progress, split="test")
         if val is not None:
-            val = check_records(val, skip_bad=d.skip_bad, progress=progress)
+            val = check_records(val, skip_bad=d.skip_bad, progress=progress, split="validation")
     return RunData(train=train, val=val, test=test)
 
 
@@ -294,6 +294,8 @@ class Trainer:
 
     def _restore(self) -> None:
         state, path = load_checkpoint(self.out, warn=self.log)
+        require_keys(state, ("config", "epoch", "batch", "partial", "best_val", "model", "optimizer", "scheduler",
+                             "assignment", "rng"), path)
         check_same_model(state["config"], self.cfg.to_dict())
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -517,6 +519,12 @@ def save_model_only(model: EmbeddingModel, cfg: ExperimentConfig, path: Path) ->
     os.replace(tmp, path)
 
 
+def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> None:
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a gce checkpoint of this version (missing {', '.join(missing)})")
+
+
 def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume a run whose model/data/sampler settings differ from the checkpoint's."""
     differences = []
@@ -534,6 +542,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, E
     from gce.config import config_from_dict
 
     state, _ = load_checkpoint(path)
+    require_keys(state, ("config", "model"), path)
     cfg = config_from_dict(state["config"])
     m = cfg.model
     model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
