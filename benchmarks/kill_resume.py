@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,23 +67,7 @@ eval: {{batch_size: 16}}
 #: after an attempt starts training batches.
 
 
-def make_shape_folder(root: Path, num_classes: int = 8, per_class: int = 6, size: int = 32, seed: int = 0) -> Path:
-    """The same dataset as tests/conftest.make_shape_folder (copied: no pytest import here)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(num_classes):
-        base = rng.integers(0, 256, size=3)
-        period = 2 + c % 5
-        folder = root / f"class_{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            yy, xx = np.mgrid[0:size, 0:size]
-            stripes = ((xx + yy * (c % 2) + i) // period) % 2
-            image = base[None, None, :] * (0.5 + 0.5 * stripes[..., None])
-            image = image + rng.normal(0, 12, size=image.shape)
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"img_{i}.png")
-    return root
+from gce.data.synthetic import make_pattern_folder as make_shape_folder  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ launchers
