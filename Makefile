@@ -32,11 +32,13 @@ $(DATA)/emoji/manifest.csv: | install
 
 # The main job, end to end on CPU: train GCE on the emoji benchmark (DEMO_EPOCHS of the config's
 # 15, to stay within minutes), compare with the untrained backbone, draw the figures.
+# DEMO_ARGS adds config overrides, e.g. DEMO_ARGS="train.num_threads=1" on a busy machine.
 DEMO_EPOCHS ?= 4
+DEMO_ARGS ?=
 demo: install $(DATA)/emoji/manifest.csv
 	$(GCE) weights install
 	$(GCE) demo configs/emoji.yaml data.root=$(DATA)/emoji train.epochs=$(DEMO_EPOCHS) \
-		train.eval_test_every=0 train.out_dir=$(RUNS)/demo/emoji-gce --out $(RUNS)/demo
+		train.eval_test_every=0 train.out_dir=$(RUNS)/demo/emoji-gce --out $(RUNS)/demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) benchmarks/eval_speed.py
