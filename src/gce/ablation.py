@@ -7,6 +7,7 @@ fresh. So a killed ablation restarts only the runs that did not finish.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -47,8 +48,6 @@ def load_ablation(path: str | Path, extra_overrides: list[str] = ()) -> tuple[Ab
 
 
 def run_config(ablation: AblationConfig, base_tree: dict[str, Any], variant: str, seed: int) -> ExperimentConfig:
-    import copy
-
     tree = copy.deepcopy(base_tree)
     for text in ablation.variants[variant]:
         apply_override(tree, *parse_override(text))

@@ -74,6 +74,20 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     return last
 
 
+def save_export(state: dict[str, Any], path: str | Path) -> Path:
+    """Write a single-file export (e.g. ``model.pt``) in the checkpoint container, atomically.
+
+    It loads with :func:`load_checkpoint` like a training checkpoint, but keeps no ``prev.pt``.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save({"format": _FORMAT, "state": state}, buffer)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
 def _remove_stale_temporaries(folder: Path) -> None:
     """Delete ``.last.pt.tmp-<pid>`` files left by killed writers (one checkpoint size each)."""
     prefix = f".{LAST}.tmp-"

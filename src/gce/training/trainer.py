@@ -8,9 +8,11 @@ even one written mid-epoch on Ctrl-C, reproduces the uninterrupted run bit for b
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from gce.evaluation import EvalResult, default_recall_ks, evaluate_embeddings, e
 from gce.losses import GCELoss
 from gce.metaclass import assignment_stats, build_strategy
 from gce.models import EmbeddingModel, build_model
-from gce.training.checkpoint import load_checkpoint, save_checkpoint
+from gce.training.checkpoint import load_checkpoint, save_checkpoint, save_export
 from gce.training.logging import MetricsLogger
 
 EXIT_INTERRUPTED = 130
@@ -493,14 +495,10 @@ class Trainer:
 
 
 def _is_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
-    import json
-
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(values, indent=2) + "\n")
     os.replace(tmp, path)
@@ -508,15 +506,7 @@ def write_json(path: Path, values: dict[str, Any]) -> None:
 
 def save_model_only(model: EmbeddingModel, cfg: ExperimentConfig, path: Path) -> None:
     """An export for evaluation and search: weights plus the model config, no optimiser state."""
-    from gce.training.checkpoint import _FORMAT  # same container format as training checkpoints
-
-    import io
-
-    buffer = io.BytesIO()
-    torch.save({"format": _FORMAT, "state": {"config": cfg.to_dict(), "model": model.state_dict()}}, buffer)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    save_export({"config": cfg.to_dict(), "model": model.state_dict()}, path)
 
 
 def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> None:
