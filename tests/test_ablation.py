@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from gce.ablation import mean_std, summary_table
+from gce.ablation import mean_std, run_lock, summary_table
 from gce.cli import main
 
 ABLATION = """
@@ -64,3 +67,37 @@ def test_unknown_variant_is_a_clear_error(tmp_path, shape_folder, capsys):
     path.write_text(ABLATION.format(out=tmp_path / "abl"))
     assert main(["ablate", str(path), "--only", "nope"]) == 1
     assert "unknown variant" in capsys.readouterr().err
+
+
+def test_run_lock_skips_live_owner_and_takes_over_stale(tmp_path):
+    folder = tmp_path / "run"
+    with run_lock(folder) as owned:
+        assert owned and (folder / "running.lock").read_text() == str(os.getpid())
+    assert not (folder / "running.lock").exists()  # released
+    # A live process (our parent) holds it: skipped, lock untouched.
+    (folder / "running.lock").write_text(str(os.getppid()))
+    with run_lock(folder) as owned:
+        assert not owned
+    assert (folder / "running.lock").read_text() == str(os.getppid())
+    # Its process died: taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / "running.lock").write_text(str(dead.pid))
+    with run_lock(folder) as owned:
+        assert owned
+    assert not (folder / "running.lock").exists()
+
+
+def test_locked_run_is_skipped_by_a_second_process(tmp_path, shape_folder, capsys):
+    out = tmp_path / "abl"
+    (tmp_path / "base.yaml").write_text(BASE.format(root=shape_folder))
+    path = tmp_path / "abl.yaml"
+    path.write_text(ABLATION.format(out=out))
+    for variant in ("single", "gce"):
+        for seed in (0, 1):
+            (out / variant / f"seed{seed}").mkdir(parents=True)
+            (out / variant / f"seed{seed}" / "running.lock").write_text(str(os.getppid()))
+    assert main(["ablate", str(path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("being trained by another process, skipped") == 4
+    assert not list(out.glob("*/seed*/last.pt"))

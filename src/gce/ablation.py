@@ -3,6 +3,11 @@
 Each (variant, seed) run lives in ``<out_dir>/<variant>/seed<seed>/``. A run with
 ``final_metrics.json`` is finished and skipped; a run with a checkpoint is resumed; others start
 fresh. So a killed ablation restarts only the runs that did not finish.
+
+A run being trained holds ``<run>/running.lock`` (created with ``O_EXCL``, holding the owner's
+pid). Another ``gce ablate`` process on the same file skips runs locked by a live process, so
+starting the command twice on a 2-core machine (with ``train.num_threads=1``) trains two runs at
+a time. A lock left by a killed process (its pid is gone) is taken over.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -57,6 +64,44 @@ def run_config(ablation: AblationConfig, base_tree: dict[str, Any], variant: str
     return config_from_dict(tree)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[bool]:
+    """Yields True if this process now owns ``folder``'s run, False if a live process does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "running.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _pid_alive(owner):
+                yield False
+                return
+            lock.unlink(missing_ok=True)  # stale: its process died
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
 def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: list[str] | None = None,
                  progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run every unfinished (variant, seed), then write the summary; returns the summary path."""
@@ -73,9 +118,15 @@ def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: lis
         if (out / "final_metrics.json").exists():
             log(f"[{variant} seed {seed}] finished earlier, skipped")
             continue
-        resume = (out / "last.pt").exists() or (out / "prev.pt").exists()
-        log(f"[{variant} seed {seed}] {'resuming' if resume else 'starting'} in {out}")
-        Trainer(cfg, resume=resume, progress=progress, log=log).run()
+        with run_lock(out) as owned:
+            if not owned:
+                log(f"[{variant} seed {seed}] being trained by another process, skipped")
+                continue
+            if (out / "final_metrics.json").exists():  # finished by another process meanwhile
+                continue
+            resume = (out / "last.pt").exists() or (out / "prev.pt").exists()
+            log(f"[{variant} seed {seed}] {'resuming' if resume else 'starting'} in {out}")
+            Trainer(cfg, resume=resume, progress=progress, log=log).run()
     return write_summary(Path(ablation.out_dir), variants, ablation.seeds)
 
 

@@ -51,7 +51,8 @@ def plot_recall_curves(results: dict[str, list[dict[str, Any]]], path: Path, met
         if len(runs) > 1:
             ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2)
     ax.set(xlabel="epoch", ylabel=f"test {metric} (%)", title=f"test {metric} per epoch")
-    ax.legend()
+    if ax.lines:  # no finished run yet: an empty plot without a legend
+        ax.legend()
     return _save(fig, path)
 
 
