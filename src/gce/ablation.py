@@ -112,7 +112,8 @@ def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: lis
     unknown = [v for v in variants if v not in ablation.variants]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; the file defines {list(ablation.variants)}")
-    configs = {(v, s): run_config(ablation, base_tree, v, s) for v in variants for s in ablation.seeds}  # validate all first
+    # Seed-major order: a stopped ablation has whole seeds of every variant, comparable already.
+    configs = {(v, s): run_config(ablation, base_tree, v, s) for s in ablation.seeds for v in variants}  # validate all first
     for (variant, seed), cfg in configs.items():
         out = Path(cfg.train.out_dir)
         if (out / "final_metrics.json").exists():

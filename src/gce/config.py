@@ -54,6 +54,10 @@ class MetaClassConfig(_Section):
     balance_by: Literal["classes", "images"] = "classes"
     redraw: bool = False
     warm_start: bool = Field(True, description="class_proxy: refresh k-means from the previous groups")
+    learner_data: Literal["subset", "all"] = Field(
+        "subset", description="subset: learner k trains on its meta-class subset with class labels; "
+                              "all: every learner sees all data, labelled by its own meta-classes")
+    num_metaclasses: int = Field(16, ge=2, description="learner_data=all: meta-classes per learner")
 
 
 class LossConfig(_Section):
@@ -128,6 +132,11 @@ class ExperimentConfig(_Section):
             )
         if self.metaclass.strategy != "none" and m.num_learners == 1:
             raise ValueError("model.num_learners=1 needs metaclass.strategy=none")
+        if self.metaclass.learner_data == "all" and self.metaclass.strategy not in ("class_proxy", "random"):
+            raise ValueError(
+                f"metaclass.learner_data=all relabels whole classes and needs metaclass.strategy class_proxy "
+                f"or random (got {self.metaclass.strategy})"
+            )
         lo, hi = self.data.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"data.crop_scale={list(self.data.crop_scale)} must satisfy 0 < min <= max <= 1")

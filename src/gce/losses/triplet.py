@@ -142,3 +142,32 @@ class GCELoss(nn.Module):
             parts["full_triplets"] = float(full_triplets)
         parts["loss"] = float(total.detach())
         return total, parts
+
+    def all_learners(self, embeddings: Tensor, labels: Tensor, learner_slices: list[slice],
+                     learner_labels: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """The ``learner_data: all`` reading: every learner on the whole batch, with its own labels.
+
+        ``total = mean_k triplet(embeddings[:, slice_k], learner_labels[k])
+        + full_embedding_weight * triplet(embeddings, labels)``; ``learner_labels[k]`` holds the
+        meta-class of each sample under learner ``k``'s partition. ``triplets`` is the mean number
+        mined per learner.
+        """
+        if len(learner_slices) != len(learner_labels) or not learner_slices:
+            raise ValueError(f"need one label vector per learner slice, got {len(learner_slices)} slices "
+                             f"and {len(learner_labels)} label vectors")
+        losses, mined = [], 0
+        for part, meta in zip(learner_slices, learner_labels):
+            loss, count = self.triplet.compute(embeddings, meta, part)
+            losses.append(loss)
+            mined += count
+        learner_loss = torch.stack(losses).mean()
+        total = learner_loss
+        parts: dict[str, float] = {"learner_loss": float(learner_loss.detach()),
+                                   "triplets": mined / len(losses)}
+        if self.full_embedding_weight > 0:
+            full_loss, full_triplets = self.triplet.compute(embeddings, labels, None)
+            total = total + self.full_embedding_weight * full_loss
+            parts["full_loss"] = float(full_loss.detach())
+            parts["full_triplets"] = float(full_triplets)
+        parts["loss"] = float(total.detach())
+        return total, parts

@@ -33,6 +33,7 @@ from gce.errors import CheckpointError, ConfigError, GceError
 from gce.evaluation import EvalResult, default_recall_ks, evaluate_embeddings, extract_embeddings
 from gce.losses import GCELoss
 from gce.metaclass import assignment_stats, build_strategy
+from gce.metaclass.relabel import PerLearnerMetaClasses
 from gce.models import EmbeddingModel, build_model
 from gce.training.checkpoint import load_checkpoint, save_checkpoint, save_export
 from gce.training.logging import MetricsLogger
@@ -202,11 +203,14 @@ class Trainer:
         ).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        mc = cfg.metaclass
+        # learner_data=all: each learner partitions ALL classes into num_metaclasses meta-classes.
+        self.relabel = mc.learner_data == "all" and m.num_learners > 1
         self.strategy = build_strategy(
-            cfg.metaclass.strategy, num_learners=m.num_learners, balanced=cfg.metaclass.balanced,
-            balance_by=cfg.metaclass.balance_by, redraw=cfg.metaclass.redraw,
-            warm_start=cfg.metaclass.warm_start,
+            mc.strategy, num_learners=mc.num_metaclasses if self.relabel else m.num_learners,
+            balanced=mc.balanced, balance_by=mc.balance_by, redraw=mc.redraw, warm_start=mc.warm_start,
         )
+        self.per_learner = PerLearnerMetaClasses(self.strategy, m.num_learners) if self.relabel else None
         self.loss_fn = GCELoss(margin=cfg.loss.margin, mining=cfg.loss.mining,
                                full_embedding_weight=cfg.loss.full_embedding_weight, distance=cfg.loss.distance)
         d = cfg.data
@@ -252,6 +256,11 @@ class Trainer:
         # learner on smaller batches than configured. (Unbalanced, image-balanced and sample-level
         # subsets vary; the sampler then warns and uses all classes of a subset that is short.)
         m = self.cfg.metaclass
+        if m.learner_data == "all" and k > 1:
+            if m.num_metaclasses * 2 > classes:
+                raise ConfigError(f"metaclass.num_metaclasses={m.num_metaclasses} needs at least "
+                                  f"{2 * m.num_metaclasses} training classes (2 per meta-class); the training split has {classes}")
+            return  # batches come from all data
         even = (m.strategy == "random" and m.balance_by == "classes") or (
             m.strategy == "class_proxy" and m.balanced and m.balance_by == "classes")
         if k > 1 and even and s.classes_per_batch > classes // k:
@@ -319,6 +328,9 @@ class Trainer:
     # ------------------------------------------------------------- meta-class
     def _set_assignment(self, assignment: np.ndarray) -> None:
         self.assignment = assignment
+        if self.relabel:  # K x C meta-class labels; batches come from all data
+            self.meta_labels = torch.from_numpy(assignment).to(self.device)
+            return
         if self.strategy.level == "class":
             groups = assignment[self.data.train.labels]
         else:
@@ -337,6 +349,9 @@ class Trainer:
         if needs_embeddings:
             embeddings, _ = self._embed(self.train_eval_set, f"epoch {epoch}: proxies")
         labels = self.data.train.labels
+        if self.per_learner is not None:
+            self._update_per_learner(epoch, embeddings, labels)
+            return
         new = self.strategy.assign(embeddings, labels, self.data.train.num_classes,
                                    previous=self.assignment, seed=self.cfg.train.seed + epoch)
         stats = assignment_stats(new, labels, self.data.train.num_classes, previous=self.assignment,
@@ -347,6 +362,23 @@ class Trainer:
         self.logger.log("metaclass", epoch, values)
         self.log(f"epoch {epoch}: meta-classes updated: classes/learner {stats.classes_per_learner}, "
                  f"images/learner {stats.images_per_learner}, moved {stats.moved_fraction:.1%}")
+
+    def _update_per_learner(self, epoch: int, embeddings: torch.Tensor | None, labels: np.ndarray) -> None:
+        num_classes = self.data.train.num_classes
+        new = self.per_learner.assign(embeddings, labels, num_classes, self.model.learner_slices(),
+                                      previous=self.assignment, seed=self.cfg.train.seed + epoch)
+        rows = [assignment_stats(row, labels, num_classes, previous=None if self.assignment is None else old,
+                                 num_learners=self.per_learner.num_metaclasses)
+                for row, old in zip(new, self.assignment if self.assignment is not None else [None] * len(new))]
+        self._set_assignment(new)
+        moved = float(np.mean([r.moved_fraction for r in rows]))
+        # Every learner sees every class; the sizes that matter are its meta-classes'.
+        values = {"classes_per_learner": [num_classes] * len(rows), "images_per_learner": [len(labels)] * len(rows),
+                  "moved_fraction": moved, "classes_per_metaclass": [r.classes_per_learner for r in rows]}
+        self.logger.log("metaclass", epoch, values)
+        sizes = rows[0].classes_per_learner
+        self.log(f"epoch {epoch}: per-learner meta-classes updated: {len(rows)} learners x "
+                 f"{len(sizes)} meta-classes of {min(sizes)}-{max(sizes)} classes, moved {moved:.1%}")
 
     # ------------------------------------------------------------------ steps
     def _loader(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> DataLoader:
@@ -367,8 +399,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             embeddings = self.model(images)
         embeddings = embeddings.float()
-        learner_slice = None if learner is None else self.model.learner_slices()[learner]
-        loss, info = self.loss_fn(embeddings, labels, learner_slice)
+        if self.relabel and learner is not None:  # learner_data=all: every learner, own labels
+            slices = self.model.learner_slices()
+            loss, info = self.loss_fn.all_learners(embeddings, labels, slices,
+                                                   [row[labels] for row in self.meta_labels])
+        else:
+            learner_slice = None if learner is None else self.model.learner_slices()[learner]
+            loss, info = self.loss_fn(embeddings, labels, learner_slice)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} (learner {learner}); stopping. {self._kept_checkpoint()}; "
