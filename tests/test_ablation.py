@@ -59,6 +59,8 @@ def test_summary_table_mean_and_sample_std():
     mean, std = mean_std([50.0, 70.0])
     assert f"{mean:.1f} ± {std:.1f}" in table and "| a | 2 |" in table
     assert std == pytest.approx(14.142, abs=1e-3)
+    one = summary_table({"b": [{"final": {"recall@1": 0.5}}]}, metrics=("recall@1",))
+    assert "| b | 1 | 50.0 |" in one and "±" not in one
 
 
 def test_unknown_variant_is_a_clear_error(tmp_path, shape_folder, capsys):

@@ -148,7 +148,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summary_table(results: dict[str, list[dict[str, Any]]], metrics: tuple[str, ...] = SUMMARY_METRICS) -> str:
-    """Markdown table: mean ± sample std over seeds, in percent."""
+    """Markdown table: mean ± sample std over seeds, in percent (the mean alone for one seed)."""
     header = "| variant | seeds | " + " | ".join(m.replace("recall@", "R@").upper().replace("R@", "R@") for m in metrics) + " |"
     lines = [header, "|---|---|" + "---|" * len(metrics)]
     for variant, runs in results.items():
@@ -159,7 +159,7 @@ def summary_table(results: dict[str, list[dict[str, Any]]], metrics: tuple[str, 
                 cells.append("-")
                 continue
             mean, std = mean_std(values)
-            cells.append(f"{mean:.1f} ± {std:.1f}")
+            cells.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}")  # no spread from one seed
         lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
