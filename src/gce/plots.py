@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -51,23 +52,39 @@ def plot_recall_curves(results: dict[str, list[dict[str, Any]]], path: Path, met
         if len(runs) > 1:
             ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2)
     ax.set(xlabel="epoch", ylabel=f"test {metric} (%)", title=f"test {metric} per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax.lines:  # no finished run yet: an empty plot without a legend
         ax.legend()
     return _save(fig, path)
 
 
 def plot_metaclass_sizes(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Classes per learner at each meta-class update (first seed of each variant with K > 1)."""
+    """Classes per learner at each meta-class update (first seed of each variant with K > 1 data
+    subsets; the all-data reading, where every learner sees every class, is left out). The y axis
+    starts at 0 so that balanced subsets read as flat lines; titles give the share of classes that
+    moved at each refresh."""
     shown = {v: runs[0]["metaclass"] for v, runs in results.items()
-             if runs and runs[0]["metaclass"] and len(runs[0]["metaclass"][0]["classes_per_learner"]) > 1}
-    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4 * max(1, len(shown)), 3.5), squeeze=False)
-    for ax, (variant, updates) in zip(axes[0], shown.items()):
+             if runs and runs[0]["metaclass"] and len(runs[0]["metaclass"][0]["classes_per_learner"]) > 1
+             and "classes_per_metaclass" not in runs[0]["metaclass"][0]}
+    cols = min(3, max(1, len(shown)))
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax, (variant, updates) in zip(axes.flat, shown.items()):
         sizes = np.array([u["classes_per_learner"] for u in updates])
         epochs = [u["epoch"] for u in updates]
         for k in range(sizes.shape[1]):
             ax.plot(epochs, sizes[:, k], marker="o", label=f"learner {k}")
-        ax.set(xlabel="epoch", ylabel="classes", title=variant)
-        ax.legend(fontsize=7)
+        moved = ", ".join(f"{100 * u['moved_fraction']:.0f}" for u in updates[1:])
+        ax.set(xlabel="epoch", ylabel="classes", ylim=(0, 1.15 * sizes.max()),
+               title=variant + (f" (moved %: {moved})" if moved else ""))
+        ax.title.set_fontsize(9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:  # drawn once (e.g. DREML): centre the lone point
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
     return _save(fig, path)
 
 
