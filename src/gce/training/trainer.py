@@ -205,12 +205,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         mc = cfg.metaclass
         # learner_data=all: each learner partitions ALL classes into num_metaclasses meta-classes.
-        self.relabel = mc.learner_data == "all" and m.num_learners > 1
+        relabel = mc.learner_data == "all" and m.num_learners > 1
         self.strategy = build_strategy(
-            mc.strategy, num_learners=mc.num_metaclasses if self.relabel else m.num_learners,
+            mc.strategy, num_learners=mc.num_metaclasses if relabel else m.num_learners,
             balanced=mc.balanced, balance_by=mc.balance_by, redraw=mc.redraw, warm_start=mc.warm_start,
         )
-        self.per_learner = PerLearnerMetaClasses(self.strategy, m.num_learners) if self.relabel else None
+        self.per_learner = PerLearnerMetaClasses(self.strategy, m.num_learners) if relabel else None
         self.loss_fn = GCELoss(margin=cfg.loss.margin, mining=cfg.loss.mining,
                                full_embedding_weight=cfg.loss.full_embedding_weight, distance=cfg.loss.distance)
         d = cfg.data
@@ -328,7 +328,7 @@ class Trainer:
     # ------------------------------------------------------------- meta-class
     def _set_assignment(self, assignment: np.ndarray) -> None:
         self.assignment = assignment
-        if self.relabel:  # K x C meta-class labels; batches come from all data
+        if self.per_learner is not None:  # K x C meta-class labels; batches come from all data
             self.meta_labels = torch.from_numpy(assignment).to(self.device)
             return
         if self.strategy.level == "class":
@@ -367,9 +367,9 @@ class Trainer:
         num_classes = self.data.train.num_classes
         new = self.per_learner.assign(embeddings, labels, num_classes, self.model.learner_slices(),
                                       previous=self.assignment, seed=self.cfg.train.seed + epoch)
-        rows = [assignment_stats(row, labels, num_classes, previous=None if self.assignment is None else old,
-                                 num_learners=self.per_learner.num_metaclasses)
-                for row, old in zip(new, self.assignment if self.assignment is not None else [None] * len(new))]
+        previous = self.assignment if self.assignment is not None else [None] * len(new)
+        rows = [assignment_stats(row, labels, num_classes, previous=old, num_learners=self.per_learner.num_metaclasses)
+                for row, old in zip(new, previous)]
         self._set_assignment(new)
         moved = float(np.mean([r.moved_fraction for r in rows]))
         # Every learner sees every class; the sizes that matter are its meta-classes'.
@@ -399,7 +399,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             embeddings = self.model(images)
         embeddings = embeddings.float()
-        if self.relabel and learner is not None:  # learner_data=all: every learner, own labels
+        if self.per_learner is not None and learner is not None:  # learner_data=all: every learner, own labels
             slices = self.model.learner_slices()
             loss, info = self.loss_fn.all_learners(embeddings, labels, slices,
                                                    [row[labels] for row in self.meta_labels])
