@@ -130,12 +130,15 @@ class GCELoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor,
                 learner_slice: slice | None = None) -> tuple[Tensor, dict[str, float]]:
         learner_loss, learner_triplets = self.triplet.compute(embeddings, labels, learner_slice)
+        return self._with_full_loss(learner_loss, float(learner_triplets), embeddings, labels,
+                                    add_full=learner_slice is not None)
+
+    def _with_full_loss(self, learner_loss: Tensor, learner_triplets: float, embeddings: Tensor, labels: Tensor,
+                        add_full: bool = True) -> tuple[Tensor, dict[str, float]]:
+        """``learner_loss + full_embedding_weight * full_loss`` (when weighted and ``add_full``) and its parts."""
         total = learner_loss
-        parts: dict[str, float] = {
-            "learner_loss": float(learner_loss.detach()),
-            "triplets": float(learner_triplets),
-        }
-        if self.full_embedding_weight > 0 and learner_slice is not None:
+        parts: dict[str, float] = {"learner_loss": float(learner_loss.detach()), "triplets": learner_triplets}
+        if self.full_embedding_weight > 0 and add_full:
             full_loss, full_triplets = self.triplet.compute(embeddings, labels, None)
             total = total + self.full_embedding_weight * full_loss
             parts["full_loss"] = float(full_loss.detach())
@@ -160,14 +163,4 @@ class GCELoss(nn.Module):
             loss, count = self.triplet.compute(embeddings, meta, part)
             losses.append(loss)
             mined += count
-        learner_loss = torch.stack(losses).mean()
-        total = learner_loss
-        parts: dict[str, float] = {"learner_loss": float(learner_loss.detach()),
-                                   "triplets": mined / len(losses)}
-        if self.full_embedding_weight > 0:
-            full_loss, full_triplets = self.triplet.compute(embeddings, labels, None)
-            total = total + self.full_embedding_weight * full_loss
-            parts["full_loss"] = float(full_loss.detach())
-            parts["full_triplets"] = float(full_triplets)
-        parts["loss"] = float(total.detach())
-        return total, parts
+        return self._with_full_loss(torch.stack(losses).mean(), mined / len(losses), embeddings, labels)
