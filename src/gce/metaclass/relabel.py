@@ -39,8 +39,6 @@ class PerLearnerMetaClasses:
     meta-class. ``previous`` (``K x C``) keeps each learner's meta-class ids stable across updates.
     """
 
-    level = "class"
-
     def __init__(self, base: MetaClassStrategy, num_learners: int) -> None:
         if not isinstance(base, (ClassProxyStrategy, RandomStrategy)):
             raise ValueError(f"per-learner meta-classes need a class-level strategy (class_proxy or random), "
