@@ -28,7 +28,7 @@ from gce.data.images import ImageDataset
 from gce.data.transforms import test_transform
 from gce.evaluation import evaluate_embeddings, extract_embeddings
 from gce.evaluation.knn import exact_knn
-from gce.training.trainer import load_model
+from gce.training.checkpoint import load_model
 
 
 def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:

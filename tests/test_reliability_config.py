@@ -151,12 +151,12 @@ def test_unwritable_output_folder_is_detected_before_training(config, tmp_path, 
 
 
 def test_full_disk_is_detected_before_training(config, capsys, monkeypatch):
-    import gce.training.trainer as trainer
+    import gce.runtime as runtime
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(trainer.os, "fsync", no_space)  # the 1 MiB probe of check_writable
+    monkeypatch.setattr(runtime.os, "fsync", no_space)  # the 1 MiB probe of check_writable
     assert main(["train", str(config), "--quiet"]) == 1
     assert one_line_error(capsys).endswith("is not writable: No space left on device")
 

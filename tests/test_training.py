@@ -12,7 +12,8 @@ from gce.cli import main
 from gce.config import load_config
 from gce.errors import GceError
 from gce.training.checkpoint import load_checkpoint
-from gce.training.trainer import Trainer, load_model
+from gce.training.checkpoint import load_model
+from gce.training.trainer import Trainer
 
 CONFIG = """
 name: tiny

@@ -20,7 +20,8 @@ from gce.evaluation import EvalResult, default_recall_ks, evaluate_embeddings, e
 from gce.models.plain import PooledTrunk
 from gce.plots import plot_training_curve, retrieval_grid
 from gce.training.logging import MetricsLogger
-from gce.training.trainer import Trainer, write_json
+from gce.runtime import write_json
+from gce.training.trainer import Trainer
 
 TABLE_METRICS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
                  ("nmi", "NMI"), ("map@r", "MAP@R"))

@@ -10,7 +10,8 @@ from gce.data.images import ImageDataset, check_records
 from gce.data.transforms import test_transform
 from gce.errors import DatasetError, GceError
 from gce.evaluation import default_recall_ks, evaluate_embeddings, extract_embeddings
-from gce.training.trainer import load_model, resolve_device, write_json
+from gce.runtime import resolve_device, write_json
+from gce.training.checkpoint import load_model
 
 
 def _count(minimum: int):

@@ -13,11 +13,15 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gce.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from gce.config import ExperimentConfig
+    from gce.models import EmbeddingModel
 
 LAST = "last.pt"
 PREVIOUS = "prev.pt"
@@ -164,3 +168,46 @@ def load_checkpoint(path_or_folder: str | Path, *, warn=print) -> tuple[dict[str
     if errors:
         raise CheckpointError("; ".join(errors))
     raise CheckpointError(f"no checkpoint in {target} (expected {LAST})")
+
+
+# ------------------------------------------------------------- model files
+def save_model_only(model: EmbeddingModel, cfg: ExperimentConfig, path: Path) -> None:
+    """An export for evaluation and search: weights plus the model config, no optimiser state."""
+    save_export({"config": cfg.to_dict(), "model": model.state_dict()}, path)
+
+
+def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> None:
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a gce checkpoint of this version (missing {', '.join(missing)})")
+
+
+def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a run whose model/data/sampler settings differ from the checkpoint's."""
+    differences = []
+    for section in ("model", "data", "metaclass", "loss", "sampler", "optim"):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key) and key not in ("workers",):
+                differences.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+    if differences:
+        raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
+    """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
+    from gce.config import config_from_dict
+    from gce.models import build_model
+
+    state, _ = load_checkpoint(path)
+    require_keys(state, ("config", "model"), path)
+    cfg = config_from_dict(state["config"])
+    m = cfg.model
+    model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
+                        embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
+                        block_channels=m.block_channels, input_mixing=m.input_mixing)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg

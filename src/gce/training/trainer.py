@@ -8,13 +8,10 @@ even one written mid-epoch on Ctrl-C, reproduces the uninterrupted run bit for b
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,18 +21,25 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gce.config import ExperimentConfig, save_config
-from gce.data import load_dataset
-from gce.data.images import ImageDataset, check_records, load_rgb
-from gce.data.records import ImageRecords
+from gce.data.images import ImageDataset
+from gce.data.run_data import prepare_data
 from gce.data.samplers import SubsetBalancedBatchSampler
+from gce.data.seeded import SeededAugmentedDataset, item_seed
 from gce.data.transforms import test_transform, train_transform
-from gce.errors import CheckpointError, ConfigError, GceError
+from gce.errors import ConfigError, GceError
 from gce.evaluation import EvalResult, default_recall_ks, evaluate_embeddings, extract_embeddings
 from gce.losses import GCELoss
 from gce.metaclass import assignment_stats, build_strategy
 from gce.metaclass.relabel import PerLearnerMetaClasses
 from gce.models import EmbeddingModel, build_model
-from gce.training.checkpoint import load_checkpoint, save_checkpoint, save_export
+from gce.runtime import check_writable, resolve_device, seed_everything, write_json
+from gce.training.checkpoint import (
+    check_same_model,
+    load_checkpoint,
+    require_keys,
+    save_checkpoint,
+    save_model_only,
+)
 from gce.training.logging import MetricsLogger
 
 EXIT_INTERRUPTED = 130
@@ -47,86 +51,6 @@ class TrainingInterrupted(GceError):
 
 class NonFiniteLossError(GceError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def item_seed(seed: int, epoch: int, batch: int, position: int) -> int:
-    """Seed of one image's augmentation: independent of workers, batch order and resumption."""
-    return int(np.random.SeedSequence([seed, epoch, batch, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class SeededAugmentedDataset(Dataset):
-    """Training images whose random augmentation is drawn from a per-item seed.
-
-    Items are requested as ``(index, seed)``; the transform runs inside ``fork_rng`` so the global
-    torch RNG is left untouched and DataLoader workers cannot change the result.
-    """
-
-    def __init__(self, records: ImageRecords, transform: Callable) -> None:
-        self.records = records
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = key
-        image = load_rgb(self.records.paths[index])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            tensor = self.transform(image)
-        return tensor, int(self.records.labels[index])
-
-
-def split_validation(records: ImageRecords, fraction: float, seed: int) -> tuple[ImageRecords, ImageRecords | None]:
-    """Hold out a seeded ``fraction`` of the training classes for validation (class-disjoint)."""
-    if fraction <= 0:
-        return records, None
-    rng = np.random.default_rng(seed)
-    classes = rng.permutation(records.num_classes)
-    num_val = max(2, int(round(fraction * records.num_classes)))
-    if records.num_classes - num_val < 2:
-        raise ConfigError(
-            f"data.val_fraction={fraction} leaves fewer than 2 training classes of {records.num_classes}"
-        )
-    is_val = np.isin(records.labels, classes[:num_val])
-    return records.subset(np.flatnonzero(~is_val)), records.subset(np.flatnonzero(is_val))
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any work if the run folder cannot be created or written (or the disk is full)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-probe"
-        with open(probe, "wb") as fh:
-            fh.write(b"\0" * 1024 * 1024)  # a full disk fails here rather than at the first checkpoint
-            fh.flush()
-            os.fsync(fh.fileno())
-        probe.unlink()
-    except OSError as exc:
-        raise GceError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
-
-
-def resolve_device(name: str, key: str) -> torch.device:
-    """``torch.device(name)``, or a one-line ConfigError naming ``key`` if it is malformed or absent here."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"bad value for '{key}': {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"{key}={name}, but no CUDA GPU is available here; use cpu")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"{key}={name}, but only {count} CUDA device(s) are visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{key}={name}, but MPS is not available here; use cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def build_optimizer(model: EmbeddingModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
@@ -147,28 +71,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> 
     if o.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-@dataclass
-class RunData:
-    train: ImageRecords
-    val: ImageRecords | None
-    test: ImageRecords
-
-
-def prepare_data(cfg: ExperimentConfig, progress: bool) -> RunData:
-    d = cfg.data
-    # data.skip_bad also covers what the loader skips (listed-but-missing files, empty class
-    # folders); an explicit data.options.skip_bad wins.
-    splits = load_dataset(d.dataset, d.root, **{"skip_bad": d.skip_bad, **d.options})
-    train, val = split_validation(splits.train, d.val_fraction, cfg.train.seed)
-    test = splits.test
-    if d.verify_images:
-        train = check_records(train, skip_bad=d.skip_bad, progress=progress, split="train")
-        test = check_records(test, skip_bad=d.skip_bad, progress=progress, split="test")
-        if val is not None:
-            val = check_records(val, skip_bad=d.skip_bad, progress=progress, split="validation")
-    return RunData(train=train, val=val, test=test)
 
 
 class Trainer:
@@ -533,56 +435,5 @@ class Trainer:
 
 def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-def write_json(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_model_only(model: EmbeddingModel, cfg: ExperimentConfig, path: Path) -> None:
-    """An export for evaluation and search: weights plus the model config, no optimiser state."""
-    save_export({"config": cfg.to_dict(), "model": model.state_dict()}, path)
-
-
-def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> None:
-    missing = [key for key in keys if key not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a gce checkpoint of this version (missing {', '.join(missing)})")
-
-
-def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a run whose model/data/sampler settings differ from the checkpoint's."""
-    differences = []
-    for section in ("model", "data", "metaclass", "loss", "sampler", "optim"):
-        a, b = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key) and key not in ("workers",):
-                differences.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
-    if differences:
-        raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
-
-
-def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
-    """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
-    from gce.config import config_from_dict
-
-    state, _ = load_checkpoint(path)
-    require_keys(state, ("config", "model"), path)
-    cfg = config_from_dict(state["config"])
-    m = cfg.model
-    model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
-                        embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
-                        block_channels=m.block_channels, input_mixing=m.input_mixing)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg
-
-
-def main_exit_code(exc: BaseException) -> int:
-    return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else 1
 
 
