@@ -22,6 +22,7 @@ WORLD = 2
 # Rank 0 holds rows 0-4, rank 1 rows 5-9. Row 2 (class 1) and row 4 (class 3) have their only
 # positive on rank 1; rows 0-1 are a positive pair on rank 0.
 LABELS = torch.tensor([0, 0, 1, 2, 3, 1, 2, 4, 4, 3])
+UNEVEN = (6, 4)
 SETTINGS = [dict(mining=m, distance=d, full_embedding_weight=w, margin=0.3)
             for m, d, w in itertools.product(("semihard", "hard", "all"), ("euclidean", "cosine"), (0.0, 0.5))]
 
@@ -40,10 +41,17 @@ def _case(loss: GCELoss, x: torch.Tensor, labels: torch.Tensor, mode: str):
     return loss.all_learners(x, labels, [slice(0, 4), slice(4, 8)], meta)
 
 
-def _losses(ctx, settings: list[dict]) -> list[tuple]:
+def _rows(ctx, split: tuple[int, ...]) -> slice:
+    if not ctx.enabled:
+        return slice(0, len(LABELS))
+    start = sum(split[:ctx.rank])
+    return slice(start, start + split[ctx.rank])
+
+
+def _losses(ctx, settings: list[dict], split: tuple[int, ...] = (5, 5)) -> list[tuple]:
     """Per setting and mode: (loss parts, gradient of the own rows); single process when alone."""
     x_all, _ = _batch()
-    rows = slice(ctx.rank * len(LABELS) // ctx.world_size, (ctx.rank + 1) * len(LABELS) // ctx.world_size)
+    rows = _rows(ctx, split)
     out = []
     for s in settings:
         loss = DistributedGCELoss(**s) if ctx.enabled else GCELoss(**s)
@@ -83,6 +91,8 @@ def _collectives(ctx) -> tuple[torch.Tensor, torch.Tensor]:
 def _everything(ctx) -> dict:
     """All checks of this module in one start of the processes (starting them is the slow part)."""
     out = {"losses": _losses(ctx, SETTINGS), "ddp": _ddp_layer(ctx)}
+    if ctx.enabled:  # a batch that does not split evenly (6 + 4 rows)
+        out["uneven"] = _losses(ctx, SETTINGS[:4], UNEVEN)
     if ctx.enabled:
         out["collectives"] = _collectives(ctx)
     return out
@@ -120,8 +130,18 @@ def test_sharded_loss_equals_single_process(results):
             rows = slice(rank * 5, rank * 5 + 5)
             # DDP averages over W ranks, so each rank back-propagates W x its share.
             torch.testing.assert_close(r_grad / WORLD, grad[rows], atol=1e-6, rtol=0)
-        # The ranks' shares add up to W x the single-process loss.
-        assert sum(ranks[r][i][2] for r in range(WORLD)) / WORLD == pytest.approx(total, abs=1e-6)
+            # The value is the global loss on every rank (logs, the finite-loss check).
+            assert r_total == pytest.approx(total, abs=1e-6)
+
+
+def test_a_batch_split_unevenly_gives_the_same_loss(runs):
+    single = runs[0]["losses"]
+    for rank, run in enumerate(runs[1]):
+        rows = slice(sum(UNEVEN[:rank]), sum(UNEVEN[:rank + 1]))
+        for (parts, grad, total), (r_parts, r_grad, r_total) in zip(single, run["uneven"]):
+            assert r_parts["loss"] == pytest.approx(parts["loss"], abs=1e-6)
+            assert r_parts["triplets"] == parts["triplets"]
+            torch.testing.assert_close(r_grad / WORLD, grad[rows], atol=1e-6, rtol=0)
 
 
 def test_cross_rank_positives_are_mined(results):

@@ -92,8 +92,14 @@ class TrainConfig(_Section):
     device: str = "cpu"
     out_dir: str = "runs/default"
     eval_test_every: int = Field(1, ge=0, description="report test metrics every N epochs (0: only at the end)")
-    amp: bool = False
+    amp: bool = Field(False, description="CUDA: bf16 autocast for the model's forward (loss and mining stay fp32)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    dist_timeout_s: float = Field(1800.0, gt=0.0, description="multi-process runs: seconds a collective may wait "
+                                                               "for the other ranks before the job fails")
+    sync_bn: bool = Field(False, description="multi-process runs: synchronise the trunk's trainable BatchNorm "
+                                             "(needs model.freeze_bn: false); the head's is always synchronised")
+    channels_last: bool = Field(False, description="channels-last memory format for the model and its input")
+    compile: bool = Field(False, description="torch.compile the model for training")
 
 
 class EvalConfig(_Section):
@@ -137,6 +143,9 @@ class ExperimentConfig(_Section):
                 f"metaclass.learner_data=all relabels whole classes and needs metaclass.strategy class_proxy "
                 f"or random (got {self.metaclass.strategy})"
             )
+        if self.train.sync_bn and m.freeze_bn:
+            raise ValueError("train.sync_bn=true needs model.freeze_bn=false (frozen BatchNorm layers use their "
+                             "running statistics and have nothing to synchronise)")
         lo, hi = self.data.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"data.crop_scale={list(self.data.crop_scale)} must satisfy 0 < min <= max <= 1")

@@ -17,33 +17,56 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["all_gather_with_grad", "all_reduce_with_grad", "all_gather_rows", "all_reduce_sum"]
+__all__ = ["all_gather_rows", "all_gather_with_grad", "all_reduce_sum", "all_reduce_with_grad", "gather_sizes"]
 
 
 def _world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def gather_sizes(rows: int, device: torch.device) -> list[int]:
+    """Number of rows of every rank, in rank order."""
+    count = torch.tensor([rows], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return [int(c.item()) for c in counts]
+
+
 class _AllGatherRows(Function):
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
-        rank, world = _world()
-        tensor = tensor.contiguous()
-        ctx.rows, ctx.rank, ctx.world = tensor.shape[0], rank, world
-        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor)
-        return out
+    """Forward: all ranks' rows (``sizes[r]`` each) concatenated; shards are padded to the
+    longest for the collective. Backward: the summed gradient of the own rows."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+        rank, world = _world()
+        longest = max(sizes)
+        ctx.sizes, ctx.rank, ctx.longest = sizes, rank, longest
+        padded = tensor.contiguous()
+        if tensor.shape[0] < longest:
+            padded = torch.cat([padded, padded.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))])
+        out = padded.new_empty((world * longest, *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, padded)
+        if all(size == longest for size in sizes):
+            return out
+        return torch.cat([out[r * longest:r * longest + size] for r, size in enumerate(sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        sizes, rank, longest = ctx.sizes, ctx.rank, ctx.longest
         grad = grad.contiguous()
+        offset = sum(sizes[:rank])
         if dist.get_backend() == dist.Backend.NCCL:
-            mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            if any(size != longest for size in sizes):  # back to the padded layout of the collective
+                layout = grad.new_zeros((len(sizes) * longest, *grad.shape[1:]))
+                for r, size in enumerate(sizes):
+                    layout[r * longest:r * longest + size] = grad[sum(sizes[:r]):sum(sizes[:r]) + size]
+                grad = layout
+            mine = grad.new_empty((longest, *grad.shape[1:]))
             dist.reduce_scatter_tensor(mine, grad, op=dist.ReduceOp.SUM)
-            return mine
+            return mine[:sizes[rank]], None
         total = grad.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone()
+        return total[offset:offset + sizes[rank]].clone(), None
 
 
 class _AllReduceSum(Function):
@@ -61,12 +84,15 @@ class _AllReduceSum(Function):
         return out
 
 
-def all_gather_with_grad(tensor: Tensor) -> Tensor:
-    """Rows of every rank concatenated in rank order (all ranks must pass the same shape);
-    differentiable as described in the module docstring. Identity without a process group."""
+def all_gather_with_grad(tensor: Tensor, sizes: list[int] | None = None) -> Tensor:
+    """Rows of every rank concatenated in rank order, differentiable as described in the module
+    docstring. ``sizes``: every rank's number of rows, when known (else gathered first; the
+    trailing shape must be the same everywhere). Identity without a process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    return _AllGatherRows.apply(tensor)
+    if sizes is None:
+        sizes = gather_sizes(tensor.shape[0], tensor.device)
+    return _AllGatherRows.apply(tensor, sizes)
 
 
 def all_reduce_with_grad(tensor: Tensor) -> Tensor:
@@ -90,10 +116,7 @@ def all_gather_rows(tensor: Tensor) -> list[Tensor]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [tensor]
     _, world = _world()
-    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
+    sizes = gather_sizes(tensor.shape[0], tensor.device)
     longest = max(sizes)
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor

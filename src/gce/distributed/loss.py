@@ -29,7 +29,7 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.reducers import DoNothingReducer
 from torch import Tensor
 
-from gce.distributed.collectives import all_gather_with_grad, all_reduce_sum
+from gce.distributed.collectives import all_gather_with_grad, all_reduce_sum, gather_sizes
 from gce.losses.triplet import GCELoss, LearnerTripletLoss, _make_distance
 
 __all__ = ["ShardedTripletLoss", "DistributedGCELoss"]
@@ -67,10 +67,11 @@ class ShardedTripletLoss(LearnerTripletLoss):
         if local.shape[1] == 0:
             raise ValueError(f"learner_slice {learner_slice} selects no column of a "
                              f"{embeddings.shape[1]}-dim embedding")
-        global_rows = all_gather_with_grad(local)
-        global_labels = all_gather_with_grad(labels.contiguous())  # integers: no gradient
+        sizes = gather_sizes(local.shape[0], local.device)  # a batch need not split evenly
+        global_rows = all_gather_with_grad(local, sizes)
+        global_labels = all_gather_with_grad(labels.contiguous(), sizes)  # integers: no gradient
         anchors, positives, negatives = self.miner(local, labels, global_rows, global_labels)
-        own = anchors + rank * local.shape[0]  # the anchor's row in the global batch
+        own = anchors + sum(sizes[:rank])  # the anchor's row in the global batch
         keep = positives != own
         triplets = (anchors[keep], positives[keep], negatives[keep])
         if triplets[0].numel():
@@ -89,9 +90,9 @@ class ShardedTripletLoss(LearnerTripletLoss):
 class DistributedGCELoss(GCELoss):
     """:class:`GCELoss` on this rank's rows of a global batch (see the module docstring).
 
-    The returned tensor is this rank's share, to back-propagate (through DDP); the parts
-    (``loss``, ``learner_loss``, ``full_loss``, triplet counts) are the global batch's values,
-    identical on every rank and equal to what one process computes on the whole batch.
+    The returned tensor's gradient is this rank's share, to back-propagate through DDP; its value,
+    like the parts (``loss``, ``learner_loss``, ``full_loss``, triplet counts), is the global
+    batch's, identical on every rank and equal to what one process computes on the whole batch.
     """
 
     def __init__(self, margin: float = 0.1, mining: str = "semihard", full_embedding_weight: float = 0.0,
@@ -114,4 +115,7 @@ class DistributedGCELoss(GCELoss):
             summed = all_reduce_sum(torch.tensor([parts[n] for n in names], dtype=torch.float64,
                                                  device=embeddings.device))
             parts.update({n: float(v) / world for n, v in zip(names, summed.tolist())})
+            # The value becomes the global loss (the same on every rank: logging and the finite-loss
+            # check agree); the gradient stays this rank's share.
+            total = total + (parts["loss"] - total.detach())
         return total, parts
