@@ -15,6 +15,7 @@ machine compare the rows of one run only.
 
     python benchmarks/distributed_scaling.py
     python benchmarks/distributed_scaling.py --backbone resnet18 --size 64 --steps 10
+    python benchmarks/distributed_scaling.py --memory --backbone resnet50 --size 224 --classes 32 --per-class 2
 """
 
 from __future__ import annotations
@@ -98,6 +99,47 @@ def two_processes(args: argparse.Namespace, communicate: bool) -> list[float]:
     return [max(pair) for pair in zip(*per_rank)]
 
 
+def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
+    """Bytes the autograd graph keeps for backward per training image (measured on a CPU forward)."""
+    model = build_model(backbone=args.backbone, head="gce", num_learners=args.k, embedding_dim=args.dim,
+                        pretrained=False, freeze_bn=True).train()
+    storages: dict[int, int] = {}  # a tensor saved by several operations is stored once
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    images = torch.randn(2, 3, args.size, args.size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(images)
+    return sum(storages.values()) / 2
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Training memory per GPU for 1, 2, 4, 8 processes at the given global batch (computed)."""
+    model = build_model(backbone=args.backbone, head="gce", num_learners=args.k, embedding_dim=args.dim,
+                        pretrained=False, freeze_bn=True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    # fp32 weights + gradients + Adam's two moments + DDP's gradient buckets (a copy of the gradients).
+    states = 4 * (frozen + trainable) + 4 * trainable * 4
+    batch = args.classes * args.per_class
+    per_image = {False: saved_bytes_per_image(args, False), True: saved_bytes_per_image(args, True)}
+    gib = 2.0 ** 30
+    print(f"{args.backbone} + GCE head K={args.k}, D={args.dim}, {args.size} px, global batch {batch}: "
+          f"{trainable / 1e6:.1f} M trainable + {frozen / 1e6:.2f} M frozen parameters")
+    print(f"weights, gradients, Adam state, DDP buckets: {states / gib:.2f} GiB per process; activations kept for "
+          f"backward: {per_image[False] / 2**20:.0f} MiB/image fp32, {per_image[True] / 2**20:.0f} MiB/image bf16")
+    print(f"{'processes':>9} {'images/process':>15} {'fp32 GiB':>9} {'bf16 GiB':>9}")
+    for n in (1, 2, 4, 8):
+        local = -(-batch // n)
+        print(f"{n:>9} {local:>15} {(states + local * per_image[False]) / gib:>9.2f} "
+              f"{(states + local * per_image[True]) / gib:>9.2f}")
+    print("(computed: allocator overhead, cuDNN workspaces and the CUDA context, ~0.5-1 GiB, come on top)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="mobilenet_v2", choices=["resnet18", "resnet50", "googlenet", "mobilenet_v2"])
@@ -108,7 +150,11 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=4, help="M")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="print the computed training memory per GPU instead")
     args = p.parse_args()
+    if args.memory:
+        memory_table(args)
+        return
     batch = args.classes * args.per_class
     torch.set_num_threads(2)
     rows = [("1 proc x 2 threads", statistics.median(run_steps(args, 0, 1, True)))]
