@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    trainer = Trainer.from_config(cfg, resume=args.resume, progress=not args.quiet)
     try:
         result = trainer.run()
     except TrainingInterrupted as exc:

@@ -194,18 +194,15 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
         raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
     """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
     from gce.config import config_from_dict
-    from gce.models import build_model
+    from gce.models import model_from_config
 
     state, _ = load_checkpoint(path)
     require_keys(state, ("config", "model"), path)
     cfg = config_from_dict(state["config"])
-    m = cfg.model
-    model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
-                        embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
-                        block_channels=m.block_channels, input_mixing=m.input_mixing)
+    model = model_from_config(cfg.model, pretrained=False)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
