@@ -19,14 +19,20 @@ class MetricsLogger:
     def __init__(self, folder: str | Path, tensorboard: bool = True) -> None:
         self.path = Path(folder) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tensorboard_dir = Path(folder) / "tensorboard" if tensorboard else None
         self._writer = None
-        if tensorboard:
+
+    def _tensorboard(self):
+        """The TensorBoard writer, opened at the first record (a logger that never logs, as on
+        the ranks other than 0 of a distributed run, leaves no event file)."""
+        if self._writer is None and self._tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"))
+                self._writer = SummaryWriter(log_dir=str(self._tensorboard_dir))
             except ImportError:  # tensorboard is optional at run time
-                self._writer = None
+                self._tensorboard_dir = None
+        return self._writer
 
     def truncate_after(self, epoch: int, keep_at_epoch: tuple[str, ...] = ()) -> None:
         """Keep only records of epochs ``< epoch`` (the ones covered by the checkpoint), and those
@@ -52,11 +58,12 @@ class MetricsLogger:
         record = {"event": event, "epoch": epoch, **values}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, default=_jsonable) + "\n")
-        if self._writer is not None:
+        writer = self._tensorboard()
+        if writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._writer.add_scalar(f"{event}/{key}", value, step if step is not None else epoch)
-            self._writer.flush()
+                    writer.add_scalar(f"{event}/{key}", value, step if step is not None else epoch)
+            writer.flush()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -25,11 +25,11 @@ from gce.errors import ConfigError, GceError
 from gce.evaluation.pipeline import EmbedFn, Embedder, MetricSettings
 from gce.losses import GCELoss
 from gce.models import EmbeddingModel, model_from_config
-from gce.runtime import check_writable, resolve_device, seed_everything
+from gce.runtime import check_writable, flush_denormals, resolve_device, seed_everything
 from gce.training.readings import Reading, build_reading
 from gce.training.writer import RunWriter
 
-__all__ = ["RunParts", "build_optimizer", "build_parts", "build_scheduler", "check_sampler_feasible"]
+__all__ = ["RunParts", "build_optimizer", "build_parts", "build_scheduler", "check_sampler_feasible", "compiled"]
 
 
 @dataclass
@@ -135,6 +135,11 @@ def _datasets(cfg: ExperimentConfig, data: RunData) -> tuple[SeededAugmentedData
     return train, ImageDataset(data.train, eval_tf), val, ImageDataset(data.test, eval_tf)
 
 
+def compiled(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
+    """What a training step calls: ``torch.compile(model)`` with ``train.compile``, else the model."""
+    return torch.compile(model) if cfg.train.compile else model  # type: ignore[return-value]
+
+
 def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True) -> RunParts:
     """Check the run folder, seed, load and verify the data, and build every part of the run.
 
@@ -142,6 +147,7 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     torch RNG, so a run is reproducible from ``train.seed``.
     """
     device = resolve_device(cfg.train.device, "train.device")
+    flush_denormals(device)
     out = _prepare_run_folder(cfg, resume)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -149,11 +155,13 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     data = prepare_data(cfg, progress)
     check_sampler_feasible(cfg, data.train)
     model = model_from_config(cfg.model).to(device)
+    if cfg.train.channels_last:  # the trainer converts each batch as well
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     s = cfg.sampler
     train_set, train_eval_set, val_set, test_set = _datasets(cfg, data)
     return RunParts(
-        cfg=cfg, device=device, data=data, model=model, train_model=model, optimizer=optimizer,
+        cfg=cfg, device=device, data=data, model=model, train_model=compiled(model, cfg), optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg),
         reading=build_reading(cfg, model.learner_slices(), data.train.labels, data.train.num_classes, device),
         loss=GCELoss(margin=cfg.loss.margin, mining=cfg.loss.mining,

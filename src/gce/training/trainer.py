@@ -93,8 +93,16 @@ class Trainer:
             "best_val": self.best_val, "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(),
             "assignment": None if assignment is None else torch.from_numpy(assignment.copy()),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": self._rng_state(),
         }
+
+    def _rng_state(self) -> dict[str, Any]:
+        """The random state a resumed run continues from."""
+        return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
 
     def _save(self, epoch: int, batch: int) -> Path:
         self._check_finite_weights(f"epoch {epoch}, batch {batch}" if batch else f"epoch {epoch - 1}")
@@ -121,8 +129,7 @@ class Trainer:
         if state["assignment"] is not None:
             p.reading.restore(state["assignment"].numpy())
             self._configure_sampler(finetune=self.start_epoch >= self.cfg.train.epochs)
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        self._restore_rng(state)
         self.partial = dict(state["partial"])
         self.best_val = float(state["best_val"])
         # Drop log records written after this checkpoint so the log matches an uninterrupted run.
@@ -158,9 +165,15 @@ class Trainer:
         self.log(f"epoch {epoch}: {update.message}")
 
     # ------------------------------------------------------------------ steps
+    def batch_items(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> list[list[tuple[int, int]]]:
+        """The items the loader reads for batches ``first, ...`` of ``plan``: ``(index, augmentation
+        seed)``, the seed a function of the item's position in its batch. (A rank of a distributed
+        run keeps its rows of each batch: :class:`gce.distributed.training.DistributedTrainer`.)"""
+        return [[(idx, item_seed(self.cfg.train.seed, epoch, b, pos)) for pos, idx in enumerate(indices)]
+                for b, (_, indices) in enumerate(plan)][first:]
+
     def _loader(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> DataLoader:
-        keyed = [[(idx, item_seed(self.cfg.train.seed, epoch, b, pos)) for pos, idx in enumerate(indices)]
-                 for b, (_, indices) in enumerate(plan)][first:]
+        keyed = self.batch_items(epoch, plan, first)
         # Its own generator: a DataLoader draws its base seed from the global torch RNG otherwise,
         # so resuming mid-epoch (a second loader for the same epoch) would shift the RNG state.
         # (Augmentation is seeded per item, so this seed changes nothing else.)
@@ -173,7 +186,9 @@ class Trainer:
         """One optimisation step on a batch planned for ``learner`` (``None``: the full embedding)."""
         p, device = self.parts, self.parts.device
         p.train_model.train()
-        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        memory = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
+        images = images.to(device, non_blocking=True, memory_format=memory)
+        labels = labels.to(device, non_blocking=True)
         use_amp = self.cfg.train.amp and device.type == "cuda"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             embeddings = p.train_model(images)
