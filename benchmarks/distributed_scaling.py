@@ -34,6 +34,7 @@ from gce.distributed import DistributedGCELoss, init_distributed, shutdown_distr
 from gce.distributed.batchnorm import synchronise_batchnorm
 from gce.losses import GCELoss
 from gce.models import build_model
+from gce.runtime import flush_denormals
 
 
 def _model(args: argparse.Namespace) -> nn.Module:
@@ -50,7 +51,7 @@ def _batch(args: argparse.Namespace, step: int) -> tuple[torch.Tensor, torch.Ten
 
 def run_steps(args: argparse.Namespace, rank: int, world: int, communicate: bool) -> list[float]:
     """Seconds of each measured step on this rank."""
-    torch.set_flush_denormal(True)
+    flush_denormals(torch.device("cpu"))  # as gce train does on CPU
     model = _model(args).train()
     loss_fn: GCELoss = GCELoss(margin=0.1, mining="semihard")
     step_model: nn.Module = model

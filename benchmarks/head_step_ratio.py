@@ -27,6 +27,7 @@ from torch import nn
 
 from gce.losses import GCELoss
 from gce.models import build_model
+from gce.runtime import set_flush_denormal_in_openmp_workers
 
 
 def build(backbone: str, head: str, k: int, dim: int, pretrained: bool) -> nn.Module:
@@ -88,7 +89,8 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> tuple[float, float]:
     """Median seconds per step of the GCE model with ``k`` learners and of the single-metric model."""
-    torch.set_flush_denormal(flush)
+    torch.set_flush_denormal(flush)  # this thread and (below) torch's OpenMP workers, as gce train does
+    set_flush_denormal_in_openmp_workers(flush)
     images, labels = batch(args)
     options = dict(device=args.device, amp=args.amp, channels_last=args.channels_last)
     gce = Stepper(build(args.backbone, "gce", k, args.dim, pretrained), images, labels, k, **options)

@@ -147,10 +147,10 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     torch RNG, so a run is reproducible from ``train.seed``.
     """
     device = resolve_device(cfg.train.device, "train.device")
-    flush_denormals(device)
     out = _prepare_run_folder(cfg, resume)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    flush_denormals(device)
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg, progress)
     check_sampler_feasible(cfg, data.train)
