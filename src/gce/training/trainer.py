@@ -81,10 +81,6 @@ class Trainer:
                     log: Callable[[str], None] = print, observers: Sequence[EpochObserver] = ()) -> Trainer:
         return cls(build_parts(cfg, resume=resume, progress=progress), resume=resume, log=log, observers=observers)
 
-    @property
-    def model(self) -> nn.Module:
-        return self.parts.model
-
     # -------------------------------------------------------------- checkpoint
     def _state(self, epoch: int, batch: int) -> dict[str, Any]:
         p, assignment = self.parts, self.parts.reading.assignment
