@@ -13,7 +13,7 @@ import torch
 
 from gce.errors import ConfigError, GceError
 
-__all__ = ["check_writable", "flush_denormals", "resolve_device", "seed_everything", "write_json"]
+__all__ = ["check_writable", "flush_denormals", "pid_alive", "resolve_device", "seed_everything", "write_json"]
 
 
 def check_writable(folder: Path) -> None:
@@ -94,3 +94,14 @@ def write_json(path: Path, values: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(values, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (also when another user owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (EPERM)
+        return True
+    return True

@@ -11,17 +11,19 @@
 * ``reading``: meta-class refreshes computed once, on rank 0, and broadcast;
 * ``writer``: rank 0's writes; the other ranks read checkpoints but write nothing.
 
-:class:`DistributedTrainer` is the :class:`~gce.training.trainer.Trainer` with four small
-overrides: each rank loads only its rows of every global batch (the augmentation seeds stay
-those of the global positions), Ctrl-C is agreed on by all ranks after each step, metrics are
-computed once, and every rank's RNG state goes into the checkpoint.
+* ``batch_part``: the rank's consecutive rows of each global batch (:class:`RankShare`; the
+  augmentation seeds stay those of the global positions).
+
+:class:`DistributedTrainer` is the :class:`~gce.training.trainer.Trainer` with three small
+overrides: Ctrl-C is agreed on by all ranks after each step, metrics are computed once, and every
+rank's RNG state goes into the checkpoint.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,7 +47,7 @@ from gce.training.readings import MetaClassUpdate, Reading
 from gce.training.trainer import EpochObserver, Trainer
 from gce.training.writer import RunWriter
 
-__all__ = ["DistributedTrainer", "ShardedEmbedder", "SharedReading", "SilentWriter", "build_run",
+__all__ = ["DistributedTrainer", "RankShare", "ShardedEmbedder", "SharedReading", "SilentWriter", "build_run",
            "check_distributable", "distribute_parts", "local_rows"]
 
 
@@ -54,6 +56,18 @@ def local_rows(batch_size: int, rank: int, world_size: int) -> slice:
     base, extra = divmod(batch_size, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """``parts.batch_part`` of a rank: its consecutive rows of each planned batch. The items keep
+    the augmentation seeds of their positions in the whole batch."""
+
+    rank: int
+    world_size: int
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        return items[local_rows(len(items), self.rank, self.world_size)]
 
 
 class ShardedEmbedder:
@@ -150,7 +164,8 @@ def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
         writer = SilentWriter(parts.writer.out)
     return replace(parts, train_model=compiled(train_model, cfg), loss=DistributedGCELoss.like(parts.loss),
                    embed=ShardedEmbedder(parts.embed, ctx), reading=SharedReading(parts.reading, ctx),
-                   writer=writer, progress=parts.progress and ctx.is_main)
+                   writer=writer, progress=parts.progress and ctx.is_main,
+                   batch_part=RankShare(ctx.rank, ctx.world_size))
 
 
 class DistributedTrainer(Trainer):
@@ -160,11 +175,6 @@ class DistributedTrainer(Trainer):
                  log: Callable[[str], None] = print, observers: Sequence[EpochObserver] = ()) -> None:
         super().__init__(parts, resume=resume, log=log if ctx.is_main else _silent, observers=observers)
         self.ctx = ctx
-
-    def batch_items(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> list[list[tuple[int, int]]]:
-        """This rank's rows of every global batch, keyed by the seeds of their global positions."""
-        return [items[local_rows(len(items), self.ctx.rank, self.ctx.world_size)]
-                for items in super().batch_items(epoch, plan, first)]
 
     def _step(self, images: Tensor, labels: Tensor, learner: int | None) -> tuple[float, int]:
         result = super()._step(images, labels, learner)

@@ -81,10 +81,6 @@ class Trainer:
                     log: Callable[[str], None] = print, observers: Sequence[EpochObserver] = ()) -> Trainer:
         return cls(build_parts(cfg, resume=resume, progress=progress), resume=resume, log=log, observers=observers)
 
-    @property
-    def model(self) -> nn.Module:
-        return self.parts.model
-
     # -------------------------------------------------------------- checkpoint
     def _state(self, epoch: int, batch: int) -> dict[str, Any]:
         p, assignment = self.parts, self.parts.reading.assignment
@@ -165,15 +161,11 @@ class Trainer:
         self.log(f"epoch {epoch}: {update.message}")
 
     # ------------------------------------------------------------------ steps
-    def batch_items(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> list[list[tuple[int, int]]]:
-        """The items the loader reads for batches ``first, ...`` of ``plan``: ``(index, augmentation
-        seed)``, the seed a function of the item's position in its batch. (A rank of a distributed
-        run keeps its rows of each batch: :class:`gce.distributed.training.DistributedTrainer`.)"""
-        return [[(idx, item_seed(self.cfg.train.seed, epoch, b, pos)) for pos, idx in enumerate(indices)]
-                for b, (_, indices) in enumerate(plan)][first:]
-
     def _loader(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> DataLoader:
-        keyed = self.batch_items(epoch, plan, first)
+        # Seeds follow positions in the whole planned batch, so a part of it is augmented the same way.
+        keyed = [self.parts.batch_part([(idx, item_seed(self.cfg.train.seed, epoch, b, pos))
+                                        for pos, idx in enumerate(indices)])
+                 for b, (_, indices) in enumerate(plan)][first:]
         # Its own generator: a DataLoader draws its base seed from the global torch RNG otherwise,
         # so resuming mid-epoch (a second loader for the same epoch) would shift the RNG state.
         # (Augmentation is seeded per item, so this seed changes nothing else.)
