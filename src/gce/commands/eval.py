@@ -18,7 +18,7 @@ from gce.evaluation import default_recall_ks
 from gce.evaluation.knn import BACKENDS
 from gce.evaluation.pipeline import Embedder, MetricSettings, evaluate_split
 from gce.models.backbones import BACKBONES
-from gce.runtime import resolve_device, write_json
+from gce.runtime import flush_denormals, write_json
 from gce.training.checkpoint import load_model
 
 
@@ -71,7 +71,24 @@ def _build_embedder(args: argparse.Namespace, device: torch.device) -> tuple[nn.
 
 
 def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device, "--device")
+    """Under torchrun each process embeds a shard; rank 0 computes and prints the metrics."""
+    from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
+
+    ctx = init_distributed(args.device, key="--device")
+    try:
+        with distributed_errors(ctx):
+            return _evaluate(args, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _evaluate(args: argparse.Namespace, ctx) -> int:
+    from gce.distributed.context import broadcast_module
+    from gce.distributed.sharding import compute_on_main
+    from gce.distributed.training import ShardedEmbedder
+
+    device = ctx.device
+    flush_denormals(device)
     model, cfg = _build_embedder(args, device)
     dataset = args.dataset or (cfg.data.dataset if cfg else None)
     root = args.root or (cfg.data.root if cfg else None)
@@ -83,16 +100,25 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_bad:  # listed-but-missing files and empty class folders too, not only undecodable ones
         options["skip_bad"] = True
     splits = load_dataset(dataset, root, **options)
-    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet,
+    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet and ctx.is_main,
                             split=args.split)
     if len(records) < 2:
         raise DatasetError(f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
                            f" retrieval evaluation needs at least 2")
     images = ImageDataset(records, test_transform(size, resize_to=resize))
-    embed = Embedder(batch_size=args.batch_size, workers=args.workers, device=device, progress=not args.quiet)
+    embed = Embedder(batch_size=args.batch_size, workers=args.workers, device=device,
+                     progress=not args.quiet and ctx.is_main)
     metrics = MetricSettings(recall_ks=tuple(args.recall_ks or default_recall_ks(dataset)),
                              clustering=not args.no_clustering, backend=args.backend, seed=args.seed)
-    result = evaluate_split(model.to(device), images, embed, metrics, f"embedding {dataset}/{args.split}").result
+    desc = f"embedding {dataset}/{args.split}"
+    if ctx.enabled:  # every rank embeds its shard with rank 0's weights; the metrics are computed once
+        broadcast_module(ctx, model.to(device))
+        embedded = ShardedEmbedder(embed, ctx)(model, images, desc)
+        result = compute_on_main(ctx, lambda: evaluate_split(model, images, lambda *_: embedded, metrics, desc).result)
+        if not ctx.is_main:
+            return 0
+    else:
+        result = evaluate_split(model.to(device), images, embed, metrics, desc).result
     name = str(args.checkpoint) if args.checkpoint else f"{args.backbone} (untrained)"
     print(f"{name} on {dataset}/{args.split} ({len(records)} images, {records.num_classes} classes, {size} px)")
     print(result.format_table())

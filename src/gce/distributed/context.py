@@ -30,6 +30,7 @@ __all__ = [
     "CollectiveTimeout",
     "DistContext",
     "SINGLE",
+    "broadcast_module",
     "broadcast_object",
     "distributed_errors",
     "env_world_size",
@@ -165,6 +166,15 @@ def distributed_errors(ctx: DistContext) -> Iterator[None]:
             raise CollectiveTimeout(f"rank {ctx.rank}: lost the connection to another rank, which probably "
                                     f"died (see its output)") from None
         raise
+
+
+def broadcast_module(ctx: DistContext, module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s parameters and buffers, in place (e.g. an unseeded random model)."""
+    if not ctx.enabled:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=src)
 
 
 def broadcast_object(ctx: DistContext, value: T | None, src: int = 0) -> T:
