@@ -45,3 +45,28 @@ def test_gce_train_nproc_2_runs_once_and_writes_once(tmp_path, shape_folder):
     assert (out / "model.pt").exists() and (out / "final_metrics.json").exists()
     assert len(list((out / "tensorboard").iterdir())) == 1
     assert [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+
+
+def test_a_collective_timeout_is_one_line_naming_the_key():
+    from gce.distributed import CollectiveTimeout, DistContext, distributed_errors
+
+    ctx = DistContext(rank=1, world_size=2, timeout_s=5)
+    with pytest.raises(CollectiveTimeout, match=r"rank 1: .*train.dist_timeout_s=5 s; another rank hung or died"):
+        with distributed_errors(ctx):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms")
+    with pytest.raises(CollectiveTimeout, match="lost the connection"):
+        with distributed_errors(ctx):
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+    with pytest.raises(ValueError):  # other errors pass through unchanged
+        with distributed_errors(ctx):
+            raise ValueError("not a collective")
+
+
+def test_sync_bn_needs_trainable_batchnorm(tmp_path):
+    from gce.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.format(root=tmp_path, out=tmp_path / "out"))
+    with pytest.raises(ConfigError, match="train.sync_bn=true needs model.freeze_bn=false"):
+        load_config(config, ["train.sync_bn=true"])
+    assert load_config(config, ["train.sync_bn=true", "model.freeze_bn=false"]).train.sync_bn
