@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.reducers import DoNothingReducer
-from torch import Tensor
+from torch import Tensor, nn
 
 from gce.distributed.collectives import all_gather_with_grad, all_reduce_sum, gather_sizes
-from gce.losses.triplet import GCELoss, LearnerTripletLoss, _make_distance
+from gce.losses.triplet import GCELoss, LearnerTripletLoss
 
 __all__ = ["ShardedTripletLoss", "DistributedGCELoss"]
 
@@ -50,13 +50,21 @@ class ShardedTripletLoss(LearnerTripletLoss):
 
     def __init__(self, margin: float = 0.1, mining: str = "semihard", distance: str = "euclidean") -> None:
         super().__init__(margin, mining, distance)  # type: ignore[arg-type]
-        # Per-triplet losses, unreduced: the reduction needs the global count.
-        self.unreduced = TripletMarginLoss(margin=margin, distance=_make_distance(distance),
+        self._add_unreduced()
+
+    def _add_unreduced(self) -> None:
+        # Per-triplet losses, unreduced (same margin and distance): the reduction needs the global count.
+        self.unreduced = TripletMarginLoss(margin=self.loss.margin, distance=self.loss.distance,
                                            reducer=DoNothingReducer())
 
     @classmethod
     def like(cls, base: LearnerTripletLoss) -> "ShardedTripletLoss":
-        return cls(base.margin, base.mining, base.distance_name)
+        """The sharded version of ``base``, with ``base``'s own miner and loss."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.miner, new.loss = base.miner, base.loss
+        new._add_unreduced()
+        return new
 
     def compute(self, embeddings: Tensor, labels: Tensor,
                 learner_slice: slice | None = None) -> tuple[Tensor, int]:
@@ -102,8 +110,12 @@ class DistributedGCELoss(GCELoss):
 
     @classmethod
     def like(cls, base: GCELoss) -> "DistributedGCELoss":
-        t = base.triplet
-        return cls(t.margin, t.mining, base.full_embedding_weight, t.distance_name)
+        """The distributed version of ``base`` (same miner, loss and full-embedding weight)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.full_embedding_weight = base.full_embedding_weight
+        new.triplet = ShardedTripletLoss.like(base.triplet)
+        return new
 
     def _with_full_loss(self, learner_loss: Tensor, learner_triplets: float, embeddings: Tensor, labels: Tensor,
                         add_full: bool = True) -> tuple[Tensor, dict[str, float]]:
