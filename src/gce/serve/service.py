@@ -1,0 +1,230 @@
+"""The search service without HTTP: query parsing, embedding, search, thumbnails, all thread-safe.
+
+The FastAPI app (``gce.serve.app``) is a thin layer over :class:`SearchService`; everything that
+can go wrong with a request raises :class:`RequestError` with its 4xx status here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gce import __version__
+from gce.data.images import load_rgb
+from gce.errors import BadImageError, CheckpointError, GceError
+from gce.serve.errors import RequestError
+from gce.serve.settings import ServeSettings
+from gce.serve.uploads import decode_upload
+
+
+class SearchService:
+    """Answers searches against one index with one embedding model.
+
+    ``index`` is a :class:`gce.retrieval.SearchIndex`; ``embedder`` a :class:`gce.retrieval.Embedder`
+    of the same model (or ``None``: searches by item id only). The embedder runs under a lock (one
+    model call at a time; torch already uses every core for one batch) and at most
+    ``settings.max_parallel_decodes`` uploads are decoded at once, which bounds memory.
+    """
+
+    def __init__(self, index: Any, embedder: Any | None, settings: ServeSettings | None = None,
+                 index_dir: str | Path | None = None) -> None:
+        self.index = index
+        self.embedder = embedder
+        self.settings = settings or ServeSettings()
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        if embedder is not None:
+            _check_same_model(index, embedder)
+        self._embed_lock = threading.Lock()
+        self._decode_slots = threading.BoundedSemaphore(self.settings.max_parallel_decodes)
+        self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
+        self._thumbnail_lock = threading.Lock()
+
+    # -- description -------------------------------------------------------------------------------
+
+    @property
+    def max_k(self) -> int:
+        return min(self.settings.max_k, int(self.index.size))
+
+    def info(self) -> dict[str, Any]:
+        index = self.index
+        return {
+            "version": __version__,
+            "model_id": index.model_id,
+            "num_learners": int(index.num_learners),
+            "embedding_dim": int(index.dim),
+            "learner_slices": [[int(a), int(b)] for a, b in _slices(index.learner_slices)],
+            "index_type": index.index_type,
+            "index_size": int(index.size),
+            "image_size": int(self.embedder.image_size) if self.embedder is not None else None,
+            "uploads": self.embedder is not None,
+            "limits": {
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "max_pixels": self.settings.max_pixels,
+                "max_k": self.max_k,
+                "default_k": min(self.settings.default_k, self.max_k),
+            },
+        }
+
+    # -- parsing -----------------------------------------------------------------------------------
+
+    def check_k(self, k: int | None, *, exclude_self: bool = False) -> int:
+        top = min(self.settings.max_k, int(self.index.size) - exclude_self)  # an item query drops the item
+        if k is None:
+            return min(self.settings.default_k, top)
+        if not 1 <= k <= top:
+            raise RequestError(422, f"k must be between 1 and {top}, got {k}")
+        return k
+
+    def parse_learners(self, text: str | None) -> list[int] | None:
+        """``"0,2"`` -> ``[0, 2]``; empty or missing -> ``None`` (all learners)."""
+        if text is None or not text.strip():
+            return None
+        count = int(self.index.num_learners)
+        try:
+            learners = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise RequestError(422, f"learners must be comma-separated learner numbers 0..{count - 1}, "
+                                    f"got {text!r}") from None
+        bad = [n for n in learners if not 0 <= n < count]
+        if bad:
+            raise RequestError(422, f"learners: {bad[0]} is not a learner of this model (0..{count - 1})")
+        if len(set(learners)) != len(learners):
+            raise RequestError(422, f"learners: {text!r} names a learner twice")
+        return sorted(learners)
+
+    def parse_weights(self, text: str | None) -> list[float] | None:
+        """``"1,0.5,1,1"`` -> one non-negative weight per learner of the model."""
+        if text is None or not text.strip():
+            return None
+        count = int(self.index.num_learners)
+        try:
+            weights = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise RequestError(422, f"weights must be {count} comma-separated numbers, got {text!r}") from None
+        if len(weights) != count:
+            raise RequestError(422, f"weights: the model has {count} learners, got {len(weights)} weights")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise RequestError(422, f"weights must be finite, non-negative and not all zero, got {text!r}")
+        return weights
+
+    def item_id(self, item: int) -> int:
+        """The id if the index holds it, else a 404."""
+        try:
+            self.index.item(item)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise RequestError(404, f"unknown item id {item} (the index has {self.index.size} items)") from None
+        return item
+
+    # -- searching ---------------------------------------------------------------------------------
+
+    def search_upload(self, data: bytes, k: int | None, learners: list[int] | None,
+                      weights: list[float] | None) -> dict[str, Any]:
+        if self.embedder is None:
+            raise RequestError(409, "this service was started without a checkpoint: search by item id only")
+        k = self.check_k(k)
+        started = time.perf_counter()
+        with self._decode_slots:
+            image = decode_upload(data, max_bytes=self.settings.max_upload_bytes,
+                                  max_pixels=self.settings.max_pixels)
+            try:
+                with self._embed_lock:
+                    query = self.embedder.embed_images([image])
+            finally:
+                image.close()
+        hits = self._search(np.asarray(query, dtype=np.float32), k, learners, weights)
+        return self._response({"type": "upload"}, k, learners, weights, hits, started)
+
+    def search_item(self, item: int, k: int | None, learners: list[int] | None,
+                    weights: list[float] | None) -> dict[str, Any]:
+        item = self.item_id(item)
+        k = self.check_k(k, exclude_self=True)
+        started = time.perf_counter()
+        query = np.asarray(self.index.embedding(item), dtype=np.float32).reshape(1, -1)
+        hits = [hit for hit in self._search(query, k + 1, learners, weights) if hit.id != item][:k]
+        return self._response({"type": "item", "id": item, "thumbnail": thumbnail_url(item)},
+                              k, learners, weights, hits, started)
+
+    def _search(self, query: np.ndarray, k: int, learners, weights) -> list:
+        try:
+            return self.index.search(query, k, learners=learners, weights=weights)[0]
+        except GceError as exc:  # e.g. a learner/weight combination the index refuses
+            raise RequestError(422, str(exc)) from None
+
+    def _response(self, query: dict, k: int, learners, weights, hits: list, started: float) -> dict[str, Any]:
+        return {
+            "query": query,
+            "k": k,
+            "learners": learners if learners is not None else list(range(int(self.index.num_learners))),
+            "weights": weights,
+            "results": [
+                {"rank": rank, "id": int(hit.id), "score": float(hit.score), "label": hit.label,
+                 "thumbnail": thumbnail_url(int(hit.id))}
+                for rank, hit in enumerate(hits, start=1)
+            ],
+            "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
+
+    # -- thumbnails --------------------------------------------------------------------------------
+
+    def thumbnail(self, item: int) -> bytes:
+        """PNG thumbnail of an indexed item; only files named by the index are ever opened."""
+        item = self.item_id(item)
+        with self._thumbnail_lock:
+            cached = self._thumbnails.get(item)
+            if cached is not None:
+                self._thumbnails.move_to_end(item)
+                return cached
+        path = self._item_path(item)
+        try:
+            image = load_rgb(path)
+        except BadImageError as exc:
+            raise RequestError(404, f"item {item}: image unavailable ({exc.reason})") from None
+        size = self.settings.thumbnail_size
+        image.thumbnail((size, size), Image.Resampling.LANCZOS if max(image.size) > size else Image.Resampling.NEAREST)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=False)
+        data = buffer.getvalue()
+        if self.settings.thumbnail_cache:
+            with self._thumbnail_lock:
+                self._thumbnails[item] = data
+                while len(self._thumbnails) > self.settings.thumbnail_cache:
+                    self._thumbnails.popitem(last=False)
+        return data
+
+    def _item_path(self, item: int) -> Path:
+        path = Path(self.index.item(item).path)
+        if not path.is_absolute() and self.index_dir is not None and not path.exists():
+            path = self.index_dir / path  # paths stored relative to the index folder
+        return path
+
+
+def thumbnail_url(item: int) -> str:
+    return f"/items/{item}/thumbnail"
+
+
+def _slices(slices: Any) -> list[tuple[int, int]]:
+    out = []
+    for s in slices:
+        if isinstance(s, slice):
+            out.append((s.start, s.stop))
+        else:
+            a, b = s
+            out.append((a, b))
+    return out
+
+
+def _check_same_model(index: Any, embedder: Any) -> None:
+    if index.model_id and embedder.model_id and index.model_id != embedder.model_id:
+        raise CheckpointError(f"the index was built with model {index.model_id}, the checkpoint is model "
+                              f"{embedder.model_id}: search it with the checkpoint that built it")
+    if int(index.dim) != int(embedder.embedding_dim):
+        raise CheckpointError(f"the index holds {index.dim}-d embeddings, the checkpoint makes "
+                              f"{embedder.embedding_dim}-d ones")
