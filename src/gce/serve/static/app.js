@@ -28,7 +28,8 @@ async function loadInfo() {
     if (!response.ok) throw new Error(info.error || response.statusText);
     state.info = info;
     const sliceSize = info.learner_slices.length ? info.learner_slices[0][1] - info.learner_slices[0][0] : 0;
-    $("info").textContent = `model ${info.model_id || "?"} · ${info.num_learners} learners × ${sliceSize} d` +
+    const model = info.model_id ? info.model_id.slice(0, 12) : "?";
+    $("info").textContent = `model ${model} · ${info.num_learners} learners × ${sliceSize} d` +
       ` · ${info.index_type} index of ${info.index_size.toLocaleString()} images`;
     const k = $("k");
     k.max = info.limits.max_k;
@@ -133,7 +134,6 @@ async function search() {
 function render(body) {
   const grid = $("results");
   const hits = body.results;
-  const top = Math.max(...hits.map((h) => Math.abs(h.score)), 1e-9);
   const items = hits.map((hit) => {
     const li = document.createElement("li");
     li.className = "hit";
@@ -158,16 +158,12 @@ function render(body) {
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = hit.score.toFixed(3);
+    score.title = "mean cosine similarity over the chosen learners";
     row.append(rank, score);
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    const fill = document.createElement("i");
-    fill.style.width = `${Math.max(0, hit.score / top) * 100}%`;
-    bar.append(fill);
     const label = document.createElement("div");
     label.className = hit.label ? "label" : "label none";
     label.textContent = hit.label || "no label";
-    meta.append(row, bar, label);
+    meta.append(row, label);
     li.append(thumb, meta);
     const open = () => chooseItem(hit.id, hit.label);
     li.addEventListener("click", open);
