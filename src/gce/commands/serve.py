@@ -25,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=16_000_000,
                    help="largest accepted image, width x height (default 16,000,000)")
     p.add_argument("--max-k", type=int, default=100, help="most neighbours per query (default 100)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="most queued queries answered by one model call / index scan (default 32; 1: no batching)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     try:
         settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                                 max_k=args.max_k, device=args.device)
+                                 max_k=args.max_k, max_batch=args.max_batch, device=args.device)
     except ValidationError as exc:
         problem = exc.errors()[0]
         raise ConfigError(f"serve option {problem['loc'][0]}: {problem['msg']}") from None

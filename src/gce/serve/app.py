@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, Literal
 
@@ -150,7 +151,13 @@ class BodyLimit:
 
 def create_app(service: SearchService) -> FastAPI:
     settings = service.settings
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        service.close()  # queued searches finish before the worker threads stop
+
     app = FastAPI(
+        lifespan=lifespan,
         title="gce search",
         version=__version__,
         description="Image search with a GCE embedding model: upload an image (or name an indexed item) "

@@ -10,16 +10,19 @@ import io
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from gce import __version__
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, CheckpointError, GceError
+from gce.serve.batching import MicroBatcher
 from gce.serve.errors import RequestError
 from gce.serve.settings import ServeSettings
 from gce.serve.uploads import decode_upload
@@ -29,9 +32,9 @@ class SearchService:
     """Answers searches against one index with one embedding model.
 
     ``index`` is a :class:`gce.retrieval.SearchIndex`; ``embedder`` a :class:`gce.retrieval.Embedder`
-    of the same model (or ``None``: searches by item id only). The embedder runs under a lock (one
-    model call at a time; torch already uses every core for one batch) and at most
-    ``settings.max_parallel_decodes`` uploads are decoded at once, which bounds memory.
+    of the same model (or ``None``: searches by item id only). Model calls and index scans each run
+    on one worker thread that batches the requests queued meanwhile (:mod:`gce.serve.batching`);
+    at most ``settings.max_parallel_decodes`` uploads are decoded at once, which bounds memory.
     """
 
     def __init__(self, index: Any, embedder: Any | None, settings: ServeSettings | None = None,
@@ -42,7 +45,10 @@ class SearchService:
         self.index_dir = Path(index_dir) if index_dir is not None else None
         if embedder is not None:
             _check_same_model(index, embedder)
-        self._embed_lock = threading.Lock()
+        self._index_lock = threading.Lock()  # the index is used by one thread at a time
+        batch = self.settings.max_batch
+        self._embed = MicroBatcher(self._embed_batch, batch, "gce-serve-embed") if embedder is not None else None
+        self._search = MicroBatcher(self._search_batch, batch, "gce-serve-search")
         self._decode_slots = threading.BoundedSemaphore(self.settings.max_parallel_decodes)
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
         self._thumbnail_lock = threading.Lock()
@@ -131,15 +137,15 @@ class SearchService:
             raise RequestError(409, "this service was started without a checkpoint: search by item id only")
         k = self.check_k(k)
         started = time.perf_counter()
-        with self._decode_slots:
+        with self._decode_slots:  # the decoded image is the big thing: at most this many at once
             image = decode_upload(data, max_bytes=self.settings.max_upload_bytes,
                                   max_pixels=self.settings.max_pixels)
             try:
-                with self._embed_lock:
-                    query = self.embedder.embed_images([image])
+                tensor = self.embedder.transform(image)  # the model's preprocessing: a small tensor
             finally:
                 image.close()
-        hits = self._search(np.asarray(query, dtype=np.float32), k, learners, weights)
+        query = self._embed(tensor)
+        hits = self._find(query, k, learners, weights)
         return self._response({"type": "upload"}, k, learners, weights, hits, started)
 
     def search_item(self, item: int, k: int | None, learners: list[int] | None,
@@ -147,16 +153,46 @@ class SearchService:
         item = self.item_id(item)
         k = self.check_k(k, exclude_self=True)
         started = time.perf_counter()
-        query = np.asarray(self.index.embedding(item), dtype=np.float32).reshape(1, -1)
-        hits = [hit for hit in self._search(query, k + 1, learners, weights) if hit.id != item][:k]
+        with self._index_lock:
+            query = np.asarray(self.index.embedding(item), dtype=np.float32).reshape(-1)
+        hits = [hit for hit in self._find(query, k + 1, learners, weights) if hit.id != item][:k]
         return self._response({"type": "item", "id": item, "thumbnail": thumbnail_url(item)},
                               k, learners, weights, hits, started)
 
-    def _search(self, query: np.ndarray, k: int, learners, weights) -> list:
+    def _find(self, query: np.ndarray, k: int, learners, weights) -> list:
+        job = _SearchJob(query, k, tuple(learners) if learners is not None else None,
+                         tuple(weights) if weights is not None else None)
         try:
-            return self.index.search(query, k, learners=learners, weights=weights)[0]
+            return self._search(job)
         except GceError as exc:  # e.g. a learner/weight combination the index refuses
             raise RequestError(422, str(exc)) from None
+
+    # -- the batch functions (each runs on its batcher's worker thread) ------------------------------
+
+    def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        return list(np.asarray(self.embedder.embed_tensors(torch.stack(tensors)), dtype=np.float32))
+
+    def _search_batch(self, jobs: list[_SearchJob]) -> list[list]:
+        """One index scan per distinct (learners, weights) among the queued queries."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for n, job in enumerate(jobs):
+            groups[(job.learners, job.weights)].append(n)
+        results: list[list] = [[] for _ in jobs]
+        for (learners, weights), members in groups.items():
+            k = max(jobs[n].k for n in members)
+            queries = np.stack([jobs[n].query for n in members])
+            with self._index_lock:
+                hits = self.index.search(queries, k, learners=list(learners) if learners is not None else None,
+                                         weights=list(weights) if weights is not None else None)
+            for n, found in zip(members, hits):
+                results[n] = found[:jobs[n].k]
+        return results
+
+    def close(self) -> None:
+        """Let queued requests finish, then stop the worker threads."""
+        for batcher in (self._embed, self._search):
+            if batcher is not None:
+                batcher.close()
 
     def _response(self, query: dict, k: int, learners, weights, hits: list, started: float) -> dict[str, Any]:
         return {
@@ -204,6 +240,14 @@ class SearchService:
         if not path.is_absolute() and self.index_dir is not None and not path.exists():
             path = self.index_dir / path  # paths stored relative to the index folder
         return path
+
+
+@dataclass(frozen=True)
+class _SearchJob:
+    query: np.ndarray  # one learner-normalised embedding (D,)
+    k: int
+    learners: tuple[int, ...] | None
+    weights: tuple[float, ...] | None
 
 
 def thumbnail_url(item: int) -> str:

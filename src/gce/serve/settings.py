@@ -20,6 +20,8 @@ class ServeSettings(BaseModel):
                                                           "the decompression-bomb guard")
     max_k: int = Field(100, ge=1, description="most neighbours one query may ask for")
     default_k: int = Field(10, ge=1, description="k when a request does not give one")
+    max_batch: int = Field(32, ge=1, description="most queued queries answered by one model call / index scan "
+                                                 "(1: one at a time)")
     max_parallel_decodes: int = Field(4, ge=1, description="uploads decoded and embedded at the same time")
     thumbnail_size: int = Field(160, ge=16, le=1024, description="longest side of a thumbnail (pixels)")
     thumbnail_cache: int = Field(4096, ge=0, description="thumbnails kept in memory (LRU)")
