@@ -435,6 +435,14 @@ def test_queued_queries_share_one_model_call_and_one_scan(served, reference):
         assert [hit["id"] for hit in answers[n]["results"]] == truth
 
 
+def test_padded_embedding_batches_give_each_image_its_own_embedding(served, reference):
+    fixture, service, _ = served
+    tensors = [service.embedder.transform(load_rgb(path)) for path in fixture.paths[:5]]  # padded to 8
+    embedded = service._embed_batch(tensors)
+    assert len(embedded) == 5
+    assert np.allclose(np.stack(embedded), reference[:5], atol=1e-5)
+
+
 def test_micro_batcher_hands_errors_to_every_caller_and_keeps_running():
     calls = []
 

@@ -170,7 +170,12 @@ class SearchService:
     # -- the batch functions (each runs on its batcher's worker thread) ------------------------------
 
     def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(np.asarray(self.embedder.embed_tensors(torch.stack(tensors)), dtype=np.float32))
+        """Embed a batch padded to a power of two: the CPU backend (oneDNN) keeps compiled kernels
+        per input shape, so 32 different batch sizes would hold ~300 MiB more than 6 (measured)."""
+        n = len(tensors)
+        size = min(1 << (n - 1).bit_length(), max(n, self.settings.max_batch))
+        batch = torch.stack(tensors + [tensors[-1]] * (size - n))
+        return list(np.asarray(self.embedder.embed_tensors(batch)[:n], dtype=np.float32))
 
     def _search_batch(self, jobs: list[_SearchJob]) -> list[list]:
         """One index scan per distinct (learners, weights) among the queued queries."""
