@@ -2,7 +2,7 @@
 
 Upload through the page, compare the grid (count, order, scores, labels) with the API's answer for
 the same query, toggle a learner, search from a result, drop a file, upload a non-image and read the
-message, and save a screenshot to docs/img/serve_page.png. Any failed step fails ``make e2e``.
+message, and save screenshots to docs/img/serve_page.png and serve_page_rejected.png. Any failed step fails ``make e2e``.
 """
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ def test_the_page_end_to_end(server, browser):
     assert message.is_displayed()
     assert message.text.startswith("Upload rejected: not an image file"), message.text
     assert grid(driver) == []
+    assert driver.save_screenshot(str(SCREENSHOT.with_name("serve_page_rejected.png")))
     text = root / "notes.txt"
     text.write_text("plain text\n")
     driver.find_element(By.ID, "file-input").send_keys(str(text))

@@ -242,16 +242,17 @@ def test_openapi_docs_and_the_page(served):
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assets = re.findall(r'(?:href|src)="(/static/[^"]+)"', page.text)
-    assert sorted(assets) == ["/static/app.js", "/static/style.css"]
+    assets = re.findall(r'(?:href|src)="(static/[^"]+)"', page.text)
+    assert sorted(assets) == ["static/app.js", "static/style.css"]  # relative: works under a path prefix
     texts = [page.text]
     for asset in assets:
-        response = client.get(asset)
+        response = client.get("/" + asset)
         assert response.status_code == 200 and len(response.content) > 500
         texts.append(response.text)
     for text in texts:  # works offline: nothing is fetched from another host
         assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text), "external resource"
         assert "import(" not in text and "@import" not in text
+        assert not re.search(r"fetch\(\s*[\"'`]/", text), "root-absolute URL in the page's requests"
 
 
 # -- bad input -------------------------------------------------------------------------------------

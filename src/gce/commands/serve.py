@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--root-path", default="", help="path prefix a reverse proxy serves this under, e.g. /search "
+                                                   "(for the API docs page; the search page works without it)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
     p.add_argument("--max-pixels", type=int, default=16_000_000,
                    help="largest accepted image, width x height (default 16,000,000)")
@@ -71,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
     service = load_service(args.index, args.checkpoint, settings)
     app = create_app(service)
     print(start_line(args.host, args.port, int(service.index.size), args.index), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, root_path=args.root_path)
     return 0

@@ -1,4 +1,5 @@
 // The search page: plain JavaScript against the JSON API of the same server (no build, no CDN).
+// Every URL is relative to the page, so the page also works behind a proxy under a path prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -23,7 +24,7 @@ function selectedLearners() {
 
 async function loadInfo() {
   try {
-    const response = await fetch("/info");
+    const response = await fetch("info");
     const info = await response.json();
     if (!response.ok) throw new Error(info.error || response.statusText);
     state.info = info;
@@ -90,7 +91,7 @@ function chooseFile(file) {
 
 function chooseItem(id, label) {
   state.query = {type: "item", id, label};
-  setQueryImage(`/items/${id}/thumbnail`, `item ${id}${label ? " · " + label : ""}`);
+  setQueryImage(`items/${id}/thumbnail`, `item ${id}${label ? " · " + label : ""}`);
   search();
 }
 
@@ -109,7 +110,7 @@ async function search() {
   document.body.dataset.busy = "true";
   let answer;
   try {
-    const response = await fetch("/search", {method: "POST", body: form});
+    const response = await fetch("search", {method: "POST", body: form});
     let body;
     try { body = await response.json(); } catch { body = {error: `${response.status} ${response.statusText}`}; }
     answer = response.ok ? {body} : {error: body.error || `${response.status} ${response.statusText}`, status: response.status};
@@ -144,7 +145,7 @@ function render(body) {
     const thumb = document.createElement("div");
     thumb.className = "thumb";
     const img = document.createElement("img");
-    img.src = hit.thumbnail;
+    img.src = hit.thumbnail.replace(/^\//, "");  // the API gives root paths; relative to the page
     img.alt = hit.label || `item ${hit.id}`;
     img.loading = "lazy";
     thumb.append(img);
