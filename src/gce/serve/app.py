@@ -140,7 +140,7 @@ class BodyLimit:
 
     async def _refuse(self, send: Send, size: int) -> None:
         body = json.dumps({"error": f"request body of {size}+ bytes is over the limit of {self.max_bytes} "
-                                    f"bytes"}).encode()
+                                    f"bytes"}, separators=(",", ":")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
