@@ -72,6 +72,10 @@ function buildLearnerToggles(count) {
 
 function setQueryImage(src, caption) {
   const img = $("query-image");
+  img.onerror = () => {  // not displayable (e.g. a rejected upload): back to the drop prompt
+    img.hidden = true;
+    $("drop").classList.remove("has-image");
+  };
   if (img.dataset.objectUrl) URL.revokeObjectURL(img.dataset.objectUrl);
   delete img.dataset.objectUrl;
   img.src = src;
@@ -121,7 +125,7 @@ async function search() {
   if (answer.error) {
     const what = query.type === "upload" ? `Upload rejected: ${answer.error}` : `Search failed: ${answer.error}`;
     showMessage(what);
-    setStatus("");
+    setStatus("No results.");
     $("results").replaceChildren();
   } else {
     showMessage("");
