@@ -509,6 +509,34 @@ def test_gce_serve_command_binds_to_localhost(served):
         process.wait(timeout=30)
 
 
+def test_an_internal_error_is_a_one_line_500_and_the_service_goes_on(served, monkeypatch):
+    _, service, _ = served
+
+    def broken():
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(service, "info", broken)
+    client = TestClient(create_app(service), raise_server_exceptions=False)
+    response = client.get("/info")
+    assert response.status_code == 500 and response.json() == {"error": "internal error (RuntimeError)"}
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_a_port_in_use_is_a_one_line_error(served, capsys):
+    fixture, _, _ = served
+    from gce.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = main(["serve", "--index", str(fixture.index_dir), "--checkpoint", str(fixture.checkpoint),
+                     "--port", str(port)])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"gce: error: cannot listen on 127\.0\.0\.1:{port} \(.*in use.*\)", err), err
+
+
 def test_gce_serve_command_errors_are_one_line(tmp_path, capsys):
     from gce.cli import main
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 from pathlib import Path
 
 from gce.errors import ConfigError
@@ -71,7 +72,25 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     service = load_service(args.index, args.checkpoint, settings)
-    app = create_app(service)
+    listener = bind(args.host, args.port)  # before the start-up line, so that the line is true
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=args.log_level, root_path=args.root_path))
     print(start_line(args.host, args.port, int(service.index.size), args.index), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, root_path=args.root_path)
+    server.run(sockets=[listener])
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line error (address in use, unknown host...)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: cannot listen there ({exc.strerror or exc})") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    return listener

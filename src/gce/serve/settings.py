@@ -9,8 +9,8 @@ class ServeSettings(BaseModel):
     """What the service accepts and how much it may spend per request.
 
     The byte and pixel limits bound the memory one request can claim: an upload is read into memory
-    whole (at most ``max_upload_bytes``), and a decoded image takes about 4 bytes per pixel, so at
-    most ``max_parallel_decodes`` x ``max_pixels`` x 4 bytes are held for decoding at any moment.
+    whole (at most ``max_upload_bytes``), and a decoded image takes 3-4 bytes per pixel (briefly 8
+    while a 16-bit image is scaled down), and only ``max_parallel_decodes`` are decoded at a time.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -24,5 +24,6 @@ class ServeSettings(BaseModel):
                                                  "(1: one at a time)")
     max_parallel_decodes: int = Field(4, ge=1, description="uploads decoded and embedded at the same time")
     thumbnail_size: int = Field(160, ge=16, le=1024, description="longest side of a thumbnail (pixels)")
-    thumbnail_cache: int = Field(4096, ge=0, description="thumbnails kept in memory (LRU)")
+    thumbnail_cache: int = Field(1024, ge=0, description="thumbnails kept in memory (LRU; PNG, 160 px: "
+                                                         "about 20-60 KB each)")
     device: str = "cpu"
