@@ -28,7 +28,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from gce.data.images import load_rgb  # noqa: E402
-from gce.errors import CheckpointError  # noqa: E402
+from gce.errors import GceError  # noqa: E402
 from gce.retrieval import Embedder, SearchIndex  # noqa: E402
 from gce.serve import SearchService, ServeSettings, create_app, load_service  # noqa: E402
 from gce.serve.batching import MicroBatcher  # noqa: E402
@@ -469,7 +469,7 @@ def test_micro_batcher_hands_errors_to_every_caller_and_keeps_running():
 def test_index_and_checkpoint_of_different_models_are_refused(served, tmp_path):
     fixture, _, _ = served
     other = make_checkpoint(tmp_path / "other.pt", num_learners=4, embedding_dim=32, image_size=32, seed=1)
-    with pytest.raises(CheckpointError, match="the index was built with model"):
+    with pytest.raises(GceError, match=r"the index was built with model \w+, but the checkpoint is model \w+"):
         load_service(fixture.index_dir, other)
 
 

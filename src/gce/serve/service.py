@@ -21,7 +21,7 @@ from PIL import Image
 
 from gce import __version__
 from gce.data.images import load_rgb
-from gce.errors import BadImageError, CheckpointError, GceError
+from gce.errors import BadImageError, GceError
 from gce.serve.batching import MicroBatcher
 from gce.serve.errors import RequestError
 from gce.serve.settings import ServeSettings
@@ -43,8 +43,8 @@ class SearchService:
         self.embedder = embedder
         self.settings = settings or ServeSettings()
         self.index_dir = Path(index_dir) if index_dir is not None else None
-        if embedder is not None:
-            _check_same_model(index, embedder)
+        if embedder is not None:  # refuse to embed queries with another model than the index's
+            index.check_model(embedder.model_id, "the checkpoint")
         self._index_lock = threading.Lock()  # the index is used by one thread at a time
         batch = self.settings.max_batch
         self._embed = MicroBatcher(self._embed_batch, batch, "gce-serve-embed") if embedder is not None else None
@@ -268,12 +268,3 @@ def _slices(slices: Any) -> list[tuple[int, int]]:
             a, b = s
             out.append((a, b))
     return out
-
-
-def _check_same_model(index: Any, embedder: Any) -> None:
-    if index.model_id and embedder.model_id and index.model_id != embedder.model_id:
-        raise CheckpointError(f"the index was built with model {index.model_id}, the checkpoint is model "
-                              f"{embedder.model_id}: search it with the checkpoint that built it")
-    if int(index.dim) != int(embedder.embedding_dim):
-        raise CheckpointError(f"the index holds {index.dim}-d embeddings, the checkpoint makes "
-                              f"{embedder.embedding_dim}-d ones")
