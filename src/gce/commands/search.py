@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from gce.commands.eval import _count
@@ -38,6 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _shown(path: str) -> str:
+    """Paths under the working directory are shown relative to it (the table is for reading)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def run(args: argparse.Namespace) -> int:
     from gce.retrieval import Embedder, SearchIndex
 
@@ -61,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
               f"{', weights ' + ','.join(f'{w:g}' for w in args.weights) if args.weights else ''})")
         print(f"  {'rank':>4}  {'score':>6}  {'id':>7}  {'label':<20}  path")
         for rank, h in enumerate(hits, 1):
-            print(f"  {rank:>4}  {h.score:>6.3f}  {h.id:>7}  {(h.label or '-')[:20]:<20}  {h.path}")
+            print(f"  {rank:>4}  {h.score:>6.3f}  {h.id:>7}  {(h.label or '-')[:20]:<20}  {_shown(h.path)}")
     if note and not args.json:
         print(f"note: {note}")
     if not results:

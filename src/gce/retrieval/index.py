@@ -38,8 +38,14 @@ from typing import Any
 import numpy as np
 
 from gce.errors import DatasetError, GceError
-from gce.retrieval.embedder import normalize_learners, slices_from_json, slices_to_json
-from gce.retrieval.files import check_checksum, commit_file, read_manifest, sha256_file, write_json_atomic
+from gce.retrieval.embedder import normalize_learners, slices_from_json
+from gce.retrieval.files import (
+    check_checksum,
+    commit_file,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 from gce.retrieval.items import ItemTable
 
 __all__ = ["INDEX_TYPES", "BuildReport", "SearchHit", "SearchIndex", "build_index", "query_vectors"]
