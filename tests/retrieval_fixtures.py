@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch  # noqa: F401 (seeding)
+import torch
 
 from gce.config import config_from_dict
 from gce.models import build_model

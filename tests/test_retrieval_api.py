@@ -6,12 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 from gce.data import load_folder
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, GceError
-from gce.retrieval import Embedder, SearchHit, SearchIndex, build_index, build_index_from_images
-from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
+from gce.retrieval import (
+    Embedder,
+    SearchHit,
+    SearchIndex,
+    build_index,
+    build_index_from_images,
+)
 
 faiss = pytest.importorskip("faiss")
 

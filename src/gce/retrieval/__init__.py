@@ -8,7 +8,14 @@ export to ONNX/TorchScript. The ``gce embed/index/search/export`` commands wrap 
 """
 
 from gce.retrieval.embedder import Embedder, model_fingerprint, normalize_learners
-from gce.retrieval.index import INDEX_TYPES, BuildReport, SearchHit, SearchIndex, build_index, query_vectors
+from gce.retrieval.index import (
+    INDEX_TYPES,
+    BuildReport,
+    SearchHit,
+    SearchIndex,
+    build_index,
+    query_vectors,
+)
 from gce.retrieval.items import ItemTable
 from gce.retrieval.pipeline import (
     add_store_to_index,
@@ -21,8 +28,8 @@ from gce.retrieval.store import EmbeddingSet, StoreInfo, embed_to_store, read_st
 __all__ = [
     "INDEX_TYPES",
     "BuildReport",
-    "EmbeddingSet",
     "Embedder",
+    "EmbeddingSet",
     "ItemTable",
     "SearchHit",
     "SearchIndex",

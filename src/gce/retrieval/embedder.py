@@ -14,7 +14,12 @@ import torch
 from PIL import Image
 
 from gce.data.images import load_rgb, to_rgb
-from gce.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TEST_RESIZE_RATIO, test_transform
+from gce.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TEST_RESIZE_RATIO,
+    test_transform,
+)
 from gce.errors import GceError
 
 __all__ = ["Embedder", "model_fingerprint", "normalize_learners", "slices_from_json", "slices_to_json"]

@@ -38,8 +38,14 @@ from typing import Any
 import numpy as np
 
 from gce.errors import DatasetError, GceError
-from gce.retrieval.embedder import normalize_learners, slices_from_json, slices_to_json
-from gce.retrieval.files import check_checksum, commit_file, read_manifest, sha256_file, write_json_atomic
+from gce.retrieval.embedder import normalize_learners, slices_from_json
+from gce.retrieval.files import (
+    check_checksum,
+    commit_file,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 from gce.retrieval.items import ItemTable
 
 __all__ = ["INDEX_TYPES", "BuildReport", "SearchHit", "SearchIndex", "build_index", "query_vectors"]
@@ -195,8 +201,7 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(1, int((truth >= 0).sum()))
 
 
-def _topk_without_self(index, queries: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    _, ids = index.search(queries, k + 1)
+def _drop_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     out = np.full((len(ids), k), -1, dtype=np.int64)
     for i, row in enumerate(ids):
         row = row[(row != own[i]) & (row >= 0)][:k]
@@ -204,23 +209,40 @@ def _topk_without_self(index, queries: np.ndarray, own: np.ndarray, k: int) -> n
     return out
 
 
-def measure_settings(index, index_type: str, vectors: np.ndarray, slices: Sequence[slice], *,
+def _topk_without_self(index, queries: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    return _drop_self(index.search(queries, k + 1)[1], own, k)
+
+
+def exact_topk(queries: np.ndarray, embeddings: np.ndarray, slices: Sequence[slice], k: int,
+               chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of (already rescaled) queries against stored forms of ``embeddings``,
+    a gallery chunk at a time (no second copy of a large gallery)."""
+    faiss = _faiss()
+    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(embeddings), chunk):
+        part = stored_vectors(embeddings[start:start + chunk], slices)
+        s, i = faiss.knn(np.ascontiguousarray(queries), part, min(k, len(part)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_s, best_i = np.hstack([best_s, s]), np.hstack([best_i, i + start])
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    return best_s, best_i
+
+
+def measure_settings(index, index_type: str, embeddings: np.ndarray, slices: Sequence[slice], *,
                      sample: int = 500, k: int = 10, seed: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Recall@k (full embedding and learner 0 alone) against exact search, and batch queries/s,
-    for each search setting of an approximate index. Queries are sampled gallery items."""
-    faiss = _faiss()
+    for each search setting of an approximate index. Queries are sampled gallery items, each
+    one's own id left out of both lists."""
     settings = _search_settings(index_type, index)
     if not settings:
         return [], 0
     rng = np.random.default_rng(seed)
-    own = np.sort(rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False))
-    full_q = np.ascontiguousarray(vectors[own] * np.float32(1.0))
-    one_q = query_vectors(full_q * np.float32(math.sqrt(len(slices))), slices, learners=[0])
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    truth_full = _topk_without_self(exact, full_q, own, k)
-    truth_one = _topk_without_self(exact, one_q, own, k)
-    del exact
+    own = np.sort(rng.choice(len(embeddings), size=min(sample, len(embeddings)), replace=False))
+    full_q = query_vectors(embeddings[own], slices)
+    one_q = query_vectors(embeddings[own], slices, learners=[0])
+    truth_full = _drop_self(exact_topk(full_q, embeddings, slices, k + 1)[1], own, k)
+    truth_one = _drop_self(exact_topk(one_q, embeddings, slices, k + 1)[1], own, k)
     rows = []
     for name, params in settings:
         apply_search_params(index, params)
@@ -241,26 +263,27 @@ def _choose(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
     return max(good, key=lambda r: r["qps"]) if good else max(rows, key=lambda r: (r["recall"], r["qps"]))
 
 
-def build_faiss(vectors: np.ndarray, index_type: str, slices: Sequence[slice], params: dict[str, Any] | None = None,
+def build_faiss(embeddings: np.ndarray, index_type: str, slices: Sequence[slice], params: dict[str, Any] | None = None,
                 *, seed: int = 0, progress: bool = False):
-    """Train (IVF types, on at most 64 points per cell... 256 for PQ) and fill a faiss index."""
+    """A faiss index of the stored forms of learner-normalised ``embeddings``, converted a chunk at
+    a time. IVF types train k-means on at most 64 points per cell (PQ: at least 256 x 39)."""
     faiss = _faiss()
     params = dict(params or {})
-    n, dim = vectors.shape
+    n, dim = embeddings.shape
     index, used = _make_index(index_type, dim, n, slices, params)
     if not index.is_trained:
         per_cell = 64
         need = max(index.nlist * per_cell, 256 * 39 if index_type == "ivfpq" else 0)
         rng = np.random.default_rng(seed)
-        train = vectors if n <= need else vectors[np.sort(rng.choice(n, size=need, replace=False))]
+        rows = np.arange(n) if n <= need else np.sort(rng.choice(n, size=need, replace=False))
         faiss.extract_index_ivf(index).cp.seed = seed  # reproducible k-means
-        index.train(np.ascontiguousarray(train))
+        index.train(stored_vectors(embeddings[rows], slices))
     step = 100_000
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, n, step), desc=f"adding to {index_type}", disable=not progress or n <= step,
                       leave=False, unit="chunk"):
-        index.add(np.ascontiguousarray(vectors[start:start + step]))
+        index.add(stored_vectors(embeddings[start:start + step], slices))
     return index, used
 
 
@@ -327,11 +350,10 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[s
     labels = list(labels) if labels is not None else [None] * len(x)
     if len(paths) != len(x) or len(labels) != len(x):
         raise GceError(f"{len(x)} embeddings but {len(paths)} paths and {len(labels)} labels")
-    vectors = stored_vectors(x, slices)
     start = time.perf_counter()
-    index, used = build_faiss(vectors, index_type, slices, params, seed=seed, progress=progress)
+    index, used = build_faiss(x, index_type, slices, params, seed=seed, progress=progress)
     build_seconds = time.perf_counter() - start
-    rows, n_sample = measure_settings(index, index_type, vectors, slices, sample=sample, seed=seed)
+    rows, n_sample = measure_settings(index, index_type, x, slices, sample=sample, seed=seed)
     chosen = _choose(rows, target_recall)
     search_params = {key: chosen[key] for key in ("nprobe", "ef_search") if key in chosen}
     apply_search_params(index, search_params)
@@ -502,9 +524,8 @@ class SearchIndex:
         faiss = _faiss()
         # Work on a copy so that a failed write leaves this object as it was on disk.
         index = faiss.clone_index(self._index)
-        vectors = stored_vectors(x, self.learner_slices)
-        for start in range(0, len(vectors), 100_000):
-            index.add(np.ascontiguousarray(vectors[start:start + 100_000]))
+        for start in range(0, len(x), 100_000):
+            index.add(stored_vectors(x[start:start + 100_000], self.learner_slices))
         items = ItemTable(list(self._items.paths), list(self._items.labels))
         items.extend(paths, labels)
         manifest = {key: value for key, value in self.manifest.items() if key not in ("files", "size")}

@@ -28,7 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, DatasetError, GceError
-from gce.retrieval.files import check_checksum, commit_file, read_manifest, write_json_atomic
+from gce.retrieval.files import (
+    check_checksum,
+    commit_file,
+    read_manifest,
+    write_json_atomic,
+)
 
 __all__ = ["EmbeddingSet", "StoreInfo", "embed_to_store", "read_store"]
 
