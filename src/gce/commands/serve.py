@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Serve POST /search, GET /items/{id}/thumbnail, /health, /info, the API docs "
                                    "at /docs and a search page at /. Listens on 127.0.0.1 unless --host says "
                                    "otherwise.")
-    p.add_argument("--index", type=Path, required=True, help="index folder built with gce.retrieval")
+    p.add_argument("--index", type=Path, required=True, help="index folder written by gce index build")
     p.add_argument("--checkpoint", type=Path, required=True, help="the model.pt that built the index")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
