@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                 result = trainer.run()
             except TrainingInterrupted as exc:
                 if ctx.is_main:
-                    command = " ".join(shlex.quote(a) for a in ["gce", *_command(args, "--resume")])
+                    command = " ".join(shlex.quote(a) for a in ["gce", "train", args.config, *args.overrides, "--resume"])
                     print(f"{exc}\nresume with: {command}", file=sys.stderr)
                 return EXIT_INTERRUPTED
     finally:
