@@ -20,7 +20,7 @@ from gce.evaluation import EvalResult, default_recall_ks, evaluate_embeddings, e
 from gce.models.plain import PooledTrunk
 from gce.plots import plot_training_curve, retrieval_grid
 from gce.training.logging import MetricsLogger
-from gce.runtime import write_json
+from gce.outputs import check_output_dir, write_json, write_text
 from gce.training.trainer import Trainer
 
 TABLE_METRICS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
@@ -79,7 +79,7 @@ def write_retrieval_grid(embeddings: torch.Tensor, records: ImageRecords, path: 
 
 def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=print) -> str:
     """Untrained backbone vs trained model on the test split; returns the markdown table."""
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, what="--out", inputs=[cfg.data.root])
     run_dir = Path(cfg.train.out_dir)
     trainer = Trainer(cfg, resume=(run_dir / "last.pt").exists(), progress=progress, log=log)
     trained_result = trainer.run()  # a finished run resumes at its end and only re-evaluates
@@ -90,7 +90,7 @@ def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=pri
     names = {f"{cfg.model.backbone} (untrained, pooled)": untrained.result,
              f"{cfg.name} ({cfg.train.epochs} epochs)": trained.result}
     table = comparison_table(names)
-    (out / "comparison.md").write_text(table + "\n")
+    write_text(out / "comparison.md", table + "\n")
     write_json(out / "comparison.json", {name: r.to_dict() for name, r in names.items()})
     write_retrieval_grid(trained.embeddings, test, out / "retrieval_grid.png", seed=cfg.train.seed,
                          title=f"{cfg.name}: queries (left) and top-5 test neighbours")

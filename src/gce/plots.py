@@ -14,10 +14,14 @@ import numpy as np  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from gce.outputs import atomic_path  # never a half-written PNG; a FIFO or folder is refused
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path, what="figure") as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

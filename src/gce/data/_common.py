@@ -148,6 +148,8 @@ def split_classes(keys: Iterable[Hashable], test_fraction: float, seed: int, dat
     The classes are sorted before shuffling, so the split depends only on the class names, the
     fraction and the seed, not on file-system listing order.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"bad value for 'data.options.seed': a seed must be an integer from 0 to 2**32-1 (got {seed!r})")
     classes = sorted(set(keys), key=str)
     if len(classes) < 2:
         raise DatasetError(
