@@ -11,7 +11,8 @@ line by the config loader:
 - numbers that size memory or time (image size, batch, workers, threads, dimensions, epochs) have
   upper limits, so a typo (``image_size: 22400``) is an error before work, not a ``MemoryError``;
 - every float is finite (YAML reads ``1e400`` as infinity);
-- ``train.out_dir`` is not empty and ``~`` in it is expanded.
+- ``train.out_dir`` is not empty, ``~`` in it is expanded, and it is not inside a folder dataset's
+  root (whose every sub-folder is read as a class).
 """
 
 from __future__ import annotations
@@ -108,6 +109,6 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     if expanded != cfg.train.out_dir:
         cfg.train.out_dir = expanded
     out, root = os.path.realpath(expanded), os.path.realpath(os.path.expanduser(d.root))
-    if out == root or out.startswith(root.rstrip(os.sep) + os.sep):
+    if d.dataset == "folder" and (out == root or out.startswith(root.rstrip(os.sep) + os.sep)):
         raise ValueError(f"train.out_dir={cfg.train.out_dir} is inside data.root={d.root}; a run never writes"
                          f" into its dataset (a folder dataset would read the run as a class)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gce.config_checks import LIMITS
 from gce.data import load_dataset
 from gce.data.images import ImageDataset, check_records
 from gce.data.transforms import test_transform
@@ -14,7 +15,7 @@ from gce.runtime import resolve_device
 from gce.training.checkpoint import checkpoint_files, load_model
 
 
-def _count(minimum: int):
+def _count(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -22,6 +23,8 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:  # resource-sized: memory, not a typo's traceback
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -44,12 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     p.add_argument("--root", type=path_argument, help="dataset root (default: the checkpoint's)")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--image-size", type=_count(8), help="crop size (default: the checkpoint's, else 224)")
-    p.add_argument("--test-resize", type=_count(8), help="resize before the centre crop (default size*256/224)")
-    p.add_argument("--batch-size", type=_count(1), default=128)
-    p.add_argument("--workers", type=_count(0), default=2)
+    p.add_argument("--image-size", type=_count(8, LIMITS["data.image_size"]), help="crop size (default: the checkpoint's, else 224)")
+    p.add_argument("--test-resize", type=_count(8, LIMITS["data.test_resize"]), help="resize before the centre crop (default size*256/224)")
+    p.add_argument("--batch-size", type=_count(1, LIMITS["eval.batch_size"]), default=128)
+    p.add_argument("--workers", type=_count(0, LIMITS["data.workers"]), default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--recall-ks", type=int, nargs="+", help="K values (default: the benchmark's)")
+    p.add_argument("--recall-ks", type=_count(1, 10_000_000), nargs="+", help="K values (default: the benchmark's)")
     p.add_argument("--no-clustering", action="store_true", help="skip NMI and F1 (k-means)")
     p.add_argument("--backend", choices=["torch", "faiss"], default="torch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")

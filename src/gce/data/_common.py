@@ -172,6 +172,7 @@ def make_splits(
     for split, records in (("train", train), ("test", test)):
         if len(records) == 0:
             raise DatasetError(f"{name}: the {split} split has no images")
+    check_one_file_one_image(name, train, test)
     shared = sorted(set(train.class_names) & set(test.class_names))
     if shared:
         text = (f"{name}: {len(shared)} classes appear in both train and test"
@@ -181,6 +182,44 @@ def make_splits(
         warnings.warn(text + "; test results then measure classes seen in training", stacklevel=3)
     warn_lone_classes(name, train)
     return DatasetSplits(name=name, train=train, test=test)
+
+
+def file_identity(path: str) -> tuple:
+    """What makes two paths the same image: the inode (links, hard links, ``./`` and ``..`` paths
+    all resolve to it), or the real path of a file that cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return (st.st_dev, st.st_ino)
+
+
+def check_one_file_one_image(name: str, train: ImageRecords, test: ImageRecords) -> None:
+    """One file is one image of one class in one split; anything else is an error.
+
+    A file in both splits leaks test images into training; in two classes it is a label
+    contradiction; twice in one class it is its own nearest neighbour and inflates Recall@K.
+    Files are compared by :func:`file_identity`, so a symlink or hard link to a listed file counts.
+    """
+    first: dict[tuple, tuple[str, str, str]] = {}
+    kinds = {"in both train and test": [], "in two classes": [], "listed twice": []}
+    for split, records in (("train", train), ("test", test)):
+        for path, label in zip(records.paths, records.labels):
+            here = (split, records.class_names[label], path)
+            seen = first.setdefault(file_identity(path), here)
+            if seen is here:
+                continue
+            kind = ("in both train and test" if seen[0] != split
+                    else "in two classes" if seen[1] != here[1] else "listed twice")
+            kinds[kind].append((seen, here))
+    found = {kind: pairs for kind, pairs in kinds.items() if pairs}
+    if not found:
+        return
+    counts = ", ".join(f"{len(pairs)} {kind}" for kind, pairs in found.items())
+    (s1, c1, p1), (s2, c2, p2) = next(iter(found.values()))[0]
+    raise DatasetError(f"{name}: the same image file appears more than once ({counts}); e.g. {p2} ({s2}, class"
+                       f" {c2}) is the same file as {p1} ({s1}, class {c1}); one file must be one image of one"
+                       f" class in one split")
 
 
 def warn_lone_classes(name: str, train: ImageRecords) -> None:

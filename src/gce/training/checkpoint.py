@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gce.errors import CheckpointError
+from gce.errors import CheckpointError, ConfigError
 from gce.outputs import checksum_path, sha256_of, verify_checksum, write_bytes, write_checksum
 
 if TYPE_CHECKING:
@@ -262,7 +262,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, E
 
     state, _ = load_checkpoint(path)
     require_keys(state, ("config", "model"), path)
-    cfg = config_from_dict(state["config"])
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: the config saved in it is not valid ({exc})") from None
     m = cfg.model
     model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
                         embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
