@@ -223,6 +223,7 @@ def test_cli_eval_on_malformed_dataset_is_one_line(dataset, name, capsys):
 
 def test_cli_subprocess_truncated_image_one_error_line_no_traceback(tmp_path):
     """A real process (warnings, DataLoader, interpreter exit included): exit 1, one error line."""
+    signal.alarm(150)  # importing torch in a new process takes longer than a case on a loaded machine
     from data_fixtures import truncate, write_image, write_noise
 
     root = tmp_path / "photos dir"  # a space in the root

@@ -172,13 +172,13 @@ def make_splits(
     for split, records in (("train", train), ("test", test)):
         if len(records) == 0:
             raise DatasetError(f"{name}: the {split} split has no images")
-    check_one_file_one_image(name, train, test)
     shared = sorted(set(train.class_names) & set(test.class_names))
+    text = (f"{name}: {len(shared)} classes appear in both train and test"
+            f" (e.g. {', '.join(shared[:3])})")
+    if shared and strict_disjoint:
+        raise DatasetError(text + "; the official split is class-disjoint")
+    check_one_file_one_image(name, train, test)
     if shared:
-        text = (f"{name}: {len(shared)} classes appear in both train and test"
-                f" (e.g. {', '.join(shared[:3])})")
-        if strict_disjoint:
-            raise DatasetError(text + "; the official split is class-disjoint")
         warnings.warn(text + "; test results then measure classes seen in training", stacklevel=3)
     warn_lone_classes(name, train)
     return DatasetSplits(name=name, train=train, test=test)

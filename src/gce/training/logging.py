@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gce.outputs import dumps_strict
+
 
 class MetricsLogger:
     """Appends ``{"event": ..., "epoch": ..., ...}`` records to ``metrics.jsonl``.
@@ -43,8 +45,8 @@ class MetricsLogger:
 
     def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
         record = {"event": event, "epoch": epoch, **values}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=_jsonable) + "\n")
+        with open(self.path, "a") as fh:  # strict JSON: an undefined metric (NaN) is written as null
+            fh.write(dumps_strict(record, default=_jsonable) + "\n")
         if self._writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
