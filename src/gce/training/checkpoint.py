@@ -243,16 +243,41 @@ def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path)
                                   f" found {type(state[key]).__name__})")
 
 
+#: Keys outside the model/data/training sections that still change what a run means: a resume
+#: with another value is refused (train.seed draws every batch, augmentation and meta-class update).
+_MEANING_KEYS = (("train", "seed"),)
+
+
 def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a run whose model/data/sampler settings differ from the checkpoint's."""
+    """Refuse to resume a run whose model/data/sampler settings (or seed) differ from the checkpoint's."""
     differences = []
     for section in ("model", "data", "metaclass", "loss", "sampler", "optim"):
         a, b = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key) and key not in ("workers",):
                 differences.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+    for section, key in _MEANING_KEYS:
+        a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+        if a != b:
+            differences.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
     if differences:
         raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings a resume may change (epochs, evaluation, device, threads ...) that it does
+    change, as ``key: old -> new``: said aloud on resume, and written to ``config.yaml``."""
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section), current.get(section)
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b and section != "name":
+                changes.append(f"{section}: {a!r} -> {b!r}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return changes
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
