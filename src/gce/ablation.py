@@ -141,7 +141,7 @@ def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: lis
                 continue
             resume = (out / "last.pt").exists() or (out / "prev.pt").exists()
             log(f"[{variant} seed {seed}] {'resuming' if resume else 'starting'} in {out}")
-            Trainer(cfg, resume=resume, progress=progress, log=log).run()
+            Trainer.from_config(cfg, resume=resume, progress=progress, log=log).run()
     return write_summary(Path(ablation.out_dir), variants, ablation.seeds)
 
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+from torch import nn
+
+from gce.config import ExperimentConfig
 from gce.config_checks import LIMITS
 from gce.data import load_dataset
 from gce.data.images import ImageDataset, check_records
 from gce.data.transforms import test_transform
 from gce.errors import DatasetError, GceError
-from gce.evaluation import default_recall_ks, evaluate_embeddings, extract_embeddings
+from gce.evaluation import default_recall_ks
+from gce.evaluation.knn import BACKENDS
+from gce.evaluation.pipeline import Embedder, MetricSettings, evaluate_split
 from gce.outputs import check_output_file, file_argument, path_argument, refuse_input_files, refuse_inputs, write_json
 from gce.runtime import resolve_device
 from gce.training.checkpoint import checkpoint_files, load_model
@@ -54,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--recall-ks", type=_count(1, 10_000_000), nargs="+", help="K values (default: the benchmark's)")
     p.add_argument("--no-clustering", action="store_true", help="skip NMI and F1 (k-means)")
-    p.add_argument("--backend", choices=["torch", "faiss"], default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
     p.add_argument("--seed", type=_seed, default=0, help="k-means seed for NMI/F1 (0 to 2**32-1)")
     p.add_argument("--out", type=file_argument, help="write the metrics as JSON (checked before the evaluation)")
@@ -62,23 +68,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _build_embedder(args: argparse.Namespace):
+def _build_embedder(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ExperimentConfig | None]:
     from gce.models.plain import PooledTrunk, RawPixels
 
     if args.checkpoint is not None:
-        model, cfg = load_model(args.checkpoint, device=args.device)
-        return model, cfg
+        return load_model(args.checkpoint, device=device)
     if args.backbone == "raw":
         return RawPixels(), None
     return PooledTrunk(args.backbone, pretrained=not args.no_pretrained), None
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve_device(args.device, "--device")
+    device = resolve_device(args.device, "--device")
     # The output is checked before anything is loaded or computed: a bad --out costs a second.
     inputs = [*(checkpoint_files(args.checkpoint) if args.checkpoint else []), args.root]
     out = check_output_file(args.out, what="--out", inputs=inputs) if args.out is not None else None
-    model, cfg = _build_embedder(args)
+    model, cfg = _build_embedder(args, device)
     dataset = args.dataset or (cfg.data.dataset if cfg else None)
     root = args.root or (cfg.data.root if cfg else None)
     if not dataset or not root:
@@ -103,14 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
                            f" retrieval evaluation needs at least 2")
     images = ImageDataset(records, test_transform(size, resize_to=resize))
-    embeddings, labels = extract_embeddings(model.to(args.device), images, batch_size=args.batch_size,
-                                            num_workers=args.workers, device=args.device,
-                                            progress=not args.quiet, desc=f"embedding {dataset}/{args.split}")
-    result = evaluate_embeddings(
-        embeddings, labels, recall_ks=args.recall_ks or list(default_recall_ks(dataset)),
-        is_query=records.is_query, is_gallery=records.is_gallery, clustering=not args.no_clustering,
-        backend=args.backend, seed=args.seed,
-    )
+    embed = Embedder(batch_size=args.batch_size, workers=args.workers, device=device, progress=not args.quiet)
+    metrics = MetricSettings(recall_ks=tuple(args.recall_ks or default_recall_ks(dataset)),
+                             clustering=not args.no_clustering, backend=args.backend, seed=args.seed)
+    result = evaluate_split(model.to(device), images, embed, metrics, f"embedding {dataset}/{args.split}").result
     name = str(args.checkpoint) if args.checkpoint else f"{args.backbone} (untrained)"
     print(f"{name} on {dataset}/{args.split} ({len(records)} images, {records.num_classes} classes, {size} px)")
     print(result.format_table())

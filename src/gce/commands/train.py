@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     command = " ".join(shlex.quote(a) for a in ["gce", "train", args.config, *args.overrides, "--resume"])
     try:
-        trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+        trainer = Trainer.from_config(cfg, resume=args.resume, progress=not args.quiet)
         result = trainer.run()
     except TrainingInterrupted as exc:
         print(f"{exc}\nresume with: {command}", file=sys.stderr)

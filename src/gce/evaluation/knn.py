@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from gce.errors import GceError
 
 Metric = Literal["cosine", "euclidean"]
 Backend = Literal["torch", "faiss"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 #: Bytes one block of scores (chunk rows x gallery size x 4) may take. Temporaries of the rank pass
 #: (boolean masks, a row subset) add at most about 1.5x this on top.
@@ -300,7 +301,7 @@ def exact_knn(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarr
     if backend == "faiss":
         return _faiss_knn(q, g, k, metric, own)
     if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if same_set and symmetric and metric == "cosine":
         values, indices = symmetric_topk(q, k, tile=chunk_size, memory_budget=memory_budget)
         return KnnResult(indices=indices, scores=values)

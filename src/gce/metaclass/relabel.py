@@ -47,7 +47,7 @@ class PerLearnerMetaClasses:
             raise ValueError(f"num_learners must be >= 1, got {num_learners}")
         self.base = base
         self.num_learners = num_learners
-        self.num_metaclasses = base.num_learners
+        self.num_metaclasses = base.num_metaclasses
 
     @property
     def needs_embeddings(self) -> bool:

@@ -280,10 +280,10 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     return changes
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
     """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
     from gce.config import config_from_dict
-    from gce.models import build_model
+    from gce.models import model_from_config
 
     state, _ = load_checkpoint(path)
     require_keys(state, ("config", "model"), path)
@@ -291,10 +291,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, E
         cfg = config_from_dict(state["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: the config saved in it is not valid ({exc})") from None
-    m = cfg.model
-    model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
-                        embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
-                        block_channels=m.block_channels, input_mixing=m.input_mixing)
+    model = model_from_config(cfg.model, pretrained=False)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, ValueError, KeyError) as exc:

@@ -35,12 +35,19 @@ class MetricsLogger:
         of epoch ``epoch`` whose event is in ``keep_at_epoch`` (written before a mid-epoch checkpoint)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and (_epoch_of(line) < epoch
-                                     or (_epoch_of(line) == epoch and _event_of(line) in keep_at_epoch))]
+        self._rewrite([line for line in self.path.read_text().splitlines()
+                       if line.strip() and (_epoch_of(line) < epoch
+                                            or (_epoch_of(line) == epoch and _event_of(line) in keep_at_epoch))])
+
+    def clear(self) -> None:
+        """Drop every record (a fresh run in a folder left by one killed before its first checkpoint)."""
+        if self.path.exists():
+            self._rewrite([])
+
+    def _rewrite(self, lines: list[str]) -> None:
         # Via a temporary file: a kill during a plain rewrite would leave the log empty or cut.
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line in lines))
         os.replace(tmp, self.path)
 
     def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
