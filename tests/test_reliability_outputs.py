@@ -55,7 +55,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the evaluation ran before the output path was checked")
 
-    monkeypatch.setattr(eval_cmd, "extract_embeddings", refuse)
+    monkeypatch.setattr(eval_cmd, "evaluate_split", refuse)
     monkeypatch.setattr(eval_cmd, "check_records", refuse)
 
 

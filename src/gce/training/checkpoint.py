@@ -57,7 +57,8 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     verifies (the old one or the new one): (1) ``prev.pt.sha256`` gets the old ``last.pt``'s
     checksum (only ``prev.pt`` is then unverifiable, ``last.pt`` still is); (2) ``last.pt`` becomes
     ``prev.pt``; (3) the new checksum becomes ``last.pt.sha256``; (4) the new file becomes
-    ``last.pt``.
+    ``last.pt``. An old ``last.pt`` that fails its own check skips (1) and (2): a damaged file is
+    never promoted over a good ``prev.pt``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,14 +81,15 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     last, sha, previous_sha = folder / LAST, checksum_path(folder / LAST), checksum_path(folder / PREVIOUS)
     if last.exists():
         try:
-            old_digest = sha.read_text().strip() if sha.exists() else None
-        except OSError:
+            verify_checksum(last)
+            old_digest = sha.read_text().split()[0]
+        except (CheckpointError, OSError, IndexError):
             old_digest = None
         if old_digest:
             _replace_text(previous_sha, old_digest)
-        elif previous_sha.exists():  # an unverifiable last.pt stays unverifiable as prev.pt
-            os.unlink(previous_sha)
-        os.replace(last, folder / PREVIOUS)
+            os.replace(last, folder / PREVIOUS)
+        # else: a last.pt that fails its check (damaged, or its checksum deleted) never becomes
+        # prev.pt; the prev.pt that is there (loaded instead of it) is kept, and last.pt replaced.
     os.replace(folder / f".{LAST}.sha256.tmp", sha)
     os.replace(tmp, last)
     _fsync_dir(folder)

@@ -26,15 +26,25 @@ class RunWriter:
     def __init__(self, out: Path, tensorboard: bool = True) -> None:
         self.out = out
         self.logger = MetricsLogger(out, tensorboard=tensorboard)
+        #: The checkpoint this process last wrote or loaded (verified): the only one an error
+        #: message may call good.
+        self.verified: Path | None = None
 
     def holds_checkpoint(self) -> bool:
         return (self.out / LAST).exists() or (self.out / PREVIOUS).exists()
 
     def kept_checkpoint(self) -> str:
-        """Where the last good checkpoint is, for error messages."""
+        """Where the last good checkpoint is, for error messages: only one this process wrote or
+        loaded (and so verified) is called good."""
+        if self.verified is not None:
+            return f"The last good checkpoint is kept: {self.verified}"
         if self.holds_checkpoint():
-            return f"The last good checkpoint is kept in {self.out} (last.pt)"
+            return f"No checkpoint was written or loaded by this attempt ({self.out} holds unverified ones)"
         return "No checkpoint had been written yet"
+
+    def record_config(self, cfg: ExperimentConfig) -> None:
+        """``config.yaml`` describes the run as it continues (a resume may change epochs, device ...)."""
+        save_config(cfg, self.out / "config.yaml")
 
     def start_fresh(self, cfg: ExperimentConfig) -> None:
         # No checkpoint here: records left by a run killed before its first checkpoint would
@@ -49,10 +59,13 @@ class RunWriter:
         self.logger.truncate_after(epoch, keep_at_epoch=keep_at_epoch)
 
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
-        return save_checkpoint(state, self.out)
+        self.verified = save_checkpoint(state, self.out)
+        return self.verified
 
     def load_checkpoint(self, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
-        return load_checkpoint(self.out, warn=warn)
+        state, path = load_checkpoint(self.out, warn=warn)
+        self.verified = path
+        return state, path
 
     def save_model(self, model: nn.Module, cfg: ExperimentConfig, name: str) -> Path:
         path = self.out / name
