@@ -157,6 +157,10 @@ def test_out_onto_the_evaluated_checkpoint_or_its_csv_index_is_refused(tmp_path,
         err = one_line_error(capsys)
         assert "is one of this command's inputs" in err and str(named) in err, err
     assert (checkpoint.read_bytes(), csv.read_bytes()) == before
+    other = tmp_path / "other.pt"  # another model file, not this command's input: still never replaced
+    save_model_only(model, cfg, other)
+    assert main(["eval", "--checkpoint", str(checkpoint), "--quiet", "--workers", "0", "--out", str(other)]) == 1
+    assert f"--out {other} is a file gce verifies (it has other.pt.sha256)" in one_line_error(capsys)
 
 
 def test_tilde_is_expanded_in_path_options(tmp_path, dataset, capsys, monkeypatch):

@@ -50,6 +50,13 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "checksum_path",
+    "dumps_strict",
+    "file_argument",
+    "path_argument",
+    "refuse_input_files",
+    "refuse_inputs",
+    "sha256_file",
+    "sha256_of",
     "strict_json",
     "user_path",
     "verify_checksum",
@@ -201,8 +208,9 @@ def check_output_file(path: str | os.PathLike | None, *, what: str = "output",
 
     Returns the path to write (``~`` expanded; a symlink resolved to the file it points to).
     Raises :class:`OutputError` naming ``what`` and the path when it is empty, a directory, a
-    FIFO, a socket or a block device, below a regular file, in a read-only folder, or one of
-    ``inputs`` (files, or folders whose whole content counts as input).
+    FIFO, a socket or a block device, below a regular file, in a read-only folder, one of
+    ``inputs`` (files, or folders whose whole content counts as input), or a file with a
+    ``.sha256`` beside it (a model, checkpoint or index: never replaced by another output).
     A character device (``/dev/null``) is accepted: it is written into, never replaced.
     """
     if path is None:
@@ -229,6 +237,9 @@ def check_output_file(path: str | os.PathLike | None, *, what: str = "output",
                 raise OutputError(f"{what} {given}: the device is not writable (permission denied)")
             return target
         refuse_inputs(target, inputs, what)
+        if checksum_path(target).exists():  # a model, checkpoint or index gce reads back as truth
+            raise OutputError(f"{what} {given} is a file gce verifies (it has {checksum_path(target).name});"
+                              f" it is not overwritten: choose another path")
         # Atomic replacement needs the folder, not only the file, to be writable.
         _check_folder_writable(target.parent, given, what)
         return target
