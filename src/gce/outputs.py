@@ -100,7 +100,7 @@ def file_argument(text: str) -> Path:
     import argparse
 
     path = path_argument(text)
-    if text.endswith(("/", os.sep)) or text.endswith(("/.", "/..")) or text in (".", ".."):
+    if text.endswith(("/", os.sep, "/.", "/..")) or text in (".", ".."):
         raise argparse.ArgumentTypeError(f"{text!r} names a folder, not a file")
     return path
 
@@ -347,9 +347,8 @@ def atomic_path(path: str | os.PathLike, *, what: str = "output") -> Iterator[Pa
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, what: str = "output") -> Path:
     """Write ``data`` to ``path`` atomically (a character device is written into). Returns the path."""
-    with atomic_path(path, what=what) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+    with atomic_path(path, what=what) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
     return Path(path)
 
 
