@@ -476,6 +476,10 @@ def _dataset_cases(base: Path) -> list[Case]:
     root = _class_folders(fresh("folder_lone_train_folder_among_classes"), {"ant": 2, "bee": 2, "cat": 2})
     _class_folders(root / "train", {"dog": 2})
     add("folder_lone_train_folder_among_classes", "folder", root, re.escape("looks like a split folder, not a class"))
+    root = fresh("folder_train_query_gallery_layout")
+    for split, names in (("train", ("ant", "bee")), ("query", ("cat", "dog")), ("gallery", ("cat", "dog"))):
+        _class_folders(root / split, {n: 2 for n in names})
+    add("folder_train_query_gallery_layout", "folder", root, re.escape("looks like a query/gallery split"))
     root = fresh("folder_only_a_train_folder")
     _class_folders(root / "train", {"ant": 2, "bee": 2})
     add("folder_only_a_train_folder", "folder", root, re.escape("holds only train/"))

@@ -430,3 +430,40 @@ def test_ablate_on_broken_files_is_one_line_before_any_training(config, tmp_path
     err = one_line_error(capsys)
     assert message in err, err
     assert not (tmp_path / "ab").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+@pytest.mark.parametrize("command", ["train", "ablate"])
+def test_config_that_is_a_pipe_or_device_is_refused_without_blocking(tmp_path, capsys, kind, command):
+    path = tmp_path / "c.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    else:
+        os.symlink("/dev/zero", path)  # reading it would never end
+    assert main([command, str(path)]) == 1
+    assert f"{path}: not a regular file (a pipe, socket or device)" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("signal_kind", ["checkpoint", "abort"])
+@pytest.mark.parametrize("command", ["ablate", "demo"])
+def test_ctrl_c_in_ablate_and_demo_exits_130_with_the_command_to_continue(config, tmp_path, capsys, monkeypatch,
+                                                                          command, signal_kind):
+    """Before: Ctrl-C in a run of `gce ablate` or `gce demo` ended as `gce: error: interrupted ...`, exit 1."""
+    from gce.training.trainer import Trainer, TrainingInterrupted
+
+    def interrupted(self):
+        if signal_kind == "abort":
+            raise KeyboardInterrupt
+        raise TrainingInterrupted(f"interrupted: checkpoint written to {tmp_path / 'run' / 'last.pt'}")
+
+    monkeypatch.setattr(Trainer, "run", interrupted)
+    if command == "ablate":
+        ablation = tmp_path / "ab.yaml"
+        ablation.write_text(f"base: tiny.yaml\nout_dir: {tmp_path / 'ab'}\nseeds: [0]\nvariants: {{a: []}}\n")
+        argv, again = ["ablate", str(ablation), "--quiet"], f"continue with: gce ablate {ablation}"
+    else:
+        argv, again = ["demo", str(config), "--quiet", "--out", str(tmp_path / "demo")], f"continue with: gce demo {config}"
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "gce: error" not in err
+    assert err.splitlines()[-1].startswith(again), err

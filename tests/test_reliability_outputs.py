@@ -283,3 +283,12 @@ def test_ablate_and_demo_check_their_folders_before_training(tmp_path, shape_fol
 
 def test_gce_errors_from_outputs_are_gce_errors():
     assert issubclass(OutputError, GceError)
+
+
+def test_null_metrics_in_the_logs_are_plotted_as_gaps(tmp_path):
+    """Strict JSON writes undefined metrics as null; the ablation plot reads them back."""
+    from gce.plots import plot_recall_curves
+
+    runs = [{"test": [{"epoch": 0, "recall@1": None}, {"epoch": 1, "recall@1": 0.5}]}]
+    path = plot_recall_curves({"a": runs}, tmp_path / "r.png")
+    assert path.stat().st_size > 0

@@ -222,8 +222,10 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     path = Path(os.path.expanduser(os.fspath(path)))
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; expected a YAML {what}")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{what} not found: {path}")
+    if not path.is_file():  # a FIFO would block the read, /dev/zero never end it
+        raise ConfigError(f"{path}: not a regular file (a pipe, socket or device); expected a YAML {what}")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:

@@ -261,7 +261,8 @@ def check_output_dir(path: str | os.PathLike | None, *, what: str = "output fold
     folder = user_path(path, what)
     if os.path.lexists(folder) and not folder.is_dir():
         try:
-            kind = _kind(os.stat(folder).st_mode) or "a file"
+            mode = os.stat(folder).st_mode
+            kind = _kind(mode) or ("a character device" if stat.S_ISCHR(mode) else "a file")
         except OSError:
             kind = "a broken link"
         raise OutputError(f"{what} {folder} is {kind}, not a folder")

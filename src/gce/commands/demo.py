@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 from gce.config import load_config
+from gce.commands.interrupts import report_interrupt
 from gce.demo import run_demo
 from gce.outputs import check_output_dir, path_argument
+from gce.training.trainer import TrainingInterrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_output_dir(args.out, what="--out", inputs=[cfg.data.root])  # before training, not after
-    table = run_demo(cfg, args.out, progress=not args.quiet)
+    try:
+        table = run_demo(cfg, args.out, progress=not args.quiet)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:  # the demo resumes its run when rerun
+        return report_interrupt(exc, None,
+                                ["gce", "demo", args.config, *args.overrides, "--out", args.out])
     print("\nTest split, untrained backbone against the trained model (%):\n" + table)
     for name in ("comparison.md", "retrieval_grid.png", "retrieval_grid_untrained.png", "training_curve.png"):
         print(f"  {args.out / name}")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 from gce.config import load_config
-from gce.training.trainer import EXIT_INTERRUPTED, Trainer, TrainingInterrupted
+from gce.commands.interrupts import report_interrupt
+from gce.training.trainer import Trainer, TrainingInterrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,21 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    command = " ".join(shlex.quote(a) for a in ["gce", "train", args.config, *args.overrides, "--resume"])
+    command = ["gce", "train", args.config, *args.overrides, "--resume"]
     try:
         trainer = Trainer.from_config(cfg, resume=args.resume, progress=not args.quiet)
         result = trainer.run()
-    except TrainingInterrupted as exc:
-        print(f"{exc}\nresume with: {command}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # Ctrl-C before the handler is installed (start-up) or a second Ctrl-C
-        out = Path(cfg.train.out_dir)
-        if (out / "last.pt").exists() or (out / "prev.pt").exists():
-            print(f"interrupted: the last checkpoint in {out} is kept\nresume with: {command}", file=sys.stderr)
-        else:
-            print(f"interrupted before the first checkpoint: nothing to resume\nstart again with: "
-                  f"{command.removesuffix(' --resume')}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:  # also Ctrl-C during start-up
+        return report_interrupt(exc, Path(cfg.train.out_dir), command)
     print(f"final test metrics ({cfg.train.out_dir}/final_metrics.json):")
     print(result.format_table())
     return 0

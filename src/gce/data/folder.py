@@ -74,6 +74,11 @@ def _pre_split_layout(root: Path) -> tuple[Path, Path] | None:
     a DatasetError for a mix of the two."""
     folders = _subfolders(root)
     by_name = {p.name.lower(): p for p in folders}
+    retrieval = [by_name[n] for n in ("query", "gallery") if n in by_name]
+    if retrieval:  # re-identification layouts: which images are queries is not a folder's to say
+        raise DatasetError(f"{NAME}: {retrieval[0]} looks like a query/gallery split, not a class; describe a"
+                           f" query-against-gallery test set with a CSV index (dataset csv, columns"
+                           f" path,label,split,is_query,is_gallery)")
     train = next((by_name[n] for n in TRAIN_NAMES if n in by_name), None)
     evals = [by_name[n] for n in EVAL_NAMES if n in by_name]
     split_like = [p for p in folders if p.name.lower() in TRAIN_NAMES + EVAL_NAMES]
