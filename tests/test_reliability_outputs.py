@@ -292,3 +292,24 @@ def test_null_metrics_in_the_logs_are_plotted_as_gaps(tmp_path):
     runs = [{"test": [{"epoch": 0, "recall@1": None}, {"epoch": 1, "recall@1": 0.5}]}]
     path = plot_recall_curves({"a": runs}, tmp_path / "r.png")
     assert path.stat().st_size > 0
+
+
+@pytest.mark.parametrize("name, content", [
+    ("config.yaml", "my: own settings\n"),
+    ("metrics.jsonl", '{"accuracy": 0.9}\n'),
+    ("config.yaml", None),  # a folder named config.yaml
+])
+def test_a_fresh_run_never_replaces_the_users_own_files(tmp_path, shape_folder, capsys, name, content):
+    """Before: train.out_dir=. in a project replaced its config.yaml and emptied its metrics.jsonl."""
+    out = tmp_path / "project"
+    out.mkdir()
+    if content is None:
+        (out / name).mkdir()
+    else:
+        (out / name).write_text(content)
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY.format(root=shape_folder, out=out))
+    assert main(["train", str(config), "--quiet"]) == 1
+    assert f"train.out_dir {out} holds a {name} that no gce run wrote" in one_line_error(capsys)
+    if content is not None:
+        assert (out / name).read_text() == content

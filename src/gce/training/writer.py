@@ -7,17 +7,55 @@ run gives rank 0 this writer and the other ranks one that writes nothing.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from torch import nn
 
 from gce.config import ExperimentConfig, save_config
+from gce.outputs import OutputError
 from gce.runtime import write_json
 from gce.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint, save_model_only
 from gce.training.logging import MetricsLogger
 
-__all__ = ["RunWriter"]
+__all__ = ["RunWriter", "check_fresh_folder"]
+
+#: Files a run writes at its start; a fresh run replaces them only if a gce run wrote them.
+_RUN_FILES = ("config.yaml", "metrics.jsonl")
+
+
+def _written_by_gce(path: Path) -> bool:
+    """Whether ``path`` (config.yaml or metrics.jsonl) looks like what a gce run writes there."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.name == "config.yaml":
+        try:
+            tree = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return False
+        return isinstance(tree, dict) and {"data", "model", "train"} <= set(tree)
+    for line in text.splitlines():
+        try:
+            if line.strip() and "event" not in json.loads(line):
+                return False
+        except (ValueError, TypeError):
+            continue  # a line cut by a kill mid-write: a run's log all the same
+    return True
+
+
+def check_fresh_folder(out: Path) -> None:
+    """Before a fresh run (no --resume) replaces ``config.yaml`` and ``metrics.jsonl`` in ``out``:
+    refuse if either is there but was not written by a gce run (a folder of the user's own files)."""
+    for name in _RUN_FILES:
+        path = out / name
+        if os.path.lexists(path) and (not path.is_file() or not _written_by_gce(path)):
+            raise OutputError(f"train.out_dir {out} holds a {name} that no gce run wrote; a new run would"
+                              f" replace it: choose another train.out_dir")
 
 
 class RunWriter:
