@@ -14,7 +14,6 @@ from gce.metaclass import (
     AssignmentStats,
     ClassProxyStrategy,
     MetaClassStrategy,
-    ProxyEMA,
     assignment_stats,
     build_strategy,
     class_proxies,
@@ -69,20 +68,6 @@ def test_class_proxies_match_loop() -> None:
 def test_class_proxies_rejects_bad_labels() -> None:
     with pytest.raises(ValueError, match="labels must lie"):
         class_proxies(torch.randn(3, 2), torch.tensor([0, 1, 3]), 3)
-
-
-def test_proxy_ema_updates() -> None:
-    ema = ProxyEMA(num_classes=3, dim=2, momentum=0.5)
-    ema.update(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1]))
-    torch.testing.assert_close(ema.state[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    assert ema.seen.tolist() == [True, True, False]
-    ema.update(torch.tensor([[0.0, 2.0]]), torch.tensor([0]))
-    torch.testing.assert_close(ema.state[0], torch.tensor([0.5, 0.5]))  # 0.5 old + 0.5 new
-    torch.testing.assert_close(ema.state[1], torch.tensor([0.0, 1.0]))  # untouched
-    p = ema.proxies
-    torch.testing.assert_close(p[0], torch.tensor([2**-0.5, 2**-0.5]))
-    assert torch.all(p[2] == 0)
-    assert set(ema.state_dict()) == {"state", "seen"}
 
 
 # ------------------------------------------------------------------------------------ matching
@@ -212,12 +197,10 @@ def test_non_finite_embeddings_are_reported() -> None:
         build_strategy("class_proxy", 2).assign(x, y, 6, None, 0)
 
 
-def test_assign_proxies_from_ema() -> None:
+def test_assign_ready_made_proxies() -> None:
     x, y, truth = clustered_data([3, 3, 3])
-    ema = ProxyEMA(9, x.shape[1], momentum=0.0)
-    ema.update(x, y)
     strategy = ClassProxyStrategy(3)
-    assert same_partition(strategy.assign_proxies(ema.proxies, seed=0), truth)
+    assert same_partition(strategy.assign_proxies(class_proxies(x, y, 9), seed=0), truth)
 
 
 # ------------------------------------------------------------------------------------ random

@@ -32,6 +32,7 @@ from gce.config import (
 )
 from gce.errors import ConfigError
 from gce.outputs import check_output_dir, user_path, write_text
+from gce.runtime import pid_alive
 
 SUMMARY_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
 
@@ -78,16 +79,6 @@ def run_config(ablation: AblationConfig, base_tree: dict[str, Any], variant: str
     return config_from_dict(tree)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 @contextmanager
 def run_lock(folder: Path) -> Iterator[bool]:
     """Yields True if this process now owns ``folder``'s run, False if a live process does."""
@@ -101,7 +92,7 @@ def run_lock(folder: Path) -> Iterator[bool]:
                 owner = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):
                 owner = 0
-            if owner and owner != os.getpid() and _pid_alive(owner):
+            if owner and owner != os.getpid() and pid_alive(owner):
                 yield False
                 return
             lock.unlink(missing_ok=True)  # stale: its process died

@@ -14,7 +14,7 @@ from gce import outputs
 from gce.errors import ConfigError, GceError
 from gce.outputs import check_output_dir
 
-__all__ = ["check_writable", "resolve_device", "seed_everything", "write_json"]
+__all__ = ["check_writable", "pid_alive", "resolve_device", "seed_everything", "write_json"]
 
 
 def check_writable(folder: Path, what: str = "output folder") -> None:
@@ -62,3 +62,14 @@ def seed_everything(seed: int) -> None:
 def write_json(path: Path, values: dict[str, Any]) -> None:
     """Strict JSON (NaN as null), written atomically: see :func:`gce.outputs.write_json`."""
     outputs.write_json(path, values)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (also when another user owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (EPERM)
+        return True
+    return True

@@ -16,6 +16,7 @@ from gce.errors import DatasetError, GceError
 from gce.evaluation import default_recall_ks
 from gce.evaluation.knn import BACKENDS
 from gce.evaluation.pipeline import Embedder, MetricSettings, evaluate_split
+from gce.models.backbones import BACKBONES
 from gce.outputs import check_output_file, file_argument, path_argument, refuse_input_files, refuse_inputs, write_json
 from gce.runtime import resolve_device
 from gce.training.checkpoint import checkpoint_files, load_model
@@ -48,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=path_argument, help="a gce model.pt/best.pt/last.pt or run folder")
-    src.add_argument("--backbone", help="untrained reference: resnet18, resnet50, googlenet, mobilenet_v2, or raw (pixels)")
+    src.add_argument("--backbone", help=f"untrained reference: {', '.join(BACKBONES)}, or raw (pixels)")
     p.add_argument("--no-pretrained", action="store_true", help="with --backbone: random instead of ImageNet weights")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     p.add_argument("--root", type=path_argument, help="dataset root (default: the checkpoint's)")

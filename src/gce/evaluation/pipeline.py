@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gce.evaluation.evaluator import EvalResult, default_recall_ks, evaluate_embeddings, extract_embeddings
-from gce.evaluation.knn import BACKENDS
 
 if TYPE_CHECKING:
     from gce.config import ExperimentConfig
@@ -61,10 +60,6 @@ class MetricSettings:
     clustering: bool = True
     backend: str = "torch"
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> MetricSettings:

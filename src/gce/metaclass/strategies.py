@@ -38,16 +38,14 @@ negative class; otherwise at least one.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
+from gce.evaluation.metrics import kmeans
 from gce.metaclass.matching import match_to_previous, moved_fraction
 from gce.metaclass.proxies import class_proxies
 
@@ -192,21 +190,6 @@ def _sq_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int,
-            init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded k-means, from k-means++ restarts or from given ``init`` centroids; returns (labels, centroids)."""
-    if init is not None:
-        km = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed)
-    else:
-        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    with warnings.catch_warnings():
-        # Fewer distinct points than clusters only triggers a warning here; the empty or tiny
-        # clusters it leaves are repaired by _enforce_min_size.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        groups = km.fit_predict(points)
-    return groups.astype(np.int64), km.cluster_centers_
-
-
 def _centroids(points: np.ndarray, groups: np.ndarray, k: int, old: np.ndarray) -> np.ndarray:
     """Normalised group means (spherical k-means step); an empty group keeps its old centroid."""
     sums = np.zeros((k, points.shape[1]))
@@ -340,7 +323,8 @@ def cluster_points(
     init = None
     if init_groups is not None:
         init = _centroids(points, np.asarray(init_groups), num_clusters, _normalise_rows(points[:num_clusters].copy()))
-    groups, centroids = _kmeans(points, num_clusters, seed, n_init, init=init)
+    # Fewer distinct points than clusters leaves empty or tiny clusters: _enforce_min_size repairs them.
+    groups, centroids = kmeans(points, num_clusters, seed=seed, n_init=n_init, init=init, backend="sklearn")
     if balanced:
         w = None if weights is None else np.asarray(weights, dtype=np.float64)
         centroids = _normalise_rows(centroids)
@@ -399,7 +383,7 @@ class ClassProxyStrategy:
 
     def assign_proxies(self, proxies: ArrayLike, class_sizes: np.ndarray | None = None,
                        previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-        """Cluster ready-made proxies (``C x D``), e.g. from :class:`ProxyEMA`.
+        """Cluster ready-made proxies (``C x D``).
 
         ``class_sizes`` (images per class) weights the matching and the ``"images"`` balance;
         without it every class counts as one image.

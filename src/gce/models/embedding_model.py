@@ -14,7 +14,7 @@ from gce.models.heads import EmbeddingHead, GroupChannelwiseHead, LinearSplitHea
 if TYPE_CHECKING:
     from gce.config import ModelConfig
 
-__all__ = ["HEADS", "EmbeddingModel", "build_model", "model_from_config"]
+__all__ = ["HEADS", "EmbeddingModel", "build_model", "check_model_config", "model_from_config"]
 
 HEADS = ("gce", "linear_split")
 
@@ -94,7 +94,7 @@ class EmbeddingModel(nn.Module):
         return groups
 
 
-def _check_model_config(
+def check_model_config(
     backbone: str,
     head: str,
     num_learners: int,
@@ -140,7 +140,7 @@ def build_model(
     ``model.embedding_dim=100 is not divisible by model.num_learners=3``; missing ImageNet weights
     raise :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`).
     """
-    _check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing)
+    check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing)
     trunk, channels = build_trunk(backbone, pretrained, allow_download=allow_download)
     if freeze_bn:
         freeze_batchnorm(trunk)

@@ -21,6 +21,7 @@ import torch
 
 from gce.errors import CheckpointError, ConfigError
 from gce.outputs import checksum_path, sha256_of, verify_checksum, write_bytes, write_checksum
+from gce.runtime import pid_alive
 
 if TYPE_CHECKING:
     from gce.config import ExperimentConfig
@@ -118,22 +119,12 @@ def _remove_stale_temporaries(folder: Path) -> None:
         if not name.startswith(prefix):
             continue
         pid = name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue  # another live process is writing (it should not be, but leave its file alone)
         try:
             os.unlink(folder / name)
         except OSError:
             pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but not ours (EPERM)
-        return True
-    return True
 
 
 def _read_verified(path: Path) -> dict[str, Any]:

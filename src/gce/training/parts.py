@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,6 +33,13 @@ from gce.training.writer import RunWriter, check_fresh_folder
 __all__ = ["RunParts", "build_optimizer", "build_parts", "build_scheduler", "check_sampler_feasible"]
 
 
+KeyedItem = tuple[int, int]  # (image index, augmentation seed)
+
+
+def whole_batch(batch: list[KeyedItem]) -> list[KeyedItem]:
+    return batch
+
+
 @dataclass
 class RunParts:
     """Everything one training run works with.
@@ -40,6 +48,8 @@ class RunParts:
     ``train_model`` is what a training step calls, the model or a wrapper of it (e.g.
     ``DistributedDataParallel``). ``embed`` embeds a dataset (metric refreshes, evaluation);
     ``metrics`` says which metrics evaluation computes; ``writer`` writes the run folder.
+    ``batch_part`` picks the part of each planned batch this process loads (all of it here; one
+    rank's share in a distributed run, whose ranks together load the batch one process would).
     """
 
     cfg: ExperimentConfig
@@ -60,6 +70,7 @@ class RunParts:
     metrics: MetricSettings
     writer: RunWriter
     progress: bool = True
+    batch_part: Callable[[list[KeyedItem]], list[KeyedItem]] = whole_batch
 
 
 def build_optimizer(model: EmbeddingModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:

@@ -180,7 +180,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _loader(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> DataLoader:
-        keyed = [[(idx, item_seed(self.cfg.train.seed, epoch, b, pos)) for pos, idx in enumerate(indices)]
+        # Seeds follow positions in the whole planned batch, so a part of it is augmented the same way.
+        keyed = [self.parts.batch_part([(idx, item_seed(self.cfg.train.seed, epoch, b, pos))
+                                        for pos, idx in enumerate(indices)])
                  for b, (_, indices) in enumerate(plan)][first:]
         # Its own generator: a DataLoader draws its base seed from the global torch RNG otherwise,
         # so resuming mid-epoch (a second loader for the same epoch) would shift the RNG state.
