@@ -313,3 +313,16 @@ def test_a_fresh_run_never_replaces_the_users_own_files(tmp_path, shape_folder, 
     assert f"train.out_dir {out} holds a {name} that no gce run wrote" in one_line_error(capsys)
     if content is not None:
         assert (out / name).read_text() == content
+
+
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A kill while model.pt was written left .model.pt.tmp-<pid> (a whole model) behind for good."""
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / f".model.pt.tmp-{dead}").write_bytes(b"half a model")
+    (tmp_path / f".model.pt.tmp-{os.getppid()}").write_bytes(b"a live writer's")  # our parent runs
+    write_text(tmp_path / "model.pt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.pt.tmp-{os.getppid()}", "model.pt"]

@@ -309,6 +309,24 @@ def _refuse_special(path: Path, what: str) -> None:
         raise OutputError(f"{what} {path} is {kind}, not a file; it was not replaced")
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` files of ``path`` left by killed writers (their pid is gone)."""
+    from gce.runtime import pid_alive  # runtime imports this module
+
+    prefix = f".{path.name}.tmp-"
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):] if name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, what: str = "output") -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed over ``path``.
@@ -328,6 +346,7 @@ def atomic_path(path: str | os.PathLike, *, what: str = "output") -> Iterator[Pa
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{what} {path}: cannot create its folder ({exc.strerror or exc})") from None
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
