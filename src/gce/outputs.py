@@ -54,6 +54,7 @@ __all__ = [
     "file_argument",
     "path_argument",
     "refuse_input_files",
+    "replace_file",
     "refuse_inputs",
     "sha256_file",
     "sha256_of",
@@ -363,6 +364,27 @@ def atomic_path(path: str | os.PathLike, *, what: str = "output") -> Iterator[Pa
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike, *, what: str = "output") -> Path:
+    """Flush the finished temporary file ``tmp`` and rename it over ``path`` (for writers that
+    manage their own temporary name); a directory, FIFO, socket or device at ``path`` is refused,
+    never replaced."""
+    tmp, path = Path(tmp), Path(path)
+    _refuse_special(path, what)
+    if _existing_char_device(path):
+        raise OutputError(f"{what} {path} is a character device, not a file; it was not replaced")
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    _fsync_dir(path.parent)
+    return path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, what: str = "output") -> Path:
