@@ -135,6 +135,16 @@ class _HostileSize(Exception):
     """A valid image whose size would exhaust memory once resized."""
 
 
+def dimension_problem(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is refused before decoding, or None: an
+    extreme aspect ratio or too many pixels (the limits above). Shared with ``gce serve``'s uploads."""
+    try:
+        _check_dimensions((width, height))
+    except _HostileSize as err:
+        return str(err)
+    return None
+
+
 def _check_dimensions(size: tuple[int, int]) -> None:
     width, height = size
     if width < 1 or height < 1:
