@@ -390,7 +390,11 @@ class ModeBags:
 
 
 def _tmp_present_name(out: Path, name: str) -> bool:
-    return (out / name).exists()
+    """Whether a temporary file ``name`` (or ``name-<pid>``, as gce.outputs writes them) is in ``out``."""
+    try:
+        return any(entry == name or entry.startswith(name + "-") for entry in os.listdir(out))
+    except OSError:
+        return False
 
 
 def _stop_once(watch: Watch, sig_name: str, rng: random.Random, bags: ModeBags, startup_s: float,

@@ -30,6 +30,9 @@ TRUNCATED = re.escape("truncated or corrupt image")
 NOT_IMAGE = re.escape("not an image file")
 ZERO = re.escape("zero-byte file")
 BOMB = re.escape("exceeds Pillow's decompression-bomb limit")
+ASPECT = re.escape("extreme aspect ratio")
+TOO_LARGE = re.escape("too large")
+SAME_FILE = re.escape("the same image file appears more than once")
 
 
 @dataclass(frozen=True)
@@ -281,7 +284,7 @@ def _image_cases(folder: Path) -> list[Case]:
     Image.new("RGB", (1, 1), (1, 2, 3)).save(folder / "one_pixel.png")
     add("one_pixel.png", None, None, _pixels((1, 1), {(0, 0): (1, 2, 3)}))
     Image.new("RGB", (300, 1), (9, 9, 9)).save(folder / "one_row.png")
-    add("one_row.png", None, None, _size(300, 1))
+    add("one_row.png", None, ASPECT)  # 300:1 was loaded before the aspect-ratio limit (100:1)
 
     # EXIF orientation 1-8, JPEG and PNG: the stored pixels are the upright target transformed so
     # that displaying them per the tag gives the target back; loading must give the target.
@@ -315,6 +318,18 @@ def _image_cases(folder: Path) -> list[Case]:
     bomb_gif[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen size
     bomb_gif[bomb_gif.find(b",") + 5:bomb_gif.find(b",") + 9] = struct.pack("<HH", 65535, 65535)
     add("bomb_header.gif", bytes(bomb_gif), BOMB)
+
+    # Valid but hostile sizes: a 3 KB strip of 1 x 1,000,000 pixels passed the image check, then
+    # Resize asked for 32 x 32,000,000 pixels (MemoryError). Refused from the header, before decoding.
+    add("aspect_1x1000000.png", png_bytes(1, 1_000_000, b"\0\xff\xff\xff" * 1_000_000), ASPECT)
+    add("aspect_1000000x1.png", png_bytes(1_000_000, 1, b"\0" + b"\x80" * 3_000_000), ASPECT)
+    add("aspect_101x1.png", _encode(Image.new("RGB", (101, 1), (9, 9, 9)), "PNG"), ASPECT)
+    add("aspect_1x300.gif", _encode(Image.new("P", (1, 300)), "GIF"), ASPECT)
+    add("aspect_2x4000.jpg", _encode(Image.new("RGB", (2, 4000), (50, 60, 70)), "JPEG"), ASPECT)
+    add("aspect_100x1.png", _encode(Image.new("RGB", (100, 1), (9, 9, 9)), "PNG"), None, _size(100, 1))  # the limit
+    add("aspect_2x200.webp", _encode(Image.new("RGB", (2, 200), (9, 9, 9)), "WEBP"), None, _size(2, 200))
+    # Over gce's pixel limit (128 M) but under Pillow's bomb error (179 M): only the header is read.
+    add("too_large_header.png", png_bytes(12_000, 11_000, b"\0" * 100), TOO_LARGE)
 
     # Odd but valid file names.
     small = _encode(Image.new("RGB", (8, 8), (200, 30, 30)), "PNG")
@@ -413,6 +428,61 @@ def _dataset_cases(base: Path) -> list[Case]:
     root = fresh("folder_only_hidden")
     _class_folders(root / ".hidden", {"x": 2})
     add("folder_only_hidden", "folder", root, re.escape("has no class folders"))
+
+    # Split integrity: links, loops, one file in two places, pre-split layouts.
+    classes = {"ant": 2, "bee": 2, "cat": 2, "dog": 2}
+    root = _class_folders(fresh("folder_symlink_loop"), classes)
+    os.symlink("..", root / "ant" / "loop")  # before: walked back into the root, test images in train
+    add("folder_symlink_loop", "folder", root, None, warning=re.escape("did not follow 1 links to folders"))
+    root = _class_folders(fresh("folder_link_to_another_class"), classes)
+    os.symlink(root / "bee", root / "ant" / "more_bees")
+    add("folder_link_to_another_class", "folder", root, None, warning=re.escape("did not follow 1 links"))
+    root = _class_folders(fresh("folder_link_loop_in_subfolder"), classes)
+    (root / "cat" / "sub").mkdir()
+    write_image(root / "cat" / "sub" / "x.png")
+    os.symlink("../..", root / "cat" / "sub" / "up")
+    add("folder_link_loop_in_subfolder", "folder", root, None, warning=re.escape("did not follow 1 links"))
+    root = _class_folders(fresh("folder_link_to_image_in_same_class"), classes)
+    os.symlink("0.png", root / "ant" / "again.png")
+    add("folder_link_to_image_in_same_class", "folder", root, None,
+        warning=re.escape("listed 1 files once that a class folder reaches twice"))
+    root = _class_folders(fresh("folder_hard_link_in_two_classes"), classes)
+    os.link(root / "ant" / "0.png", root / "bee" / "also_ant.png")
+    add("folder_hard_link_in_two_classes", "folder", root, SAME_FILE)
+    root = _class_folders(fresh("folder_link_to_image_of_another_class"), classes)
+    os.symlink(root / "dog" / "1.png", root / "cat" / "dog.png")
+    add("folder_link_to_image_of_another_class", "folder", root, SAME_FILE)
+    root = _class_folders(fresh("folder_class_is_a_link_to_a_class"), classes)
+    os.symlink(root / "ant", root / "emu")
+    add("folder_class_is_a_link_to_a_class", "folder", root, re.escape("are the same folder (a link)"))
+    root = fresh("folder_presplit_file_in_both_splits")
+    _class_folders(root / "train", {"ant": 2, "bee": 2})
+    _class_folders(root / "test", {"cat": 2, "dog": 2})
+    os.link(root / "train" / "ant" / "0.png", root / "test" / "cat" / "leak.png")
+    add("folder_presplit_file_in_both_splits", "folder", root, SAME_FILE + ".*" + re.escape("1 in both train and test"))
+    root = fresh("folder_train_val_layout")  # before: two classes named "train" and "val"
+    _class_folders(root / "train", {"ant": 2, "bee": 2})
+    _class_folders(root / "val", {"cat": 2, "dog": 2})
+    add("folder_train_val_layout", "folder", root, None, warning=re.escape("as the test split"))
+    root = fresh("folder_train_val_test_layout")
+    for split, names in (("train", ("ant", "bee")), ("val", ("cat", "dog")), ("test", ("eel", "fox"))):
+        _class_folders(root / split, {n: 2 for n in names})
+    add("folder_train_val_test_layout", "folder", root, None, warning=re.escape("val/ not used"))
+    root = fresh("folder_split_folders_beside_classes")  # before: the extra classes were ignored
+    _class_folders(root / "train", {"ant": 2, "bee": 2})
+    _class_folders(root / "test", {"cat": 2, "dog": 2})
+    _class_folders(root, {"emu": 2})
+    add("folder_split_folders_beside_classes", "folder", root, re.escape("beside other folders (emu)"))
+    root = _class_folders(fresh("folder_lone_train_folder_among_classes"), {"ant": 2, "bee": 2, "cat": 2})
+    _class_folders(root / "train", {"dog": 2})
+    add("folder_lone_train_folder_among_classes", "folder", root, re.escape("looks like a split folder, not a class"))
+    root = fresh("folder_train_query_gallery_layout")
+    for split, names in (("train", ("ant", "bee")), ("query", ("cat", "dog")), ("gallery", ("cat", "dog"))):
+        _class_folders(root / split, {n: 2 for n in names})
+    add("folder_train_query_gallery_layout", "folder", root, re.escape("looks like a query/gallery split"))
+    root = fresh("folder_only_a_train_folder")
+    _class_folders(root / "train", {"ant": 2, "bee": 2})
+    add("folder_only_a_train_folder", "folder", root, re.escape("holds only train/"))
 
     # CUB-200-2011 index files.
     def cub(name: str) -> Path:
@@ -546,6 +616,12 @@ def _dataset_cases(base: Path) -> list[Case]:
     csv_case("csv_not_utf8", b"path,label\nimg/0.jpg,caf\xe9\n", re.escape("not a UTF-8 text file"))
     csv_case("csv_listed_image_missing", good + "img/missing.jpg,b,test\n",
              re.escape("1 of 5 listed images not found"), skipped=1)
+    # The same image on two rows: before, a doubled test split raised Recall@1 from 78 to 100.
+    csv_case("csv_duplicate_row", good + "img/2.jpg,b,test\n",
+             re.escape("labels.csv, line 6: ") + ".*" + re.escape("is listed again (first at line 4)"))
+    csv_case("csv_duplicate_through_dot_path", good + "./img/../img/3.jpg,b,test\n", re.escape("(first at line 5)"))
+    csv_case("csv_same_image_two_classes", good + "img/0.jpg,b,train\n", re.escape("is listed again"))
+    csv_case("csv_same_image_both_splits", good + "img/1.jpg,a,test\n", re.escape("is listed again"))
     csv_case("csv_unterminated_quote", 'path,label\n"img/0.jpg,a\n', re.escape("labels.csv, line 2: expected 2 columns, found 1"))
     return cases
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gce.errors import CheckpointError
+from gce.outputs import write_checksum
 from gce.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint
 
 
@@ -55,6 +56,9 @@ def test_no_checkpoint_and_all_damaged(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path)
     (tmp_path / LAST).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no checksum file last.pt.sha256 beside it, so it cannot be verified"):
+        load_checkpoint(tmp_path)
+    write_checksum(tmp_path / LAST)  # garbage that matches its checksum: not a loadable checkpoint
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(tmp_path)
 
@@ -66,5 +70,8 @@ def test_pickled_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": 1, "state": {"x": Evil()}}, path)
+    with pytest.raises(CheckpointError, match="cannot be verified"):  # refused before unpickling
+        load_checkpoint(path)
+    write_checksum(path)  # even with a valid checksum, the weights-only loader refuses the callable
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def test_ten_kills_and_two_ctrl_c_resume_to_bitwise_equal_result(tmp_path):
 
 @pytest.mark.parametrize("die_after", [0, 1, 2, 3])
 def test_checkpoint_write_killed_between_any_two_steps_still_loads(tmp_path, monkeypatch, die_after):
-    """A kill after N of the 4 renames in save_checkpoint: the folder still holds a loadable,
+    """A kill after N of the 4 renames in save_checkpoint (prev.pt.sha256, last.pt -> prev.pt,
+    last.pt.sha256, last.pt): the folder still holds a loadable,
     verified checkpoint (the old one or the new one), and the next saves leave a consistent
     last.pt/prev.pt pair (prev.pt verifies too) and no temporary files."""
     save_checkpoint({"epoch": 1, "w": torch.ones(3)}, tmp_path)
@@ -104,7 +106,7 @@ def test_checkpoint_write_killed_between_any_two_steps_still_loads(tmp_path, mon
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
     messages: list[str] = []
     state, path = load_checkpoint(tmp_path, warn=messages.append)
-    assert state["epoch"] == (3 if die_after >= 3 else 2), (path, messages)
+    assert state["epoch"] == 2, (path, messages)  # the new file is renamed in last, checksum first
     assert torch.equal(state["w"], torch.full((3,), float(state["epoch"])))
     assert messages == []  # never a checksum mismatch
     save_checkpoint({"epoch": 4, "w": torch.full((3,), 4.0)}, tmp_path)
@@ -246,7 +248,7 @@ def test_nan_loss_mid_run_stops_with_one_line_and_keeps_the_last_good_checkpoint
         trainer.run()
     message = str(raised.value)
     assert "\n" not in message and message.startswith("loss became nan (learner 1)")
-    assert f"The last good checkpoint is kept in {out}" in message
+    assert f"The last good checkpoint is kept: {out / LAST}" in message
     state, path = load_checkpoint(out)
     assert path.name == LAST and state["epoch"] == 1 and state["batch"] == 0
     assert all_finite(state)
@@ -274,3 +276,125 @@ def test_nan_weights_from_the_last_step_of_an_epoch_are_never_checkpointed(tmp_p
     assert message.startswith("model weights became NaN or infinite during epoch 1; stopping without")
     state, _ = load_checkpoint(out)
     assert state["epoch"] == 1 and all_finite(state)
+
+
+# ------------------------------------------------------- verified checkpoints, signals, resumes
+def test_damaged_last_pt_without_its_checksum_falls_back_to_prev_pt(tmp_path, shape_folder, capsys):
+    """Before: a last.pt with NaN-flipped weights whose .sha256 was deleted loaded unverified,
+    training stopped on NaN weights and the message called that file 'the last good checkpoint';
+    prev.pt was never tried."""
+    out = tmp_path / "run"
+    config = write_config(tmp_path, shape_folder, out, epochs=2, batches=1)
+    assert main(["train", str(config), "--quiet", "train.eval_test_every=0"]) == 0
+    state, _ = load_checkpoint(out)
+    state["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save({"format": ckpt._FORMAT, "state": state}, out / LAST)  # a damaged, loadable file
+    (out / f"{LAST}.sha256").unlink()
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet", "--resume", "train.epochs=3", "train.eval_test_every=0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out / LAST}: no checksum file last.pt.sha256 beside it, so it cannot be verified;" \
+           f" falling back to {out / PREVIOUS}" in printed
+    assert f"resumed from {out / PREVIOUS} at epoch 1" in printed
+    for name in (LAST, PREVIOUS):  # the damaged file was never promoted to prev.pt
+        state, _ = load_checkpoint(out / name)
+        assert all_finite(state)
+    assert load_checkpoint(out)[0]["epoch"] == 3
+
+
+class SigintAt(torch.nn.Module):
+    """The run's loss, sending this process a real SIGINT during call ``at``."""
+
+    def __init__(self, real: torch.nn.Module, at: int) -> None:
+        super().__init__()
+        self.real, self.at, self.calls = real, at, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.real(*args, **kwargs)
+
+
+def test_ctrl_c_in_the_final_epoch_stops_with_a_checkpoint_like_mid_run(tmp_path, shape_folder):
+    """Before: Ctrl-C in the final epoch's last step said it would write a checkpoint and stop,
+    then finished the run (exit 0)."""
+    from gce.training.trainer import TrainingInterrupted
+
+    out = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path, shape_folder, out, epochs=2, batches=2), ["train.eval_test_every=0"])
+    parts = build_parts(cfg, progress=False)
+    parts.loss = SigintAt(parts.loss, at=4)  # the last step of the last epoch
+    with pytest.raises(TrainingInterrupted, match="interrupted: checkpoint written to .*training is complete"):
+        Trainer(parts, log=lambda _: None).run()
+    assert load_checkpoint(out)[0]["epoch"] == 2
+    assert not (out / "model.pt").exists() and not (out / "final_metrics.json").exists()
+    result = Trainer.from_config(cfg, resume=True, progress=False, log=lambda _: None).run()
+    assert (out / "model.pt").exists() and json.loads((out / "final_metrics.json").read_text())["recall@1"] == \
+        result.recall[1]
+
+
+def test_ctrl_c_during_start_up_is_one_message_and_exit_130(tmp_path, shape_folder, capsys, monkeypatch):
+    import gce.training.parts as parts_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as if Ctrl-C arrived while the images were being checked
+
+    out = tmp_path / "run"
+    config = write_config(tmp_path, shape_folder, out, epochs=1, batches=1)
+    monkeypatch.setattr(parts_module, "prepare_data", interrupted)
+    assert main(["train", str(config), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines() == ["interrupted before the first checkpoint: nothing to resume",
+                                f"start again with: gce train {config}"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_gce_starts_prints_no_traceback(tmp_path, shape_folder):
+    """A real process interrupted during its imports (before: a KeyboardInterrupt traceback)."""
+    config = write_config(tmp_path, shape_folder, tmp_path / "run", epochs=1, batches=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "gce", "train", str(config), "--quiet"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the interpreter is up; torch is still being imported
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+def test_resume_refuses_changed_data_and_seed_and_records_what_it_continued_with(tmp_path, capsys):
+    """Before: with classes removed the class split was redrawn (test classes trained on); with
+    classes added, an IndexError traceback; another train.seed was accepted silently; config.yaml
+    kept the first attempt's settings."""
+    import shutil
+
+    from gce.data.synthetic import make_pattern_folder
+
+    data = make_pattern_folder(tmp_path / "data", num_classes=12, per_class=4)
+    out = tmp_path / "run"
+    config = write_config(tmp_path, data, out, epochs=1, batches=1)
+    assert main(["train", str(config), "--quiet", "train.eval_test_every=0"]) == 0
+    capsys.readouterr()
+
+    assert main(["train", str(config), "--quiet", "--resume", "train.epochs=2", "train.seed=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "gce: error: checkpoint was written with another configuration: train.seed: checkpoint 0, config 1"
+
+    assert main(["train", str(config), "--quiet", "--resume", "train.epochs=2", "train.eval_test_every=0"]) == 0
+    assert "resuming with changed settings: train.epochs: 1 -> 2 (written to config.yaml)" in capsys.readouterr().out
+    assert load_config(out / "config.yaml").train.epochs == 2
+
+    shutil.copytree(data / "class_03", data / "class_99")
+    assert main(["train", str(config), "--quiet", "--resume", "train.epochs=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"the data changed since {out / LAST} was written (" in err and "class_99" in err
+    assert re.search(r"(train|test): .*classes added", err), err  # 13 classes redraw the class split too
+    shutil.rmtree(data / "class_99")
+    shutil.rmtree(data / "class_05")
+    assert main(["train", str(config), "--quiet", "--resume", "train.epochs=3"]) == 1
+    err = capsys.readouterr().err
+    assert "the data changed since" in err and "classes removed" in err and "class_05" in err
+    assert load_checkpoint(out)[0]["epoch"] == 2  # nothing was trained on the changed data

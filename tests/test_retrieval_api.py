@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
@@ -70,6 +72,8 @@ def test_model_id_names_the_weights_not_the_file(checkpoint, tmp_path):
     a = Embedder.from_checkpoint(checkpoint)
     copy = tmp_path / "copy.pt"
     copy.write_bytes(checkpoint.read_bytes())
+    # A model file is loaded only with its checksum (docs/reliability.md, "Verified files").
+    Path(f"{copy}.sha256").write_bytes(Path(f"{checkpoint}.sha256").read_bytes())
     assert Embedder.from_checkpoint(copy).model_id == a.model_id
     other = make_checkpoint(tmp_path / "other.pt", seed=1)
     assert Embedder.from_checkpoint(other).model_id != a.model_id

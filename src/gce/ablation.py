@@ -18,13 +18,20 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gce.config import ExperimentConfig, apply_override, config_from_dict, parse_override, read_config_tree
+from gce.config import (
+    ExperimentConfig,
+    apply_override,
+    config_from_dict,
+    parse_override,
+    read_config_tree,
+    read_yaml_mapping,
+)
 from gce.errors import ConfigError
+from gce.outputs import check_output_dir, user_path, write_text
 from gce.runtime import pid_alive
 
 SUMMARY_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
@@ -35,21 +42,28 @@ class AblationConfig(BaseModel):
 
     base: str = Field(description="experiment YAML every variant starts from (relative to this file)")
     out_dir: str = "runs/ablation"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     overrides: list[str] = Field(default_factory=list, description="key=value applied to every variant")
     variants: dict[str, list[str]] = Field(min_length=1, description="variant name -> key=value overrides")
 
 
 def load_ablation(path: str | Path, extra_overrides: list[str] = ()) -> tuple[AblationConfig, dict[str, Any]]:
-    path = Path(path)
+    path = user_path(path, "ablation file")
+    tree = read_yaml_mapping(path, "ablation file")
     try:
-        ablation = AblationConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except FileNotFoundError:
-        raise ConfigError(f"ablation file not found: {path}") from None
+        ablation = AblationConfig.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"{path}: '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
-    base_tree = read_config_tree(path.parent / ablation.base)
+        raise ConfigError(f"{path}: '{'.'.join(map(str, first['loc']))}': {first['msg']}"
+                          f" (got {first.get('input')!r})") from None
+    for name in ablation.variants:  # each becomes a folder name under out_dir
+        if not name.strip() or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
+            raise ConfigError(f"{path}: variant name {name!r} cannot be a folder name under out_dir"
+                              f" (no '/', not empty, not starting with '.')")
+    if len(set(ablation.seeds)) != len(ablation.seeds):
+        raise ConfigError(f"{path}: 'seeds' lists a seed twice ({ablation.seeds}); each (variant, seed) is one run")
+    ablation.out_dir = str(check_output_dir(ablation.out_dir, what=f"{path}: out_dir"))
+    base_tree = read_config_tree(path.parent / os.path.expanduser(ablation.base))
     for text in [*ablation.overrides, *extra_overrides]:
         apply_override(base_tree, *parse_override(text))
     return ablation, base_tree
@@ -162,7 +176,7 @@ def write_summary(out_dir: Path, variants: list[str], seeds: list[int]) -> Path:
                for v in variants}
     results = {v: runs for v, runs in results.items() if runs}
     summary = out_dir / "summary.md"
-    summary.write_text(summary_table(results) + "\n")
+    write_text(summary, summary_table(results) + "\n")
     plot_recall_curves(results, out_dir / "recall_at_1.png")
     plot_metaclass_sizes(results, out_dir / "classes_per_learner.png")
     return summary

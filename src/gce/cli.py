@@ -21,7 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: seconds in which a Ctrl-C must not print a traceback
+    except KeyboardInterrupt:
+        print("gce: aborted", file=sys.stderr)
+        return 130
     # parse_known_args lets `key=value` overrides follow options (gce train c.yaml --resume a.b=1).
     args, extra = parser.parse_known_args(argv)
     if extra:

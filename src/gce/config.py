@@ -6,6 +6,7 @@ happens before any work starts and every error is one line naming the offending 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -161,6 +162,13 @@ class ExperimentConfig(_Section):
             raise ValueError(f"data.crop_scale={list(self.data.crop_scale)} must satisfy 0 < min <= max <= 1")
         return self
 
+    @model_validator(mode="after")
+    def _check_edges(self) -> "ExperimentConfig":
+        from gce.config_checks import check_experiment  # seeds, limits, sizes: see that module
+
+        check_experiment(self)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -227,13 +235,16 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config; ``extends: other.yaml`` (relative to the file) is merged underneath."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in _seen:
-        raise ConfigError(f"{path}: 'extends' forms a cycle")
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: ``{}``); one-line errors naming the
+    file for a missing path, a folder, a non-UTF-8 or binary file and invalid YAML (a tab ...)."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML {what}")
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    if not path.is_file():  # a FIFO would block the read, /dev/zero never end it
+        raise ConfigError(f"{path}: not a regular file (a pipe, socket or device); expected a YAML {what}")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
@@ -244,7 +255,15 @@ def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    tree = loaded or {}
+    return loaded or {}
+
+
+def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config; ``extends: other.yaml`` (relative to the file) is merged underneath."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    tree = read_yaml_mapping(path, "config file")
     parent = tree.pop("extends", None)
     if parent is not None:
         base = read_config_tree(path.parent / str(parent), _seen + (path.resolve(),))
@@ -261,4 +280,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from gce.outputs import write_text  # atomic: a kill never leaves a half-written config.yaml
+
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False), what="config")

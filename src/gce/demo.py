@@ -21,7 +21,7 @@ from gce.evaluation import EvalResult, exact_knn
 from gce.evaluation.pipeline import EmbedFn, MetricSettings, evaluate_split
 from gce.models.plain import PooledTrunk
 from gce.plots import plot_training_curve, retrieval_grid
-from gce.runtime import write_json
+from gce.outputs import check_output_dir, write_json, write_text
 from gce.training.logging import MetricsLogger
 from gce.training.parts import build_parts
 from gce.training.trainer import Trainer
@@ -76,7 +76,7 @@ def write_retrieval_grid(embeddings: torch.Tensor, records: ImageRecords, path: 
 
 def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=print) -> str:
     """Untrained backbone vs trained model on the test split; returns the markdown table."""
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, what="--out", inputs=[cfg.data.root])
     run_dir = Path(cfg.train.out_dir)
     resume = (run_dir / "last.pt").exists()
     parts = build_parts(cfg, resume=resume, progress=progress)
@@ -88,7 +88,7 @@ def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=pri
     names = {f"{cfg.model.backbone} (untrained, pooled)": untrained.result,
              f"{cfg.name} ({cfg.train.epochs} epochs)": trained_result}
     table = comparison_table(names)
-    (out / "comparison.md").write_text(table + "\n")
+    write_text(out / "comparison.md", table + "\n")
     write_json(out / "comparison.json", {name: r.to_dict() for name, r in names.items()})
     test = parts.data.test
     write_retrieval_grid(trained_embeddings, test, out / "retrieval_grid.png", seed=cfg.train.seed,

@@ -14,10 +14,14 @@ import numpy as np  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from gce.outputs import atomic_path  # never a half-written PNG; a FIFO or folder is refused
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path, what="figure") as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -58,7 +62,9 @@ def plot_recall_curves(results: dict[str, list[dict[str, Any]]], path: Path, met
     """Mean (band: min-max over seeds) test ``metric`` per epoch for each variant."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for variant, runs in results.items():
-        curves = [{r["epoch"]: 100 * r[metric] for r in run["test"]} for run in runs]
+        # An undefined metric is null in the strict JSON logs: drawn as a gap (NaN), not a crash.
+        curves = [{r["epoch"]: 100 * (r[metric] if r.get(metric) is not None else float("nan")) for r in run["test"]}
+                  for run in runs]
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not epochs:
             continue

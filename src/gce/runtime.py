@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -11,13 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from gce import outputs
 from gce.errors import ConfigError, GceError
+from gce.outputs import check_output_dir
 
 __all__ = ["check_writable", "flush_denormals", "pid_alive", "resolve_device", "seed_everything", "write_json"]
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before any work if the run folder cannot be created or written (or the disk is full)."""
+def check_writable(folder: Path, what: str = "output folder") -> None:
+    """Fail before any work if the run folder cannot be created or written (or the disk is full).
+
+    The path itself is checked by :func:`gce.outputs.check_output_dir` (a file, a FIFO, below a
+    file, read-only: one line naming ``what``); then a 1 MiB probe catches a full disk.
+    """
+    check_output_dir(folder, what=what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"  # one per process: N ranks probe at once
@@ -91,9 +97,8 @@ def seed_everything(seed: int) -> None:
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Strict JSON (NaN as null), written atomically: see :func:`gce.outputs.write_json`."""
+    outputs.write_json(path, values)
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from gce.ablation import run_ablation
+from gce.commands.interrupts import report_interrupt
+from gce.training.trainer import TrainingInterrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_ablation(args.ablation, args.overrides, only=args.only, progress=not args.quiet)
+    try:
+        summary = run_ablation(args.ablation, args.overrides, only=args.only, progress=not args.quiet)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:  # finished runs are kept; the rerun skips them
+        only = ["--only", *args.only] if args.only else []
+        return report_interrupt(exc, None, ["gce", "ablate", args.ablation, *args.overrides, *only])
     print(summary.read_text())
     print(f"summary: {summary}; plots: {summary.parent}/recall_at_1.png, {summary.parent}/classes_per_learner.png")
     return 0

@@ -6,21 +6,29 @@ import argparse
 from pathlib import Path
 
 from gce.config import load_config
+from gce.commands.interrupts import report_interrupt
 from gce.demo import run_demo
+from gce.outputs import check_output_dir, path_argument
+from gce.training.trainer import TrainingInterrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a config, compare it with its untrained backbone, draw figures")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the table and PNGs")
+    p.add_argument("--out", type=path_argument, default=Path("runs/demo"), help="folder for the table and PNGs")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    table = run_demo(cfg, args.out, progress=not args.quiet)
+    check_output_dir(args.out, what="--out", inputs=[cfg.data.root])  # before training, not after
+    try:
+        table = run_demo(cfg, args.out, progress=not args.quiet)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:  # the demo resumes its run when rerun
+        return report_interrupt(exc, None,
+                                ["gce", "demo", args.config, *args.overrides, "--out", args.out])
     print("\nTest split, untrained backbone against the trained model (%):\n" + table)
     for name in ("comparison.md", "retrieval_grid.png", "retrieval_grid_untrained.png", "training_curve.png"):
         print(f"  {args.out / name}")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from gce.config import ExperimentConfig
-
+from gce.config_checks import LIMITS
 from gce.data import load_dataset
 from gce.data.images import ImageDataset, check_records
 from gce.data.transforms import test_transform
@@ -18,11 +17,12 @@ from gce.evaluation import default_recall_ks
 from gce.evaluation.knn import BACKENDS
 from gce.evaluation.pipeline import Embedder, MetricSettings, evaluate_split
 from gce.models.backbones import BACKBONES
-from gce.runtime import flush_denormals, write_json
-from gce.training.checkpoint import load_model
+from gce.outputs import check_output_file, file_argument, path_argument, refuse_input_files, refuse_inputs, write_json
+from gce.runtime import flush_denormals
+from gce.training.checkpoint import checkpoint_files, load_model
 
 
-def _count(minimum: int):
+def _count(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -30,32 +30,41 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:  # resource-sized: memory, not a typo's traceback
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
+
+
+def _seed(text: str) -> int:
+    value = _count(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {value}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint or an untrained backbone on a dataset split",
                        description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="a gce model.pt/best.pt/last.pt or run folder")
+    src.add_argument("--checkpoint", type=path_argument, help="a gce model.pt/best.pt/last.pt or run folder")
     src.add_argument("--backbone", help=f"untrained reference: {', '.join(BACKBONES)}, or raw (pixels)")
     p.add_argument("--no-pretrained", action="store_true", help="with --backbone: random instead of ImageNet weights")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
-    p.add_argument("--root", help="dataset root (default: the checkpoint's)")
+    p.add_argument("--root", type=path_argument, help="dataset root (default: the checkpoint's)")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--image-size", type=_count(8), help="crop size (default: the checkpoint's, else 224)")
-    p.add_argument("--test-resize", type=_count(8), help="resize before the centre crop (default size*256/224)")
-    p.add_argument("--batch-size", type=_count(1), default=128)
-    p.add_argument("--workers", type=_count(0), default=2)
+    p.add_argument("--image-size", type=_count(8, LIMITS["data.image_size"]), help="crop size (default: the checkpoint's, else 224)")
+    p.add_argument("--test-resize", type=_count(8, LIMITS["data.test_resize"]), help="resize before the centre crop (default size*256/224)")
+    p.add_argument("--batch-size", type=_count(1, LIMITS["eval.batch_size"]), default=128)
+    p.add_argument("--workers", type=_count(0, LIMITS["data.workers"]), default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--recall-ks", type=int, nargs="+", help="K values (default: the benchmark's)")
+    p.add_argument("--recall-ks", type=_count(1, 10_000_000), nargs="+", help="K values (default: the benchmark's)")
     p.add_argument("--no-clustering", action="store_true", help="skip NMI and F1 (k-means)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed for NMI/F1")
-    p.add_argument("--out", type=Path, help="write the metrics as JSON")
+    p.add_argument("--seed", type=_seed, default=0, help="k-means seed for NMI/F1 (0 to 2**32-1)")
+    p.add_argument("--out", type=file_argument, help="write the metrics as JSON (checked before the evaluation)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -89,17 +98,28 @@ def _evaluate(args: argparse.Namespace, ctx) -> int:
 
     device = ctx.device
     flush_denormals(device)
+    # The output is checked before anything is loaded or computed: a bad --out costs a second.
+    inputs = [*(checkpoint_files(args.checkpoint) if args.checkpoint else []), args.root]
+    out = check_output_file(args.out, what="--out", inputs=inputs) if args.out is not None else None
     model, cfg = _build_embedder(args, device)
     dataset = args.dataset or (cfg.data.dataset if cfg else None)
     root = args.root or (cfg.data.root if cfg else None)
     if not dataset or not root:
         raise GceError("--dataset and --root are required with --backbone")
+    if out is not None:
+        refuse_inputs(out, [root], "--out")
     size = args.image_size or (cfg.data.image_size if cfg else 224)
     resize = args.test_resize or (cfg.data.test_resize if cfg and not args.image_size else None)
+    if resize is not None and resize < size:
+        source = "--test-resize" if args.test_resize else "the checkpoint's data.test_resize"
+        raise GceError(f"{source}={resize} is smaller than the crop size {size} (--image-size or data.image_size);"
+                       f" the resize must be at least the crop")
     options = dict(cfg.data.options) if cfg and dataset == cfg.data.dataset else {}
     if args.skip_bad:  # listed-but-missing files and empty class folders too, not only undecodable ones
         options["skip_bad"] = True
     splits = load_dataset(dataset, root, **options)
+    if out is not None:  # an --out that is one of the listed images (a dataset outside its root)
+        refuse_input_files(out, getattr(splits, args.split).paths, "--out")
     records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet and ctx.is_main,
                             split=args.split)
     if len(records) < 2:
@@ -122,8 +142,7 @@ def _evaluate(args: argparse.Namespace, ctx) -> int:
     name = str(args.checkpoint) if args.checkpoint else f"{args.backbone} (untrained)"
     print(f"{name} on {dataset}/{args.split} ({len(records)} images, {records.num_classes} classes, {size} px)")
     print(result.format_table())
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, result.to_dict())
+    if out is not None:
+        write_json(out, result.to_dict(), what="--out")
         print(f"metrics written to {args.out}")
     return 0

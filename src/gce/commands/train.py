@@ -7,10 +7,9 @@ joins the process group; ``--nproc N`` starts N such processes on this machine.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
+from gce.commands.interrupts import report_interrupt
 from gce.config import load_config
 from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
 from gce.distributed.launch import launch_local, restarted_by_launcher
@@ -46,16 +45,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(cfg.train.out_dir)
     # A worker restarted by torchrun --max-restarts continues from the run's last checkpoint.
     resume = args.resume or (restarted_by_launcher() and ((out / "last.pt").exists() or (out / "prev.pt").exists()))
+    command = ["gce", "train", args.config, *args.overrides, "--resume"]
     try:
         with distributed_errors(ctx):
-            trainer = build_run(cfg, ctx, resume=resume, progress=not args.quiet)
             try:
+                trainer = build_run(cfg, ctx, resume=resume, progress=not args.quiet)
                 result = trainer.run()
-            except TrainingInterrupted as exc:
-                if ctx.is_main:
-                    command = " ".join(shlex.quote(a) for a in ["gce", "train", args.config, *args.overrides, "--resume"])
-                    print(f"{exc}\nresume with: {command}", file=sys.stderr)
-                return EXIT_INTERRUPTED
+            except (TrainingInterrupted, KeyboardInterrupt) as exc:  # also Ctrl-C during start-up
+                return report_interrupt(exc, out, command) if ctx.is_main else EXIT_INTERRUPTED
     finally:
         shutdown_distributed()
     if ctx.is_main:

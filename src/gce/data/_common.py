@@ -148,6 +148,8 @@ def split_classes(keys: Iterable[Hashable], test_fraction: float, seed: int, dat
     The classes are sorted before shuffling, so the split depends only on the class names, the
     fraction and the seed, not on file-system listing order.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"bad value for 'data.options.seed': a seed must be an integer from 0 to 2**32-1 (got {seed!r})")
     classes = sorted(set(keys), key=str)
     if len(classes) < 2:
         raise DatasetError(
@@ -171,14 +173,53 @@ def make_splits(
         if len(records) == 0:
             raise DatasetError(f"{name}: the {split} split has no images")
     shared = sorted(set(train.class_names) & set(test.class_names))
+    text = (f"{name}: {len(shared)} classes appear in both train and test"
+            f" (e.g. {', '.join(shared[:3])})")
+    if shared and strict_disjoint:
+        raise DatasetError(text + "; the official split is class-disjoint")
+    check_one_file_one_image(name, train, test)
     if shared:
-        text = (f"{name}: {len(shared)} classes appear in both train and test"
-                f" (e.g. {', '.join(shared[:3])})")
-        if strict_disjoint:
-            raise DatasetError(text + "; the official split is class-disjoint")
         warnings.warn(text + "; test results then measure classes seen in training", stacklevel=3)
     warn_lone_classes(name, train)
     return DatasetSplits(name=name, train=train, test=test)
+
+
+def file_identity(path: str) -> tuple:
+    """What makes two paths the same image: the inode (links, hard links, ``./`` and ``..`` paths
+    all resolve to it), or the real path of a file that cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return (st.st_dev, st.st_ino)
+
+
+def check_one_file_one_image(name: str, train: ImageRecords, test: ImageRecords) -> None:
+    """One file is one image of one class in one split; anything else is an error.
+
+    A file in both splits leaks test images into training; in two classes it is a label
+    contradiction; twice in one class it is its own nearest neighbour and inflates Recall@K.
+    Files are compared by :func:`file_identity`, so a symlink or hard link to a listed file counts.
+    """
+    first: dict[tuple, tuple[str, str, str]] = {}
+    kinds = {"in both train and test": [], "in two classes": [], "listed twice": []}
+    for split, records in (("train", train), ("test", test)):
+        for path, label in zip(records.paths, records.labels):
+            here = (split, records.class_names[label], path)
+            seen = first.setdefault(file_identity(path), here)
+            if seen is here:
+                continue
+            kind = ("in both train and test" if seen[0] != split
+                    else "in two classes" if seen[1] != here[1] else "listed twice")
+            kinds[kind].append((seen, here))
+    found = {kind: pairs for kind, pairs in kinds.items() if pairs}
+    if not found:
+        return
+    counts = ", ".join(f"{len(pairs)} {kind}" for kind, pairs in found.items())
+    (s1, c1, p1), (s2, c2, p2) = next(iter(found.values()))[0]
+    raise DatasetError(f"{name}: the same image file appears more than once ({counts}); e.g. {p2} ({s2}, class"
+                       f" {c2}) is the same file as {p1} ({s1}, class {c1}); one file must be one image of one"
+                       f" class in one split")
 
 
 def warn_lone_classes(name: str, train: ImageRecords) -> None:

@@ -14,6 +14,7 @@ from gce.data._common import (
     check_fraction,
     check_root,
     drop_missing,
+    file_identity,
     make_splits,
     records_from_entries,
     split_classes,
@@ -63,6 +64,7 @@ def splits_from_csv(
     """Read the CSV file ``path`` into splits named ``name`` (see :func:`load_csv`)."""
     rows, columns = _read_rows(path)
     rows = _drop_missing_rows(rows, name, skip_bad)
+    _refuse_duplicate_rows(rows, path)
 
     if "split" in columns:
         train_rows = [r for r in rows if r.split == "train"]
@@ -154,6 +156,22 @@ def _flag(fields: dict[str, str], column: str, location: str) -> bool | None:
 def _drop_missing_rows(rows: list[_Row], name: str, skip_bad: bool) -> list[_Row]:
     kept = {id(e) for e in drop_missing([r.entry for r in rows], name, skip_bad)}
     return [r for r in rows if id(r.entry) in kept]
+
+
+def _refuse_duplicate_rows(rows: list[_Row], path: Path) -> None:
+    """One image listed on two rows is an error naming both lines: evaluated twice it is its own
+    nearest neighbour (Recall@1 of a doubled test set is 100%); in two classes it contradicts itself."""
+    first: dict[tuple, _Row] = {}
+    repeats: list[tuple[_Row, _Row]] = []
+    for row in rows:
+        seen = first.setdefault(file_identity(row.entry.path), row)
+        if seen is not row:
+            repeats.append((seen, row))
+    if repeats:
+        seen, row = repeats[0]
+        raise DatasetError(f"{row.entry.where}: {row.entry.path} is listed again (first at"
+                           f" {seen.entry.where.rsplit(', ', 1)[-1]}); {len(repeats)} rows of {path} repeat an"
+                           f" image listed earlier; list every image once")
 
 
 def _masks(test_rows: list[_Row], columns: set[str], path: Path) -> dict[str, np.ndarray]:

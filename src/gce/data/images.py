@@ -29,6 +29,15 @@ MAX_LISTED = 5
 
 _WHITE = (255, 255, 255)
 
+#: Longest side / shortest side accepted. Resizing scales the short side to the crop size, so a
+#: 1 x 1,000,000 strip (a 3 KB PNG) would become 32 x 32,000,000 pixels: refused before decoding.
+#: Panoramas (about 10:1) pass; at 100:1 a 256-pixel resize is 256 x 25,600 pixels (20 MB).
+MAX_ASPECT_RATIO = 100
+
+#: Decoded pixels accepted (width x height), below Pillow's own decompression-bomb limit
+#: (about 179 M): a 100-megapixel photo passes, a header claiming more is refused before decoding.
+MAX_PIXELS = 128_000_000
+
 
 def is_image_file(name: str) -> bool:
     """Whether ``name`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
@@ -94,9 +103,15 @@ class _open_decoded:
         path = self.path
         _check_file(path)
         try:
-            self.image = Image.open(path)
+            with warnings.catch_warnings():  # sizes are checked below, with a one-line reason
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                self.image = Image.open(path)
+            _check_dimensions(self.image.size)  # from the header: before decoding any pixel
             self.image.load()  # Image.open is lazy: truncation only shows when pixels are decoded
             return self.image
+        except _HostileSize as err:
+            self._close()
+            raise BadImageError(path, str(err)) from None
         except Image.DecompressionBombError as err:
             self._close()
             raise BadImageError(path, "exceeds Pillow's decompression-bomb limit") from err
@@ -114,6 +129,32 @@ class _open_decoded:
         if self.image is not None:
             self.image.close()
             self.image = None
+
+
+class _HostileSize(Exception):
+    """A valid image whose size would exhaust memory once resized."""
+
+
+def dimension_problem(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is refused before decoding, or None: an
+    extreme aspect ratio or too many pixels (the limits above). Shared with ``gce serve``'s uploads."""
+    try:
+        _check_dimensions((width, height))
+    except _HostileSize as err:
+        return str(err)
+    return None
+
+
+def _check_dimensions(size: tuple[int, int]) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise _HostileSize(f"empty image ({width} x {height} pixels)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise _HostileSize(f"extreme aspect ratio ({width} x {height} pixels; at most 1:{MAX_ASPECT_RATIO}"
+                           f" is accepted)")
+    if width * height > MAX_PIXELS:
+        raise _HostileSize(f"too large ({width} x {height} = {width * height:,} pixels; at most"
+                           f" {MAX_PIXELS:,} are accepted)")
 
 
 def _check_file(path: str) -> None:

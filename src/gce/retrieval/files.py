@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gce.errors import DatasetError
+from gce.outputs import replace_file, write_json
 
 _CHUNK = 4 * 2**20
 
@@ -35,17 +36,14 @@ def fsync_dir(folder: Path) -> None:
 
 
 def commit_file(tmp: Path, final: Path) -> None:
-    """Flush ``tmp`` to disk and rename it to ``final``: readers see the old file or the whole new one."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    """Flush ``tmp`` to disk and rename it to ``final``: readers see the old file or the whole new one.
+    A directory, FIFO, socket or device at ``final`` is refused (gce.outputs' rules)."""
+    replace_file(tmp, final)
 
 
 def write_json_atomic(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    commit_file(tmp, path)
+    """Strict JSON (NaN as null), atomically: :func:`gce.outputs.write_json`."""
+    write_json(path, values)
 
 
 def read_manifest(path: Path, what: str, expected_format: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gce.data.images import to_rgb
+from gce.data.images import dimension_problem, to_rgb
 from gce.serve.errors import RequestError
 
 #: Pillow formats an upload may have.
@@ -48,6 +48,9 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Imag
                 if width * height > max_pixels:
                     raise RequestError(413, f"image of {width}x{height} = {width * height} pixels is over the "
                                             f"limit of {max_pixels} pixels")
+                problem = dimension_problem(width, height)  # the training data's rule (aspect ratio)
+                if problem is not None:
+                    raise RequestError(400, f"image: {problem}")
                 image.load()  # lazy open: truncation only shows when the pixels are decoded
                 try:
                     upright = ImageOps.exif_transpose(image)

@@ -1,15 +1,17 @@
-"""Atomic, verifiable checkpoints.
+"""Atomic, verified checkpoints.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
 the old one, so a crash (even SIGKILL) mid-write never leaves a half-written ``last.pt``. The
-previous good checkpoint is kept as ``prev.pt``; loading falls back to it when ``last.pt`` is
-unreadable. Checkpoints hold only tensors and plain Python values so they load with
-``torch.load(weights_only=True)``, which cannot execute code from a tampered file.
+previous good checkpoint is kept as ``prev.pt``; loading falls back to it when ``last.pt`` fails
+its check. Every file loaded here (``last.pt``, ``prev.pt``, ``model.pt``, ``best.pt``) must match
+its ``<name>.sha256``: a missing checksum is a failed check, so a damaged file whose checksum was
+deleted is never trusted. Checkpoints hold only tensors and plain Python values so they load with
+``torch.load(weights_only=True)``, which cannot execute code from a tampered file; what they hold
+is then checked against what gce writes (types and keys) before it is used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gce.errors import CheckpointError
+from gce.errors import CheckpointError, ConfigError
+from gce.outputs import checksum_path, sha256_of, verify_checksum, write_bytes, write_checksum
 from gce.runtime import pid_alive
 
 if TYPE_CHECKING:
@@ -42,14 +45,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
-    """Write ``state`` as ``folder/last.pt`` atomically; the old one becomes ``prev.pt``."""
+    """Write ``state`` as ``folder/last.pt`` atomically; the old one becomes ``prev.pt``.
+
+    The steps are ordered so that a kill between any two of them leaves a checkpoint that
+    verifies (the old one or the new one): (1) ``prev.pt.sha256`` gets the old ``last.pt``'s
+    checksum (only ``prev.pt`` is then unverifiable, ``last.pt`` still is); (2) ``last.pt`` becomes
+    ``prev.pt``; (3) the new checksum becomes ``last.pt.sha256``; (4) the new file becomes
+    ``last.pt``. An old ``last.pt`` that fails its own check skips (1) and (2): a damaged file is
+    never promoted over a good ``prev.pt``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"format": _FORMAT, "state": state}, buffer)
     payload = buffer.getvalue()
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = sha256_of(payload)
     _remove_stale_temporaries(folder)
     tmp = folder / f".{LAST}.tmp-{os.getpid()}"
     try:
@@ -62,34 +79,36 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write a checkpoint to {folder}: {exc.strerror or exc};"
                               f" the previous checkpoint is kept") from None
-    last = folder / LAST
+    last, sha, previous_sha = folder / LAST, checksum_path(folder / LAST), checksum_path(folder / PREVIOUS)
     if last.exists():
-        # The checksum moves first: a kill between the two renames then leaves last.pt without a
-        # checksum (loaded unverified, it is complete) rather than prev.pt with last.pt's old
-        # checksum of another file (a mismatch, and no last.pt to load instead).
-        sha, previous_sha = folder / f"{LAST}.sha256", folder / f"{PREVIOUS}.sha256"
-        if sha.exists():
-            os.replace(sha, previous_sha)
-        elif previous_sha.exists():  # last.pt lost its checksum to a kill: prev.pt must not get a stale one
-            os.unlink(previous_sha)
-        os.replace(last, folder / PREVIOUS)
+        try:
+            verify_checksum(last)
+            old_digest = sha.read_text().split()[0]
+        except (CheckpointError, OSError, IndexError):
+            old_digest = None
+        if old_digest:
+            _replace_text(previous_sha, old_digest)
+            os.replace(last, folder / PREVIOUS)
+        # else: a last.pt that fails its check (damaged, or its checksum deleted) never becomes
+        # prev.pt; the prev.pt that is there (loaded instead of it) is kept, and last.pt replaced.
+    os.replace(folder / f".{LAST}.sha256.tmp", sha)
     os.replace(tmp, last)
-    os.replace(folder / f".{LAST}.sha256.tmp", folder / f"{LAST}.sha256")
     _fsync_dir(folder)
     return last
 
 
 def save_export(state: dict[str, Any], path: str | Path) -> Path:
-    """Write a single-file export (e.g. ``model.pt``) in the checkpoint container, atomically.
+    """Write a single-file export (e.g. ``model.pt``) in the checkpoint container, atomically,
+    with its ``.sha256`` beside it.
 
     It loads with :func:`load_checkpoint` like a training checkpoint, but keeps no ``prev.pt``.
     """
     path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format": _FORMAT, "state": state}, buffer)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    payload = buffer.getvalue()
+    write_bytes(path, payload, what="model file")
+    write_checksum(path, payload)
     return path
 
 
@@ -109,17 +128,26 @@ def _remove_stale_temporaries(folder: Path) -> None:
 
 
 def _read_verified(path: Path) -> dict[str, Any]:
-    payload = path.read_bytes()
-    sha_file = path.with_name(path.name + ".sha256")
-    if sha_file.exists() and hashlib.sha256(payload).hexdigest() != sha_file.read_text().strip():
-        raise CheckpointError(f"{path}: checksum mismatch (file is damaged or half-written)")
+    try:
+        payload = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    verify_checksum(path, payload)
     try:
         blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged zip/pickle
         raise CheckpointError(f"{path}: cannot be read ({_load_problem(exc)})") from None
-    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT or not isinstance(blob.get("state"), dict):
         raise CheckpointError(f"{path}: not a gce checkpoint")
     return blob["state"]
+
+
+def checkpoint_files(path_or_folder: str | Path) -> list[Path]:
+    """The files :func:`load_checkpoint` may read for ``path_or_folder`` (with their checksums):
+    the inputs an output path must never replace."""
+    target = Path(os.path.expanduser(os.fspath(path_or_folder)))
+    files = [target / LAST, target / PREVIOUS] if target.is_dir() else [target]
+    return [*files, *(checksum_path(f) for f in files)]
 
 
 def _load_problem(exc: Exception) -> str:
@@ -136,9 +164,10 @@ def _load_problem(exc: Exception) -> str:
 def load_checkpoint(path_or_folder: str | Path, *, warn=print) -> tuple[dict[str, Any], Path]:
     """Load a checkpoint file, or the newest good one in a run folder.
 
-    For a folder, ``last.pt`` is tried first and ``prev.pt`` if it is damaged (with a message).
+    For a folder, ``last.pt`` is tried first and ``prev.pt`` if it fails its check (with a
+    message). Every file must match its ``.sha256``; see the module docstring.
     """
-    target = Path(path_or_folder)
+    target = Path(os.path.expanduser(os.fspath(path_or_folder)))
     if target.is_file():
         return _read_verified(target), target
     if not target.is_dir():
@@ -167,22 +196,81 @@ def save_model_only(model: EmbeddingModel, cfg: ExperimentConfig, path: Path) ->
     save_export({"config": cfg.to_dict(), "model": model.state_dict()}, path)
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+#: What gce writes under each key: a check, and the words for the error message.
+_EXPECTED: dict[str, tuple[Any, str]] = {
+    "config": (lambda v: isinstance(v, dict), "a mapping of config sections"),
+    "epoch": (_is_count, "a non-negative integer"),
+    "batch": (_is_count, "a non-negative integer"),
+    "partial": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool)
+                                                     for k in ("loss_sum", "steps", "triplets")),
+                "a mapping with loss_sum, steps and triplets"),
+    "best_val": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "model": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+              "a mapping of parameter names to tensors"),
+    "optimizer": (lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v, "an optimiser state"),
+    "scheduler": (lambda v: isinstance(v, dict), "a scheduler state"),
+    "assignment": (lambda v: v is None or (isinstance(v, torch.Tensor) and v.dtype == torch.int64 and v.dim() in (1, 2)),
+                   "none or an integer tensor"),
+    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor) and v["torch"].dtype == torch.uint8
+            and isinstance(v.get("python"), tuple), "torch and python RNG states"),
+}
+
+
 def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> None:
+    """Fail with one line unless ``state`` holds ``keys`` with the kinds of values gce writes there.
+
+    The file passed its checksum, so a mismatch here means it was not written by this version of
+    gce (or was written by another program with a valid checksum): refuse before using any of it.
+    """
     missing = [key for key in keys if key not in state]
     if missing:
         raise CheckpointError(f"{path}: not a gce checkpoint of this version (missing {', '.join(missing)})")
+    for key in keys:
+        check, words = _EXPECTED.get(key, (lambda v: True, ""))
+        if not check(state[key]):
+            raise CheckpointError(f"{path}: not a gce checkpoint ('{key}' should be {words},"
+                                  f" found {type(state[key]).__name__})")
+
+
+#: Keys outside the model/data/training sections that still change what a run means: a resume
+#: with another value is refused (train.seed draws every batch, augmentation and meta-class update).
+_MEANING_KEYS = (("train", "seed"),)
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a run whose model/data/sampler settings differ from the checkpoint's."""
+    """Refuse to resume a run whose model/data/sampler settings (or seed) differ from the checkpoint's."""
     differences = []
     for section in ("model", "data", "metaclass", "loss", "sampler", "optim"):
         a, b = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key) and key not in ("workers",):
                 differences.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+    for section, key in _MEANING_KEYS:
+        a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+        if a != b:
+            differences.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
     if differences:
         raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings a resume may change (epochs, evaluation, device, threads ...) that it does
+    change, as ``key: old -> new``: said aloud on resume, and written to ``config.yaml``."""
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section), current.get(section)
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b and section != "name":
+                changes.append(f"{section}: {a!r} -> {b!r}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return changes
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
@@ -192,10 +280,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Em
 
     state, _ = load_checkpoint(path)
     require_keys(state, ("config", "model"), path)
-    cfg = config_from_dict(state["config"])
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: the config saved in it is not valid ({exc})") from None
     model = model_from_config(cfg.model, pretrained=False)
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), cfg

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gce.outputs import dumps_strict
+
 
 class MetricsLogger:
     """Appends ``{"event": ..., "epoch": ..., ...}`` records to ``metrics.jsonl``.
@@ -56,8 +58,8 @@ class MetricsLogger:
 
     def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
         record = {"event": event, "epoch": epoch, **values}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=_jsonable) + "\n")
+        with open(self.path, "a") as fh:  # strict JSON: an undefined metric (NaN) is written as null
+            fh.write(dumps_strict(record, default=_jsonable) + "\n")
         writer = self._tensorboard()
         if writer is not None:
             for key, value in values.items():

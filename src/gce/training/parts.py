@@ -28,7 +28,7 @@ from gce.losses import GCELoss
 from gce.models import EmbeddingModel, model_from_config
 from gce.runtime import check_writable, flush_denormals, resolve_device, seed_everything
 from gce.training.readings import Reading, build_reading
-from gce.training.writer import RunWriter
+from gce.training.writer import RunWriter, check_fresh_folder
 
 __all__ = ["RunParts", "build_optimizer", "build_parts", "build_scheduler", "check_sampler_feasible", "compiled"]
 
@@ -132,6 +132,8 @@ def _prepare_run_folder(cfg: ExperimentConfig, resume: bool) -> Path:
     check_writable(out)
     if not resume and ((out / "last.pt").exists() or (out / "prev.pt").exists()):
         raise GceError(f"{out} already holds a run; pass --resume to continue it or choose another train.out_dir")
+    if not resume:
+        check_fresh_folder(out)  # never replace files of the user's that share a run file's name
     return out
 
 

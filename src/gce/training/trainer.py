@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from gce.config import ExperimentConfig
 from gce.data.images import ImageDataset
 from gce.data.seeded import item_seed
-from gce.errors import GceError
+from gce.data.split_record import check_same_split, split_record
+from gce.errors import CheckpointError, GceError
 from gce.evaluation import EvalResult
 from gce.evaluation.pipeline import evaluate_split
-from gce.training.checkpoint import check_same_model, require_keys
+from gce.training.checkpoint import changed_settings, check_same_model, require_keys
 from gce.training.parts import RunParts, build_parts
 
 EXIT_INTERRUPTED = 130
@@ -75,6 +76,7 @@ class Trainer:
         self.best_val = -1.0
         self.last_test: EvalResult | None = None
         self._interrupt_requested = False
+        self._split: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
@@ -82,10 +84,18 @@ class Trainer:
         return cls(build_parts(cfg, resume=resume, progress=progress), resume=resume, log=log, observers=observers)
 
     # -------------------------------------------------------------- checkpoint
+    def split(self) -> dict[str, Any]:
+        """What this run's data is (class lists and file digests per split), kept in checkpoints."""
+        if self._split is None:
+            d = self.parts.data
+            self._split = split_record({"train": d.train, "val": d.val, "test": d.test})
+        return self._split
+
     def _state(self, epoch: int, batch: int) -> dict[str, Any]:
         p, assignment = self.parts, self.parts.reading.assignment
         return {
-            "config": self.cfg.to_dict(), "epoch": epoch, "batch": batch, "partial": dict(self.partial),
+            "config": self.cfg.to_dict(), "split": self.split(), "epoch": epoch, "batch": batch,
+            "partial": dict(self.partial),
             "best_val": self.best_val, "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(),
             "assignment": None if assignment is None else torch.from_numpy(assignment.copy()),
@@ -117,15 +127,26 @@ class Trainer:
         p = self.parts
         state, path = p.writer.load_checkpoint(warn=self.log)
         require_keys(state, CHECKPOINT_KEYS, path)
+        # Everything that could make the checkpoint mean another run is checked before any of it
+        # is used: the settings (seed included), then the data it was trained on.
         check_same_model(state["config"], self.cfg.to_dict())
-        p.model.load_state_dict(state["model"])
-        p.optimizer.load_state_dict(state["optimizer"])
-        p.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
-        if state["assignment"] is not None:
-            p.reading.restore(state["assignment"].numpy())
-            self._configure_sampler(finetune=self.start_epoch >= self.cfg.train.epochs)
-        self._restore_rng(state)
+        check_same_split(state.get("split"), self.split(), str(path), warn=self.log)
+        try:
+            p.model.load_state_dict(state["model"])
+            p.optimizer.load_state_dict(state["optimizer"])
+            p.scheduler.load_state_dict(state["scheduler"])
+            self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
+            if state["assignment"] is not None:
+                p.reading.restore(state["assignment"].numpy())
+                self._configure_sampler(finetune=self.start_epoch >= self.cfg.train.epochs)
+            self._restore_rng(state)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{path}: its state does not fit this run ({type(exc).__name__}: {first})") from None
+        changes = changed_settings(state["config"], self.cfg.to_dict())
+        if changes:  # allowed (epochs, evaluation, device ...), but said, and recorded in config.yaml
+            self.log(f"resuming with changed settings: {'; '.join(changes)} (written to config.yaml)")
+        p.writer.record_config(self.cfg)
         self.partial = dict(state["partial"])
         self.best_val = float(state["best_val"])
         # Drop log records written after this checkpoint so the log matches an uninterrupted run.
@@ -282,9 +303,11 @@ class Trainer:
         self._observe(epoch)
         self.start_batch = 0
         path = self._save(epoch + 1, 0)
-        if self._interrupt_requested and epoch + 1 < self.total_epochs:
-            # Ctrl-C during the epoch's last step or its evaluation: stop here.
-            raise TrainingInterrupted(f"interrupted: checkpoint written to {path}")
+        if self._interrupt_requested:
+            # Ctrl-C during the epoch's last step or its evaluation, the final epoch's too: stop
+            # here; a resume of a finished run only evaluates and exports.
+            done = " (training is complete; resuming evaluates and exports model.pt)" if epoch + 1 == self.total_epochs else ""
+            raise TrainingInterrupted(f"interrupted: checkpoint written to {path}{done}")
 
     def run(self) -> EvalResult:
         p = self.parts
