@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from gce.cli import main
 from gce.data.records import ImageRecords
 from gce.demo import pick_queries, write_retrieval_grid
+from gce.training.checkpoint import load_checkpoint
 
 CONFIG = """
 name: tiny-demo
@@ -31,6 +34,31 @@ def test_demo_writes_table_and_figures(tmp_path, shape_folder, capsys):
     # A second demo reuses the finished run instead of training again.
     assert main(["demo", str(config), "--quiet", "--out", str(tmp_path / "demo")]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_metrics_equal_gce_eval_and_its_curve_leaves_training_unchanged(tmp_path, shape_folder):
+    run = tmp_path / "run"
+    config = tmp_path / "demo.yaml"
+    config.write_text(CONFIG.format(root=shape_folder, out=run) + "eval: {backend: faiss}\n")
+    assert main(["demo", str(config), "--quiet", "--out", str(tmp_path / "demo"), "train.epochs=2"]) == 0
+    demo_rows = json.loads((tmp_path / "demo" / "comparison.json").read_text())
+    # The same model.pt through `gce eval` with the configured back end: the very same numbers.
+    assert main(["eval", "--checkpoint", str(run / "model.pt"), "--backend", "faiss", "--workers", "0", "--quiet",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert demo_rows["tiny-demo (2 epochs)"] == json.loads((tmp_path / "eval.json").read_text())
+    # The curve: the model before training, then after each epoch.
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in log if r["event"] == "curve"]
+    assert [r["epoch"] for r in curve] == [-1, 0, 1]
+    assert curve[-1]["recall@1"] == demo_rows["tiny-demo (2 epochs)"]["recall@1"]
+    # Measuring the curve does not change training: `gce train` alone ends with the same weights.
+    plain = tmp_path / "plain"
+    assert main(["train", str(config), "--quiet", "train.epochs=2", f"train.out_dir={plain}"]) == 0
+    assert (plain / "final_metrics.json").read_text() == (run / "final_metrics.json").read_text()
+    for key, tensor in load_checkpoint(plain / "last.pt")[0]["model"].items():
+        assert torch.equal(tensor, load_checkpoint(run / "last.pt")[0]["model"][key]), key
+    assert torch.equal(load_checkpoint(plain / "last.pt")[0]["rng"]["torch"], load_checkpoint(run / "last.pt")[0]["rng"]["torch"])
 
 
 def test_retrieval_grid_marks_right_and_wrong(tmp_path, shape_folder, monkeypatch):

@@ -14,7 +14,6 @@ from gce.metaclass import (
     AssignmentStats,
     ClassProxyStrategy,
     MetaClassStrategy,
-    ProxyEMA,
     assignment_stats,
     build_strategy,
     class_proxies,
@@ -71,20 +70,6 @@ def test_class_proxies_rejects_bad_labels() -> None:
         class_proxies(torch.randn(3, 2), torch.tensor([0, 1, 3]), 3)
 
 
-def test_proxy_ema_updates() -> None:
-    ema = ProxyEMA(num_classes=3, dim=2, momentum=0.5)
-    ema.update(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1]))
-    torch.testing.assert_close(ema.state[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    assert ema.seen.tolist() == [True, True, False]
-    ema.update(torch.tensor([[0.0, 2.0]]), torch.tensor([0]))
-    torch.testing.assert_close(ema.state[0], torch.tensor([0.5, 0.5]))  # 0.5 old + 0.5 new
-    torch.testing.assert_close(ema.state[1], torch.tensor([0.0, 1.0]))  # untouched
-    p = ema.proxies
-    torch.testing.assert_close(p[0], torch.tensor([2**-0.5, 2**-0.5]))
-    assert torch.all(p[2] == 0)
-    assert set(ema.state_dict()) == {"state", "seen"}
-
-
 # ------------------------------------------------------------------------------------ matching
 def test_match_restores_permuted_ids() -> None:
     rng = np.random.default_rng(1)
@@ -127,7 +112,7 @@ def test_moved_fraction_brute_force() -> None:
 # ------------------------------------------------------------------------------------ class_proxy
 def test_class_proxy_finds_clusters_and_is_stable() -> None:
     x, y, truth = clustered_data([5, 5, 5, 5])
-    strategy = build_strategy("class_proxy", num_learners=4)
+    strategy = build_strategy("class_proxy", num_metaclasses=4)
     assert isinstance(strategy, MetaClassStrategy) and strategy.level == "class"
     first = strategy.assign(x, y, 20, previous=None, seed=0)
     assert first.shape == (20,) and first.dtype == np.int64
@@ -145,7 +130,7 @@ def test_every_class_lies_in_one_subset() -> None:
     x, y, _ = clustered_data([4, 6, 3, 7], images_per_class=[2, 3, 4, 5] * 5)
     for name in ("class_proxy", "random", "none"):
         k = 1 if name == "none" else 4
-        strategy = build_strategy(name, num_learners=k)
+        strategy = build_strategy(name, num_metaclasses=k)
         assignment = strategy.assign(x, y, 20, previous=None, seed=0)
         groups = group_of_sample(assignment, y, strategy.level)
         for c in range(20):
@@ -201,7 +186,7 @@ def test_one_class_per_learner_when_few_classes() -> None:
 def test_too_many_learners_is_an_error() -> None:
     x, y, _ = clustered_data([2, 1])
     for name in ("class_proxy", "random", "samples"):
-        with pytest.raises(ValueError, match="num_learners=4 is larger than the number of training classes"):
+        with pytest.raises(ValueError, match="num_metaclasses=4 is larger than the number of training classes"):
             build_strategy(name, 4).assign(x, y, 3, None, 0)
 
 
@@ -212,12 +197,10 @@ def test_non_finite_embeddings_are_reported() -> None:
         build_strategy("class_proxy", 2).assign(x, y, 6, None, 0)
 
 
-def test_assign_proxies_from_ema() -> None:
+def test_assign_ready_made_proxies() -> None:
     x, y, truth = clustered_data([3, 3, 3])
-    ema = ProxyEMA(9, x.shape[1], momentum=0.0)
-    ema.update(x, y)
     strategy = ClassProxyStrategy(3)
-    assert same_partition(strategy.assign_proxies(ema.proxies, seed=0), truth)
+    assert same_partition(strategy.assign_proxies(class_proxies(x, y, 9), seed=0), truth)
 
 
 # ------------------------------------------------------------------------------------ random
@@ -276,7 +259,7 @@ def test_samples_balanced() -> None:
 def test_none_strategy() -> None:
     strategy = build_strategy("none", 1)
     assert strategy.assign(None, np.arange(5), 5, None, 0).tolist() == [0] * 5
-    with pytest.raises(ValueError, match="num_learners=1"):
+    with pytest.raises(ValueError, match="num_metaclasses=1"):
         build_strategy("none", 2)
 
 
@@ -294,7 +277,7 @@ def test_assignment_stats_class_level_brute_force() -> None:
     labels = np.array([0, 0, 1, 2, 2, 2, 3, 4])
     old = np.array([0, 0, 1, 1, 2])
     new = np.array([0, 1, 1, 1, 0])
-    stats = assignment_stats(new, labels, 5, previous=old, num_learners=3)
+    stats = assignment_stats(new, labels, 5, previous=old, num_metaclasses=3)
     assert isinstance(stats, AssignmentStats)
     assert stats.classes_per_learner == [2, 3, 0]
     assert stats.images_per_learner == [3, 5, 0]

@@ -23,7 +23,8 @@ from gce.errors import GceError
 from gce.training import checkpoint as ckpt
 from gce.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint
 from gce.training.logging import MetricsLogger
-from gce.training.trainer import Trainer
+from gce.training.parts import build_parts
+from gce.training.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -160,7 +161,7 @@ def test_a_folder_with_only_prev_pt_is_a_run_too(tmp_path, shape_folder):
     os.replace(out / LAST, out / PREVIOUS)
     config = write_config(tmp_path, shape_folder, out)
     with pytest.raises(GceError, match="already holds a run; pass --resume"):
-        Trainer(load_config(config), progress=False).run()
+        Trainer.from_config(load_config(config), progress=False).run()
 
 
 # -------------------------------------------------------------------------------------- Ctrl-C
@@ -205,26 +206,47 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_bitwise(tmp_path, shap
 
 
 # ----------------------------------------------------------------------------------- NaN loss
-def test_nan_loss_mid_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
-        tmp_path, shape_folder, monkeypatch, capsys):
-    from gce.losses import GCELoss
+class LossTurningNaN(torch.nn.Module):
+    """The run's loss, replaced from call ``after + 1`` on: by NaN (``value=True``), or by the same
+    value with a NaN gradient, which breaks the weights while the loss stays finite."""
 
-    real_forward, calls = GCELoss.forward, []
+    def __init__(self, real: torch.nn.Module, after: int, value: bool) -> None:
+        super().__init__()
+        self.real, self.after, self.value, self.calls = real, after, value, 0
 
     def forward(self, *args, **kwargs):
-        loss, info = real_forward(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) > 5:  # epoch 1, batch 1 (4 batches per epoch)
-            loss = loss * float("nan")
+        loss, info = self.real(*args, **kwargs)
+        self.calls += 1
+        if self.calls > self.after:
+            loss = loss * float("nan") if self.value else NaNGradient.apply(loss)
         return loss, info
 
-    monkeypatch.setattr(GCELoss, "forward", forward)
+
+class NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def nan_trainer(tmp_path: Path, shape_folder: Path, after: int, value: bool, *overrides: str) -> tuple[Trainer, Path]:
     out = tmp_path / "run"
-    config = write_config(tmp_path, shape_folder, out, epochs=3, batches=4)
-    assert main(["train", str(config), "--quiet"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("gce: error: loss became nan")
-    assert f"The last good checkpoint is kept in {out}" in err
+    cfg = load_config(write_config(tmp_path, shape_folder, out, epochs=3, batches=4), list(overrides))
+    parts = build_parts(cfg, progress=False)
+    parts.loss = LossTurningNaN(parts.loss, after=after, value=value)
+    return Trainer(parts, log=lambda _: None), out
+
+
+def test_nan_loss_mid_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, shape_folder):
+    trainer, out = nan_trainer(tmp_path, shape_folder, after=5, value=True)  # epoch 1, batch 1 (4 per epoch)
+    with pytest.raises(NonFiniteLossError) as raised:
+        trainer.run()
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("loss became nan (learner 1)")
+    assert f"The last good checkpoint is kept in {out}" in message
     state, path = load_checkpoint(out)
     assert path.name == LAST and state["epoch"] == 1 and state["batch"] == 0
     assert all_finite(state)
@@ -241,26 +263,14 @@ def test_huge_learning_rate_stops_at_once_without_a_checkpoint(tmp_path, shape_f
     assert not (out / LAST).exists()
 
 
-def test_nan_weights_from_the_last_step_of_an_epoch_are_never_checkpointed(
-        tmp_path, shape_folder, monkeypatch, capsys):
+def test_nan_weights_from_the_last_step_of_an_epoch_are_never_checkpointed(tmp_path, shape_folder):
     """The loss of the step that breaks the weights is still finite; nothing evaluates it next
     when train.eval_test_every=0, so the check must be on the weights themselves."""
-    real_step, calls = Trainer._step, []
-
-    def step(self, images, labels, learner):
-        result = real_step(self, images, labels, learner)
-        calls.append(1)
-        if len(calls) == 8:  # the last step of epoch 1
-            with torch.no_grad():
-                next(self.model.parameters()).fill_(float("nan"))
-        return result
-
-    monkeypatch.setattr(Trainer, "_step", step)
-    out = tmp_path / "run"
-    config = write_config(tmp_path, shape_folder, out, epochs=3, batches=4)
-    assert main(["train", str(config), "--quiet", "train.eval_test_every=0"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert err.startswith("gce: error: model weights became NaN or infinite during epoch 1; stopping without")
+    trainer, out = nan_trainer(tmp_path, shape_folder, 7, False, "train.eval_test_every=0")  # epoch 1's last step
+    with pytest.raises(NonFiniteLossError) as raised:
+        trainer.run()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("model weights became NaN or infinite during epoch 1; stopping without")
     state, _ = load_checkpoint(out)
     assert state["epoch"] == 1 and all_finite(state)

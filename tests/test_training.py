@@ -82,7 +82,7 @@ def test_refuses_to_overwrite_a_run_and_checks_resume_config(tmp_path, shape_fol
     config = write_config(tmp_path, shape_folder, out)
     assert run_train(config, "train.epochs=1", "sampler.batches_per_epoch=1", "train.eval_test_every=0") == 0
     with pytest.raises(GceError, match="already holds a run"):
-        Trainer(load_config(config, ["train.epochs=1"]), progress=False).run()
+        Trainer.from_config(load_config(config, ["train.epochs=1"]), progress=False).run()
     assert run_train(config, "--resume", "model.embedding_dim=64", "train.epochs=2") == 1
 
 

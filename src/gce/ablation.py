@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gce.config import ExperimentConfig, apply_override, config_from_dict, parse_override, read_config_tree
 from gce.errors import ConfigError
+from gce.runtime import pid_alive
 
 SUMMARY_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
 
@@ -64,16 +65,6 @@ def run_config(ablation: AblationConfig, base_tree: dict[str, Any], variant: str
     return config_from_dict(tree)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 @contextmanager
 def run_lock(folder: Path) -> Iterator[bool]:
     """Yields True if this process now owns ``folder``'s run, False if a live process does."""
@@ -87,7 +78,7 @@ def run_lock(folder: Path) -> Iterator[bool]:
                 owner = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):
                 owner = 0
-            if owner and owner != os.getpid() and _pid_alive(owner):
+            if owner and owner != os.getpid() and pid_alive(owner):
                 yield False
                 return
             lock.unlink(missing_ok=True)  # stale: its process died
@@ -127,7 +118,7 @@ def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: lis
                 continue
             resume = (out / "last.pt").exists() or (out / "prev.pt").exists()
             log(f"[{variant} seed {seed}] {'resuming' if resume else 'starting'} in {out}")
-            Trainer(cfg, resume=resume, progress=progress, log=log).run()
+            Trainer.from_config(cfg, resume=resume, progress=progress, log=log).run()
     return write_summary(Path(ablation.out_dir), variants, ablation.seeds)
 
 

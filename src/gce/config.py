@@ -13,6 +13,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gce.errors import ConfigError
+from gce.evaluation.knn import BACKENDS
+from gce.losses.triplet import DISTANCES, MINING_TYPES
+from gce.metaclass.relabel import LEARNER_DATA
+from gce.metaclass.strategies import BALANCE_BY, STRATEGY_NAMES
+from gce.models.backbones import BACKBONES
+from gce.models.embedding_model import HEADS, check_model_config
+from gce.models.heads import INPUT_MIXING_MODES, POOLING_MODES
+
+# Each vocabulary is defined once, by the module that implements it; ``Literal[names]`` turns its
+# tuple into the type pydantic validates against (an unknown value is a one-line error naming them).
 
 
 class _Section(BaseModel):
@@ -36,25 +46,33 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["resnet18", "resnet50", "googlenet", "mobilenet_v2"] = "resnet50"
-    head: Literal["gce", "linear_split"] = "gce"
+    backbone: Literal[tuple(BACKBONES)] = "resnet50"
+    head: Literal[HEADS] = "gce"
     num_learners: int = Field(4, ge=1)
     embedding_dim: int = Field(512, ge=1)
     pretrained: bool = True
     freeze_bn: bool = True
-    pooling: Literal["avg", "max", "avg+max"] = "avg+max"
+    pooling: Literal[POOLING_MODES] = "avg+max"
     block_channels: int | None = Field(None, ge=1)
-    input_mixing: Literal["grouped", "shared"] = "grouped"
+    input_mixing: Literal[INPUT_MIXING_MODES] = "grouped"
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        # The model's own check (learner slices, block channels, grouped input): one place, run
+        # here so a bad combination fails when the config loads, naming the model.* keys.
+        check_model_config(self.backbone, self.head, self.num_learners, self.embedding_dim, self.pooling,
+                           self.block_channels, self.input_mixing)
+        return self
 
 
 class MetaClassConfig(_Section):
-    strategy: Literal["class_proxy", "random", "samples", "none"] = "class_proxy"
+    strategy: Literal[STRATEGY_NAMES] = "class_proxy"
     update_every: int = Field(2, ge=1, description="epochs between meta-class refreshes")
     balanced: bool = True
-    balance_by: Literal["classes", "images"] = "classes"
+    balance_by: Literal[BALANCE_BY] = "classes"
     redraw: bool = False
     warm_start: bool = Field(True, description="class_proxy: refresh k-means from the previous groups")
-    learner_data: Literal["subset", "all"] = Field(
+    learner_data: Literal[LEARNER_DATA] = Field(
         "subset", description="subset: learner k trains on its meta-class subset with class labels; "
                               "all: every learner sees all data, labelled by its own meta-classes")
     num_metaclasses: int = Field(16, ge=2, description="learner_data=all: meta-classes per learner")
@@ -62,8 +80,8 @@ class MetaClassConfig(_Section):
 
 class LossConfig(_Section):
     margin: float = Field(0.1, gt=0.0)
-    mining: Literal["semihard", "hard", "all"] = "semihard"
-    distance: Literal["euclidean", "cosine"] = "euclidean"
+    mining: Literal[MINING_TYPES] = "semihard"
+    distance: Literal[DISTANCES] = "euclidean"
     full_embedding_weight: float = Field(0.0, ge=0.0)
 
 
@@ -92,15 +110,21 @@ class TrainConfig(_Section):
     device: str = "cpu"
     out_dir: str = "runs/default"
     eval_test_every: int = Field(1, ge=0, description="report test metrics every N epochs (0: only at the end)")
-    amp: bool = False
+    amp: bool = Field(False, description="CUDA: bf16 autocast for the model's forward (loss and mining stay fp32)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    dist_timeout_s: float = Field(1800.0, gt=0.0, description="multi-process runs: seconds a collective may wait "
+                                                               "for the other ranks before the job fails")
+    sync_bn: bool = Field(False, description="multi-process runs: synchronise the trunk's trainable BatchNorm "
+                                             "(needs model.freeze_bn: false); the head's is always synchronised")
+    channels_last: bool = Field(False, description="channels-last memory format for the model and its input")
+    compile: bool = Field(False, description="torch.compile the model for training")
 
 
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     recall_ks: list[Annotated[int, Field(ge=1)]] | None = None
     clustering: bool = True
-    backend: Literal["torch", "faiss"] = "torch"
+    backend: Literal[BACKENDS] = "torch"
 
 
 class ExperimentConfig(_Section):
@@ -117,14 +141,6 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> "ExperimentConfig":
         m = self.model
-        if m.embedding_dim % m.num_learners:
-            raise ValueError(
-                f"model.embedding_dim={m.embedding_dim} is not divisible by model.num_learners={m.num_learners}"
-            )
-        if m.block_channels is not None and m.block_channels % m.num_learners:
-            raise ValueError(
-                f"model.block_channels={m.block_channels} is not divisible by model.num_learners={m.num_learners}"
-            )
         if self.metaclass.strategy == "none" and m.num_learners != 1:
             raise ValueError(
                 f"metaclass.strategy=none is the single-metric baseline and needs model.num_learners=1 "
@@ -137,6 +153,9 @@ class ExperimentConfig(_Section):
                 f"metaclass.learner_data=all relabels whole classes and needs metaclass.strategy class_proxy "
                 f"or random (got {self.metaclass.strategy})"
             )
+        if self.train.sync_bn and m.freeze_bn:
+            raise ValueError("train.sync_bn=true needs model.freeze_bn=false (frozen BatchNorm layers use their "
+                             "running statistics and have nothing to synchronise)")
         lo, hi = self.data.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"data.crop_scale={list(self.data.crop_scale)} must satisfy 0 < min <= max <= 1")

@@ -6,47 +6,44 @@ writes a comparison table, a retrieval grid and a training-curve PNG.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from gce.config import ExperimentConfig
 from gce.data.images import ImageDataset, load_rgb
 from gce.data.records import ImageRecords
-from gce.data.transforms import test_transform
-from gce.evaluation import EvalResult, default_recall_ks, evaluate_embeddings, exact_knn, extract_embeddings
+from gce.evaluation import EvalResult, exact_knn
+from gce.evaluation.pipeline import EmbedFn, MetricSettings, evaluate_split
 from gce.models.plain import PooledTrunk
 from gce.plots import plot_training_curve, retrieval_grid
-from gce.training.logging import MetricsLogger
 from gce.runtime import write_json
+from gce.training.logging import MetricsLogger
+from gce.training.parts import build_parts
 from gce.training.trainer import Trainer
 
 TABLE_METRICS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
                  ("nmi", "NMI"), ("map@r", "MAP@R"))
+CURVE_EVENT = "curve"
 
 
 @dataclass
-class Evaluated:
-    result: EvalResult
-    embeddings: torch.Tensor
+class RetrievalCurve:
+    """Retrieval metrics of the test split (no clustering), measured by the trainer before training
+    and after every epoch: the points of the demo's training curve."""
 
+    dataset: ImageDataset
+    embed: EmbedFn
+    metrics: MetricSettings
+    event: str = CURVE_EVENT
 
-def embed(model: torch.nn.Module, records: ImageRecords, cfg: ExperimentConfig, progress: bool,
-          desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = ImageDataset(records, test_transform(cfg.data.image_size, resize_to=cfg.data.test_resize))
-    return extract_embeddings(model, dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
-                              progress=progress, desc=desc)
-
-
-def embed_and_evaluate(model: torch.nn.Module, records: ImageRecords, cfg: ExperimentConfig,
-                       progress: bool, desc: str) -> Evaluated:
-    embeddings, labels = embed(model, records, cfg, progress, desc)
-    result = evaluate_embeddings(embeddings, labels, recall_ks=cfg.eval.recall_ks or default_recall_ks(cfg.data.dataset),
-                                 is_query=records.is_query, is_gallery=records.is_gallery,
-                                 clustering=cfg.eval.clustering, seed=cfg.train.seed)
-    return Evaluated(result, embeddings)
+    def __call__(self, model: nn.Module, desc: str) -> dict[str, Any]:
+        metrics = replace(self.metrics, clustering=False)  # k-means every epoch would cost more than the pass
+        return evaluate_split(model, self.dataset, self.embed, metrics, desc).result.to_dict()
 
 
 def comparison_table(rows: dict[str, EvalResult]) -> str:
@@ -81,21 +78,23 @@ def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=pri
     """Untrained backbone vs trained model on the test split; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(cfg.train.out_dir)
-    trainer = Trainer(cfg, resume=(run_dir / "last.pt").exists(), progress=progress, log=log)
-    trained_result = trainer.run()  # a finished run resumes at its end and only re-evaluates
-    test = trainer.data.test
-    untrained = embed_and_evaluate(PooledTrunk(cfg.model.backbone, pretrained=cfg.model.pretrained), test, cfg,
-                                   progress, "untrained backbone")
-    trained = Evaluated(trained_result, embed(trainer.model, test, cfg, progress, "trained model")[0])
+    resume = (run_dir / "last.pt").exists()
+    parts = build_parts(cfg, resume=resume, progress=progress)
+    curve = RetrievalCurve(parts.test_set, parts.embed, parts.metrics)
+    trained_result = Trainer(parts, resume=resume, log=log, observers=[curve]).run()  # a finished run only re-evaluates
+    untrained_model = PooledTrunk(cfg.model.backbone, pretrained=cfg.model.pretrained).to(parts.device)
+    untrained = evaluate_split(untrained_model, parts.test_set, parts.embed, parts.metrics, "untrained backbone")
+    trained_embeddings, _ = parts.embed(parts.model, parts.test_set, "trained model")
     names = {f"{cfg.model.backbone} (untrained, pooled)": untrained.result,
-             f"{cfg.name} ({cfg.train.epochs} epochs)": trained.result}
+             f"{cfg.name} ({cfg.train.epochs} epochs)": trained_result}
     table = comparison_table(names)
     (out / "comparison.md").write_text(table + "\n")
     write_json(out / "comparison.json", {name: r.to_dict() for name, r in names.items()})
-    write_retrieval_grid(trained.embeddings, test, out / "retrieval_grid.png", seed=cfg.train.seed,
+    test = parts.data.test
+    write_retrieval_grid(trained_embeddings, test, out / "retrieval_grid.png", seed=cfg.train.seed,
                          title=f"{cfg.name}: queries (left) and top-5 test neighbours")
     write_retrieval_grid(untrained.embeddings, test, out / "retrieval_grid_untrained.png", seed=cfg.train.seed,
                          title=f"untrained {cfg.model.backbone}: same queries")
-    plot_training_curve(MetricsLogger(run_dir, tensorboard=False).read(), out / "training_curve.png", title=cfg.name)
+    plot_training_curve(MetricsLogger(run_dir, tensorboard=False).read(), out / "training_curve.png", title=cfg.name,
+                        reference=(f"untrained {cfg.model.backbone}", untrained.result.recall[min(untrained.result.recall)]))
     return table
-

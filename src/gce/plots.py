@@ -21,19 +21,34 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_training_curve(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Training loss and test Recall@1 / MAP@R per epoch from a run's metrics.jsonl records."""
+def _retrieval_points(records: list[dict[str, Any]]) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """``(title, [(epochs trained, record)])``: the per-epoch ``curve`` records when the run has them
+    (epoch -1 is the model before training), else the ``test`` records."""
+    curve = [r for r in records if r["event"] == "curve"]
+    chosen, title = (curve, "test retrieval per epoch") if curve else (
+        [r for r in records if r["event"] == "test"], "test metrics")
+    return title, [(r["epoch"] + 1, r) for r in chosen]
+
+
+def plot_training_curve(records: list[dict[str, Any]], path: Path, title: str = "",
+                        reference: tuple[str, float] | None = None) -> Path:
+    """Training loss and test Recall@1 / MAP@R against the number of epochs trained, from a run's
+    metrics.jsonl records. ``reference``: (label, Recall@1) drawn as a horizontal line."""
     train = [r for r in records if r["event"] == "train"]
-    test = [r for r in records if r["event"] == "test"]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot([r["epoch"] for r in train], [r["loss"] for r in train], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="triplet loss", title="training loss")
+    ax_loss.plot([r["epoch"] + 1 for r in train], [r["loss"] for r in train], marker="o")
+    ax_loss.set(xlabel="epochs trained", ylabel="triplet loss", title="training loss")
+    metric_title, points = _retrieval_points(records)
     for key, label in (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("nmi", "NMI")):
-        points = [(r["epoch"], 100 * r[key]) for r in test if r.get(key) is not None]
-        if points:
-            ax_metric.plot(*zip(*points), marker="o", label=label)
-    ax_metric.set(xlabel="epoch", ylabel="%", title="test metrics")
+        xy = [(x, 100 * r[key]) for x, r in points if r.get(key) is not None]
+        if xy:
+            ax_metric.plot(*zip(*xy), marker="o", label=label)
+    if reference is not None:
+        ax_metric.axhline(100 * reference[1], color="grey", linestyle="--", label=f"{reference[0]} (Recall@1)")
+    ax_metric.set(xlabel="epochs trained (0: before training)", ylabel="%", title=metric_title)
     ax_metric.legend()
+    for ax in (ax_loss, ax_metric):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     return _save(fig, path)

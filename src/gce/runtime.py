@@ -13,14 +13,14 @@ import torch
 
 from gce.errors import ConfigError, GceError
 
-__all__ = ["check_writable", "resolve_device", "seed_everything", "write_json"]
+__all__ = ["check_writable", "flush_denormals", "pid_alive", "resolve_device", "seed_everything", "write_json"]
 
 
 def check_writable(folder: Path) -> None:
     """Fail before any work if the run folder cannot be created or written (or the disk is full)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-probe"
+        probe = folder / f".write-probe-{os.getpid()}"  # one per process: N ranks probe at once
         with open(probe, "wb") as fh:
             fh.write(b"\0" * 1024 * 1024)  # a full disk fails here rather than at the first checkpoint
             fh.flush()
@@ -47,6 +47,43 @@ def resolve_device(name: str, key: str) -> torch.device:
     return device
 
 
+def flush_denormals(device: torch.device) -> None:
+    """On CPU, treat subnormal floats (|x| < 1.2e-38) as zero in every thread of torch's kernels.
+
+    x86 CPUs handle subnormal operands in microcode: a 3x3 convolution on subnormal inputs runs
+    ~45-150x slower here. A randomly initialised trunk with frozen BatchNorm (``model.pretrained:
+    false``) produces features near 1e-10 whose products underflow into that range. Values that
+    small never matter to an embedding. ``torch.set_flush_denormal`` only sets the calling
+    thread's MXCSR register, and torch's OpenMP workers keep theirs, so it is also run once inside
+    each worker of the pool (call this after ``torch.set_num_threads``). GPUs: nothing changes.
+    """
+    if device.type != "cpu":
+        return
+    torch.set_flush_denormal(True)
+    set_flush_denormal_in_openmp_workers(True)
+
+
+def set_flush_denormal_in_openmp_workers(on: bool) -> None:
+    """Run ``torch.set_flush_denormal(on)`` on every thread of torch's OpenMP pool (libgomp)."""
+    import ctypes
+
+    library = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if torch.get_num_threads() <= 1 or not library.exists():
+        return
+    try:
+        gomp = ctypes.CDLL(str(library))
+        body_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+        gomp.GOMP_parallel.argtypes = [body_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    except (OSError, AttributeError):  # another OpenMP runtime: the main thread is flushed at least
+        return
+
+    @body_type
+    def body(_: int | None) -> None:
+        torch.set_flush_denormal(on)
+
+    gomp.GOMP_parallel(body, None, 0, 0)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -57,3 +94,14 @@ def write_json(path: Path, values: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(values, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (also when another user owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (EPERM)
+        return True
+    return True

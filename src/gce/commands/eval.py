@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from gce.config import ExperimentConfig
+
 from gce.data import load_dataset
 from gce.data.images import ImageDataset, check_records
 from gce.data.transforms import test_transform
 from gce.errors import DatasetError, GceError
-from gce.evaluation import default_recall_ks, evaluate_embeddings, extract_embeddings
-from gce.runtime import resolve_device, write_json
+from gce.evaluation import default_recall_ks
+from gce.evaluation.knn import BACKENDS
+from gce.evaluation.pipeline import Embedder, MetricSettings, evaluate_split
+from gce.models.backbones import BACKBONES
+from gce.runtime import flush_denormals, write_json
 from gce.training.checkpoint import load_model
 
 
@@ -32,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a gce model.pt/best.pt/last.pt or run folder")
-    src.add_argument("--backbone", help="untrained reference: resnet18, resnet50, googlenet, mobilenet_v2, or raw (pixels)")
+    src.add_argument("--backbone", help=f"untrained reference: {', '.join(BACKBONES)}, or raw (pixels)")
     p.add_argument("--no-pretrained", action="store_true", help="with --backbone: random instead of ImageNet weights")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     p.add_argument("--root", help="dataset root (default: the checkpoint's)")
@@ -44,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--recall-ks", type=int, nargs="+", help="K values (default: the benchmark's)")
     p.add_argument("--no-clustering", action="store_true", help="skip NMI and F1 (k-means)")
-    p.add_argument("--backend", choices=["torch", "faiss"], default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
     p.add_argument("--seed", type=int, default=0, help="k-means seed for NMI/F1")
     p.add_argument("--out", type=Path, help="write the metrics as JSON")
@@ -52,20 +60,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _build_embedder(args: argparse.Namespace):
+def _build_embedder(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ExperimentConfig | None]:
     from gce.models.plain import PooledTrunk, RawPixels
 
     if args.checkpoint is not None:
-        model, cfg = load_model(args.checkpoint, device=args.device)
-        return model, cfg
+        return load_model(args.checkpoint, device=device)
     if args.backbone == "raw":
         return RawPixels(), None
     return PooledTrunk(args.backbone, pretrained=not args.no_pretrained), None
 
 
 def run(args: argparse.Namespace) -> int:
-    resolve_device(args.device, "--device")
-    model, cfg = _build_embedder(args)
+    """Under torchrun each process embeds a shard; rank 0 computes and prints the metrics."""
+    from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
+
+    ctx = init_distributed(args.device, key="--device")
+    try:
+        with distributed_errors(ctx):
+            return _evaluate(args, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _evaluate(args: argparse.Namespace, ctx) -> int:
+    from gce.distributed.context import broadcast_module
+    from gce.distributed.sharding import compute_on_main
+    from gce.distributed.training import ShardedEmbedder
+
+    device = ctx.device
+    flush_denormals(device)
+    model, cfg = _build_embedder(args, device)
     dataset = args.dataset or (cfg.data.dataset if cfg else None)
     root = args.root or (cfg.data.root if cfg else None)
     if not dataset or not root:
@@ -76,20 +100,25 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_bad:  # listed-but-missing files and empty class folders too, not only undecodable ones
         options["skip_bad"] = True
     splits = load_dataset(dataset, root, **options)
-    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet,
+    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet and ctx.is_main,
                             split=args.split)
     if len(records) < 2:
         raise DatasetError(f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
                            f" retrieval evaluation needs at least 2")
     images = ImageDataset(records, test_transform(size, resize_to=resize))
-    embeddings, labels = extract_embeddings(model.to(args.device), images, batch_size=args.batch_size,
-                                            num_workers=args.workers, device=args.device,
-                                            progress=not args.quiet, desc=f"embedding {dataset}/{args.split}")
-    result = evaluate_embeddings(
-        embeddings, labels, recall_ks=args.recall_ks or list(default_recall_ks(dataset)),
-        is_query=records.is_query, is_gallery=records.is_gallery, clustering=not args.no_clustering,
-        backend=args.backend, seed=args.seed,
-    )
+    embed = Embedder(batch_size=args.batch_size, workers=args.workers, device=device,
+                     progress=not args.quiet and ctx.is_main)
+    metrics = MetricSettings(recall_ks=tuple(args.recall_ks or default_recall_ks(dataset)),
+                             clustering=not args.no_clustering, backend=args.backend, seed=args.seed)
+    desc = f"embedding {dataset}/{args.split}"
+    if ctx.enabled:  # every rank embeds its shard with rank 0's weights; the metrics are computed once
+        broadcast_module(ctx, model.to(device))
+        embedded = ShardedEmbedder(embed, ctx)(model, images, desc)
+        result = compute_on_main(ctx, lambda: evaluate_split(model, images, lambda *_: embedded, metrics, desc).result)
+        if not ctx.is_main:
+            return 0
+    else:
+        result = evaluate_split(model.to(device), images, embed, metrics, desc).result
     name = str(args.checkpoint) if args.checkpoint else f"{args.backbone} (untrained)"
     print(f"{name} on {dataset}/{args.split} ({len(records)} images, {records.num_classes} classes, {size} px)")
     print(result.format_table())

@@ -1,13 +1,19 @@
-"""``gce train CONFIG.yaml [key=value ...] [--resume]``."""
+"""``gce train CONFIG.yaml [key=value ...] [--resume] [--nproc N]``.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process runs this command and
+joins the process group; ``--nproc N`` starts N such processes on this machine.
+"""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from gce.config import load_config
-from gce.training.trainer import EXIT_INTERRUPTED, Trainer, TrainingInterrupted
+from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
+from gce.distributed.launch import launch_local, restarted_by_launcher
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,18 +24,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (torchrun; one per GPU with train.device=cuda)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                   help="with --nproc: restart failed workers up to R times, from the last checkpoint")
     p.set_defaults(run=run)
 
 
+def _command(args: argparse.Namespace, *extra: str) -> list[str]:
+    return ["train", args.config, *args.overrides, *(["--quiet"] if args.quiet else []), *extra]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return launch_local(_command(args, *(["--resume"] if args.resume else [])), args.nproc, args.max_restarts)
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    from gce.distributed.training import build_run
+    from gce.training.trainer import EXIT_INTERRUPTED, TrainingInterrupted
+
+    ctx = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    out = Path(cfg.train.out_dir)
+    # A worker restarted by torchrun --max-restarts continues from the run's last checkpoint.
+    resume = args.resume or (restarted_by_launcher() and ((out / "last.pt").exists() or (out / "prev.pt").exists()))
     try:
-        result = trainer.run()
-    except TrainingInterrupted as exc:
-        command = " ".join(shlex.quote(a) for a in ["gce", "train", args.config, *args.overrides, "--resume"])
-        print(f"{exc}\nresume with: {command}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(f"final test metrics ({cfg.train.out_dir}/final_metrics.json):")
-    print(result.format_table())
+        with distributed_errors(ctx):
+            trainer = build_run(cfg, ctx, resume=resume, progress=not args.quiet)
+            try:
+                result = trainer.run()
+            except TrainingInterrupted as exc:
+                if ctx.is_main:
+                    command = " ".join(shlex.quote(a) for a in ["gce", "train", args.config, *args.overrides, "--resume"])
+                    print(f"{exc}\nresume with: {command}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+    finally:
+        shutdown_distributed()
+    if ctx.is_main:
+        print(f"final test metrics ({cfg.train.out_dir}/final_metrics.json):")
+        print(result.format_table())
     return 0

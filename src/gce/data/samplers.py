@@ -158,10 +158,6 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
         """Learner of every batch of an epoch, in order."""
         return [self.learner_of_batch(b) for b in range(self.batches_per_epoch)]
 
-    def classes_of_learner(self, learner: int) -> int:
-        """Number of classes in a learner's subset."""
-        return len(self._pools[learner])
-
     def plan_epoch(self, epoch: int) -> Plan:
         """All batches of ``epoch`` as ``(learner, indices)``; deterministic in (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gce.errors import ConfigError, GceError
 from gce.evaluation import metrics as M
-from gce.evaluation.knn import as_float_tensor, exact_knn, knn_with_first_positive
+from gce.evaluation.knn import BACKENDS, Backend, as_float_tensor, exact_knn, knn_with_first_positive
 
 _RECALL_KS: dict[str, tuple[int, ...]] = {
     "cub": (1, 2, 4, 8),
@@ -123,7 +123,7 @@ def _check_ks(recall_ks: Sequence[int]) -> tuple[int, ...]:
 
 def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | Sequence[int],
                         *, recall_ks: Sequence[int] = (1, 2, 4, 8), is_query: Any = None, is_gallery: Any = None,
-                        clustering: bool = True, backend: Literal["torch", "faiss"] = "torch", seed: int = 0,
+                        clustering: bool = True, backend: Backend = "torch", seed: int = 0,
                         chunk_size: int | None = None, progress: bool = False) -> EvalResult:
     """Recall@K, MAP@R, R-Precision and (optionally) NMI and pairwise F1 of labelled embeddings.
 
@@ -145,6 +145,32 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
     embeddings in leave-one-out mode and on the gallery embeddings in query/gallery mode; NMI uses
     arithmetic averaging; F1 is the pairwise F-measure (see :mod:`gce.evaluation.metrics`).
     """
+    x, y = _checked_inputs(embeddings, labels, backend)
+    ks = _check_ks(recall_ks)
+    split = _query_gallery_split(len(x), is_query, is_gallery)
+    if split is None:
+        q, q_lab, g, g_lab, self_index = x, y, None, None, None
+        relevant = M.num_relevant(y)
+    else:
+        q_rows, g_rows, self_index = split
+        q, q_lab, g, g_lab = x[q_rows], y[q_rows], x[g_rows], y[g_rows]
+        relevant = M.num_relevant(q_lab, g_lab, query_in_gallery=self_index >= 0)
+    neighbor_labels, recall = _retrieve(q, q_lab, y if g is None else g, y if g_lab is None else g_lab, self_index,
+                                        ks, relevant, backend, chunk_size, progress, same_set=g is None)
+    nmi = f1 = None
+    if clustering:  # the gallery (all images in leave-one-out mode)
+        nmi, clusters = M.nmi(x if g is None else g, y if g_lab is None else g_lab, seed=seed)
+        f1 = M.f1_score_pairwise(y if g_lab is None else g_lab, clusters)
+    excluded = int((relevant <= 0).sum())
+    return EvalResult(
+        recall=recall, nmi=nmi, f1=f1,
+        map_at_r=M.map_at_r(neighbor_labels, q_lab, relevant),
+        r_precision=M.r_precision(neighbor_labels, q_lab, relevant),
+        num_queries=len(q_lab) - excluded, num_classes=int(len(np.unique(y))), excluded_queries=excluded,
+    )
+
+
+def _checked_inputs(embeddings: torch.Tensor | np.ndarray, labels: Any, backend: str) -> tuple[torch.Tensor, np.ndarray]:
     x = as_float_tensor(embeddings)
     y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).reshape(-1)
     if len(x) == 0:
@@ -153,40 +179,25 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
         raise GceError(f"{len(x)} embeddings but {len(y)} labels")
     if len(x) < 2:
         raise GceError("evaluation needs at least two embeddings")
-    if backend not in ("torch", "faiss"):
-        raise ConfigError(f"eval.backend must be 'torch' or 'faiss', got {backend!r}")
-    ks = _check_ks(recall_ks)
-    split = _query_gallery_split(len(x), is_query, is_gallery)
-    if split is None:
-        q, q_lab, g, g_lab, self_index = x, y, None, None, None
-        relevant = M.num_relevant(y)
-        cluster_x, cluster_y = x, y
-    else:
-        q_rows, g_rows, self_index = split
-        q, q_lab, g, g_lab = x[q_rows], y[q_rows], x[g_rows], y[g_rows]
-        relevant = M.num_relevant(q_lab, g_lab, query_in_gallery=self_index >= 0)
-        cluster_x, cluster_y = g, g_lab
+    if backend not in BACKENDS:
+        raise ConfigError(f"eval.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return x, y
+
+
+def _retrieve(q: torch.Tensor, q_lab: np.ndarray, g: torch.Tensor, g_lab: np.ndarray, self_index: np.ndarray | None,
+              ks: tuple[int, ...], relevant: np.ndarray, backend: str, chunk_size: int | None, progress: bool,
+              *, same_set: bool) -> tuple[np.ndarray, dict[int, float]]:
+    """Neighbour labels (``max R`` or more per query) and Recall@K (see :func:`evaluate_embeddings`)."""
+    gallery = None if same_set else g
+    gallery_labels = None if same_set else g_lab
     max_r = int(relevant.max(initial=0))
     if backend == "torch":
-        found = knn_with_first_positive(q, q_lab, g, g_lab, k=max_r, self_index=self_index, max_rank=ks[-1],
-                                        chunk_size=chunk_size, progress=progress, desc="retrieval")
-        neighbor_labels = (y if g_lab is None else g_lab)[found.indices.numpy()]
-        recall = M.recall_at_k_from_ranks(found.first_positive_rank, ks, relevant)
-    else:
-        found = exact_knn(q, g, k=max(ks[-1], max_r), backend="faiss", self_index=self_index)
-        neighbor_labels = (y if g_lab is None else g_lab)[found.indices.numpy()]
-        recall = M.recall_at_k(neighbor_labels, q_lab, ks, relevant)
-    nmi = f1 = None
-    if clustering:
-        nmi, clusters = M.nmi(cluster_x, cluster_y, seed=seed)
-        f1 = M.f1_score_pairwise(cluster_y, clusters)
-    excluded = int((relevant <= 0).sum())
-    return EvalResult(
-        recall=recall, nmi=nmi, f1=f1,
-        map_at_r=M.map_at_r(neighbor_labels, q_lab, relevant),
-        r_precision=M.r_precision(neighbor_labels, q_lab, relevant),
-        num_queries=len(q_lab) - excluded, num_classes=int(len(np.unique(y))), excluded_queries=excluded,
-    )
+        found = knn_with_first_positive(q, q_lab, gallery, gallery_labels, k=max_r, self_index=self_index,
+                                        max_rank=ks[-1], chunk_size=chunk_size, progress=progress, desc="retrieval")
+        return g_lab[found.indices.numpy()], M.recall_at_k_from_ranks(found.first_positive_rank, ks, relevant)
+    found = exact_knn(q, gallery, k=max(ks[-1], max_r), backend="faiss", self_index=self_index)
+    neighbor_labels = g_lab[found.indices.numpy()]
+    return neighbor_labels, M.recall_at_k(neighbor_labels, q_lab, ks, relevant)
 
 
 # ----------------------------------------------------------------------------------- extraction

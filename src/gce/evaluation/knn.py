@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from gce.errors import GceError
 
 Metric = Literal["cosine", "euclidean"]
 Backend = Literal["torch", "faiss"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 #: Bytes one block of scores (chunk rows x gallery size x 4) may take. Temporaries of the rank pass
 #: (boolean masks, a row subset) add at most about 1.5x this on top.
@@ -300,7 +301,7 @@ def exact_knn(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarr
     if backend == "faiss":
         return _faiss_knn(q, g, k, metric, own)
     if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if same_set and symmetric and metric == "cosine":
         values, indices = symmetric_topk(q, k, tile=chunk_size, memory_budget=memory_budget)
         return KnnResult(indices=indices, scores=values)
@@ -395,9 +396,7 @@ def knn_with_first_positive(query: torch.Tensor | np.ndarray, query_labels: np.n
                                            memory_budget=memory_budget):
         values, indices = sorted_topk(block, k)
         labels = q_lab[start:stop]
-        rank = _rank_from_list(g_lab[indices.numpy()], labels)
-        rank[~has_positive[start:stop]] = NO_POSITIVE
-        unresolved = np.flatnonzero(rank == 0)  # has a positive, but not within the list
+        rank, unresolved = _ranks_in_lists(g_lab[indices.numpy()], labels, has_positive[start:stop])
         if len(unresolved):
             rank[unresolved] = (_rank_by_counting(block.numpy(), unresolved, labels[unresolved], members)
                                 if count_beyond_list else k + 1)
@@ -415,9 +414,7 @@ def _symmetric_with_rank(x: torch.Tensor, labels: np.ndarray, k: int, members: "
                          memory_budget: int, progress: bool, desc: str) -> KnnResult:
     values, indices = symmetric_topk(x, k, tile=chunk_size, memory_budget=memory_budget, progress=progress,
                                      desc=desc)
-    rank = _rank_from_list(labels[indices.numpy()], labels)
-    rank[~has_positive] = NO_POSITIVE
-    unresolved = np.flatnonzero(rank == 0)  # has a positive, but not within the list
+    rank, unresolved = _ranks_in_lists(labels[indices.numpy()], labels, has_positive)
     if len(unresolved) and count_beyond_list:
         own = torch.from_numpy(unresolved)
         for start, stop, block in score_blocks(x[own], x, self_index=own, chunk_size=chunk_size,
@@ -450,12 +447,26 @@ def _is_own_class(own: torch.Tensor | None, q_lab: np.ndarray, g_lab: np.ndarray
     return same
 
 
-def _rank_from_list(neighbor_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """1-based position of the first same-class neighbour in the list; 0 where there is none."""
-    hit = neighbor_labels == labels[:, None]
+def first_positive_rank(neighbor_labels: np.ndarray | torch.Tensor, query_labels: np.ndarray | torch.Tensor
+                        ) -> np.ndarray:
+    """1-based position of the first same-class item in each list, :data:`NO_POSITIVE` if none.
+
+    >>> first_positive_rank(np.array([[3, 0, 0], [2, 2, 2]]), np.array([0, 1])).tolist()[0]
+    2
+    """
+    lists = neighbor_labels.cpu().numpy() if isinstance(neighbor_labels, torch.Tensor) else np.asarray(neighbor_labels)
+    hit = lists == _labels(query_labels)[:, None]
     if hit.shape[1] == 0:
-        return np.zeros(len(labels), dtype=np.int64)
-    return np.where(hit.any(1), hit.argmax(1) + 1, 0).astype(np.int64)  # argmax: the first True
+        return np.full(len(hit), NO_POSITIVE, dtype=np.int64)
+    rank = hit.argmax(1).astype(np.int64) + 1  # argmax: the first True
+    return np.where(hit.any(1), rank, NO_POSITIVE)
+
+
+def _ranks_in_lists(neighbor_labels: np.ndarray, labels: np.ndarray, has_positive: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks read off the lists, and the rows with a positive somewhere beyond their list."""
+    rank = first_positive_rank(neighbor_labels, labels)
+    return rank, np.flatnonzero(has_positive & (rank == NO_POSITIVE))
 
 
 class _ClassMembers:

@@ -18,13 +18,14 @@ Conventions shared by the retrieval metrics
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 
-from gce.evaluation.knn import NO_POSITIVE
+from gce.evaluation.knn import NO_POSITIVE, first_positive_rank
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[int]
 
@@ -71,19 +72,6 @@ def num_relevant(query_labels: ArrayLike, gallery_labels: ArrayLike | None = Non
 
 
 # -------------------------------------------------------------------------------------- Recall@K
-def first_positive_rank(neighbor_labels: ArrayLike, query_labels: ArrayLike) -> np.ndarray:
-    """1-based position of the first same-class item in each list, ``NO_POSITIVE`` if none.
-
-    >>> first_positive_rank([[3, 0, 0], [2, 2, 2]], [0, 1]).tolist()[0]
-    2
-    """
-    hit = _np(neighbor_labels) == _np(query_labels)[:, None]
-    if hit.shape[1] == 0:
-        return np.full(len(hit), NO_POSITIVE, dtype=np.int64)
-    rank = hit.argmax(1).astype(np.int64) + 1  # argmax: the first True
-    return np.where(hit.any(1), rank, NO_POSITIVE)
-
-
 def recall_at_k_from_ranks(first_positive_ranks: ArrayLike, ks: Iterable[int],
                            num_relevant: ArrayLike) -> dict[int, float]:
     """Recall@K from the first-positive rank of each query.
@@ -162,30 +150,46 @@ def map_at_r(neighbor_labels: ArrayLike, query_labels: ArrayLike, num_relevant: 
 
 
 # ------------------------------------------------------------------------------------- clustering
-def kmeans(embeddings: ArrayLike, n_clusters: int, *, seed: int = 0, n_init: int = 1,
-           backend: Literal["auto", "sklearn", "faiss"] = "auto") -> np.ndarray:
-    """Cluster index of every row, from seeded k-means.
+def kmeans(points: ArrayLike, n_clusters: int, *, seed: int = 0, n_init: int = 1, init: np.ndarray | None = None,
+           backend: Literal["auto", "sklearn", "faiss"] = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Seeded k-means: ``(cluster index of every row, centroids)``; the one k-means of the project.
 
     ``sklearn``: ``KMeans(n_clusters, n_init=n_init, random_state=seed)`` (k-means++ init, Lloyd
-    to convergence). ``faiss``: ``faiss.Kmeans`` with 20 iterations, ``seed``, ``n_init`` redos,
-    which is what makes SOP-sized problems (60k points x 11k clusters) take seconds, not an hour.
-    ``auto`` picks faiss when installed and ``n_samples * n_clusters > SKLEARN_KMEANS_LIMIT``.
+    to convergence) on the points in their own float dtype, or one run from the ``init`` centroids
+    when given. ``faiss`` (float32): ``faiss.Kmeans`` with 20 iterations, ``seed``, ``n_init``
+    redos, which is what makes SOP-sized problems (60k points x 11k clusters) take seconds, not an
+    hour. ``auto`` picks faiss when installed, no ``init`` is given and
+    ``n_samples * n_clusters > SKLEARN_KMEANS_LIMIT``. Fewer distinct points than clusters leaves
+    empty or tiny clusters without a warning; callers that care repair them.
     """
-    x = np.ascontiguousarray(_np(embeddings), dtype=np.float32)
+    x = np.ascontiguousarray(_np(points))
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
     n_clusters = int(min(n_clusters, len(x)))
     if backend == "auto":
-        backend = "faiss" if len(x) * n_clusters > SKLEARN_KMEANS_LIMIT and _has_faiss() else "sklearn"
+        big = len(x) * n_clusters > SKLEARN_KMEANS_LIMIT
+        backend = "faiss" if big and init is None and _has_faiss() else "sklearn"
     if backend == "faiss":
-        import faiss
-
-        # min_points_per_centroid=1: DML test sets have ~5-60 images per class, which is fine here.
-        km = faiss.Kmeans(x.shape[1], n_clusters, niter=20, nredo=n_init, seed=seed, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-        km.train(x)
-        return km.index.search(x, 1)[1][:, 0].astype(np.int64)
+        return _faiss_kmeans(x.astype(np.float32), n_clusters, seed, n_init)
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
-    return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(x).astype(np.int64)
+    km = KMeans(n_clusters=n_clusters, init=init, n_init=1, random_state=seed) if init is not None else \
+        KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = km.fit_predict(x)
+    return labels.astype(np.int64), km.cluster_centers_
+
+
+def _faiss_kmeans(x: np.ndarray, n_clusters: int, seed: int, n_init: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    # min_points_per_centroid=1: DML test sets have ~5-60 images per class, which is fine here.
+    km = faiss.Kmeans(x.shape[1], n_clusters, niter=20, nredo=n_init, seed=seed, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+    km.train(x)
+    return km.index.search(x, 1)[1][:, 0].astype(np.int64), km.centroids
 
 
 def _has_faiss() -> bool:
@@ -214,15 +218,10 @@ def nmi(embeddings: ArrayLike, labels: ArrayLike, seed: int = 0, *, n_init: int 
     from sklearn.metrics import normalized_mutual_info_score
 
     y = _np(labels).astype(np.int64)
-    clusters = kmeans(embeddings, len(np.unique(y)), seed=seed, n_init=n_init, backend=kmeans_backend)
+    x = np.asarray(_np(embeddings), dtype=np.float32)
+    clusters, _ = kmeans(x, len(np.unique(y)), seed=seed, n_init=n_init, backend=kmeans_backend)
     score = normalized_mutual_info_score(y, clusters, average_method="arithmetic")
     return float(score), clusters
-
-
-def _pairs(n: np.ndarray) -> int:
-    """sum of C(n, 2) over the entries of ``n`` (exact, in Python integers)."""
-    n = n.astype(np.int64)
-    return int((n * (n - 1) // 2).sum())
 
 
 def f1_score_pairwise(labels_true: ArrayLike, clusters: ArrayLike) -> float:
@@ -235,8 +234,8 @@ def f1_score_pairwise(labels_true: ArrayLike, clusters: ArrayLike) -> float:
 
         TP = sum_ij C(n_ij, 2),  P = TP / sum_j C(b_j, 2),  R = TP / sum_i C(a_i, 2)
 
-    The non-zero cells are counted with one ``np.unique`` (O(N log N), memory O(non-zero cells)),
-    so SOP's 11k x 11k table is never built densely. An undefined ratio (no pair at all on one
+    Computed with scikit-learn's ``pair_confusion_matrix`` (a sparse contingency table, so SOP's
+    11k x 11k table is never built densely). An undefined ratio (no pair at all on one
     side) counts as 0, and so does F1 when P + R = 0.
 
     >>> f1_score_pairwise([0, 0, 1, 1], [5, 5, 6, 6])
@@ -244,16 +243,14 @@ def f1_score_pairwise(labels_true: ArrayLike, clusters: ArrayLike) -> float:
     >>> round(f1_score_pairwise([0, 0, 0, 1], [0, 0, 1, 1]), 4)   # P = 1/2, R = 1/3
     0.4
     """
+    from sklearn.metrics.cluster import pair_confusion_matrix
+
     y = _np(labels_true).astype(np.int64)
     c = _np(clusters).astype(np.int64)
     if y.shape != c.shape:
         raise ValueError("labels_true and clusters must have the same length")
-    _, y = np.unique(y, return_inverse=True)
-    _, c = np.unique(c, return_inverse=True)
-    _, cell_counts = np.unique(y * (c.max(initial=0) + 1) + c, return_counts=True)
-    tp = _pairs(cell_counts)
-    same_cluster = _pairs(np.bincount(c))
-    same_class = _pairs(np.bincount(y))
-    precision = tp / same_cluster if same_cluster else 0.0
-    recall = tp / same_class if same_class else 0.0
+    # Ordered pairs (each unordered pair twice): [[TN, FP], [FN, TP]], from a sparse contingency table.
+    (_, fp), (fn, tp) = pair_confusion_matrix(y, c).tolist()
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0

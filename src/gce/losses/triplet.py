@@ -25,7 +25,7 @@ value equals the mean of the positive losses over *all* valid triplets of the ba
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, LpDistance
@@ -37,8 +37,8 @@ __all__ = ["MINING_TYPES", "DISTANCES", "LearnerTripletLoss", "GCELoss"]
 
 Mining = Literal["semihard", "hard", "all"]
 Distance = Literal["euclidean", "cosine"]
-MINING_TYPES: tuple[str, ...] = ("semihard", "hard", "all")
-DISTANCES: tuple[str, ...] = ("euclidean", "cosine")
+MINING_TYPES: tuple[str, ...] = get_args(Mining)
+DISTANCES: tuple[str, ...] = get_args(Distance)
 Triplets = tuple[Tensor, Tensor, Tensor]
 
 
@@ -71,9 +71,6 @@ class LearnerTripletLoss(nn.Module):
             raise ValueError(f"unknown mining {mining!r}; valid: {', '.join(MINING_TYPES)}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        self.margin = margin
-        self.mining = mining
-        self.distance_name = distance
         self.miner = TripletMarginMiner(margin=margin, type_of_triplets=mining,
                                         distance=_make_distance(distance))
         self.loss = TripletMarginLoss(margin=margin, distance=_make_distance(distance))

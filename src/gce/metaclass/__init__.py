@@ -4,7 +4,7 @@ See :mod:`gce.metaclass.strategies` for what an assignment is and which strategi
 """
 
 from gce.metaclass.matching import match_to_previous, moved_fraction, overlap_matrix
-from gce.metaclass.proxies import ProxyEMA, class_proxies
+from gce.metaclass.proxies import class_proxies
 from gce.metaclass.strategies import (
     STRATEGY_NAMES,
     AssignmentStats,
@@ -27,7 +27,6 @@ __all__ = [
     "Level",
     "MetaClassStrategy",
     "NoneStrategy",
-    "ProxyEMA",
     "RandomStrategy",
     "SampleKMeansStrategy",
     "assignment_stats",

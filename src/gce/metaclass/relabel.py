@@ -24,7 +24,11 @@ from numpy.typing import ArrayLike
 
 from gce.metaclass.strategies import ClassProxyStrategy, MetaClassStrategy, RandomStrategy
 
-__all__ = ["PerLearnerMetaClasses", "learner_seed"]
+__all__ = ["LEARNER_DATA", "PerLearnerMetaClasses", "learner_seed"]
+
+#: The readings of the method (config ``metaclass.learner_data``): ``subset`` gives learner ``k`` the
+#: data of meta-class ``k``; ``all`` is the reading implemented here.
+LEARNER_DATA: tuple[str, ...] = ("subset", "all")
 
 
 def learner_seed(seed: int, learner: int) -> int:
@@ -47,7 +51,7 @@ class PerLearnerMetaClasses:
             raise ValueError(f"num_learners must be >= 1, got {num_learners}")
         self.base = base
         self.num_learners = num_learners
-        self.num_metaclasses = base.num_learners
+        self.num_metaclasses = base.num_metaclasses
 
     @property
     def needs_embeddings(self) -> bool:

@@ -1,10 +1,13 @@
 """Meta-class strategies: which training data trains which base learner.
 
-An *assignment* is an integer array with values in ``0..K-1`` (``K`` = number of learners):
+An *assignment* is an integer array with values in ``0..M-1`` (``M = num_metaclasses``; in the
+default reading, ``metaclass.learner_data: subset``, meta-class ``k`` is the data subset of learner
+``k`` and ``M`` is the number of learners ``K``; in the ``all`` reading each learner has its own
+partition into ``metaclass.num_metaclasses`` meta-classes, see :mod:`gce.metaclass.relabel`):
 
 * class level (``class_proxy``, ``random``, ``none``): length ``C``; all images of class ``c`` go
-  to learner ``assignment[c]``, so a class lies wholly in one subset (the point of GCE);
-* sample level (``samples``): length ``N``; image ``i`` goes to learner ``assignment[i]`` and a
+  to meta-class ``assignment[c]``, so a class lies wholly in one subset (the point of GCE);
+* sample level (``samples``): length ``N``; image ``i`` goes to meta-class ``assignment[i]`` and a
   class may be spread over several subsets (Divide-and-Conquer, the baseline GCE argues against).
 
 For either level ``group_of_sample`` (what :class:`gce.data.samplers.SubsetBalancedBatchSampler`
@@ -26,24 +29,23 @@ Strategies
     ``K = 1``: everything in group 0 (the single-metric baseline).
 
 After clustering, new group ids are matched to the previous ones with the Hungarian algorithm
-(:func:`gce.metaclass.matching.match_to_previous`) so that learner ``k`` keeps most of its data.
-Every learner gets at least two classes (two samples at sample level) whenever there are at least
-``2K`` of them, because a triplet needs a positive and a negative class; otherwise at least one.
+(:func:`gce.metaclass.matching.match_to_previous`) so that meta-class ``k`` (and the learner
+trained on it) keeps most of its data. Every meta-class gets at least two classes (two samples at
+sample level) whenever there are at least ``2M`` of them, because a triplet needs a positive and a
+negative class; otherwise at least one.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
+from gce.evaluation.metrics import kmeans
 from gce.metaclass.matching import match_to_previous, moved_fraction
 from gce.metaclass.proxies import class_proxies
 
@@ -81,11 +83,15 @@ class MetaClassStrategy(Protocol):
     """What the trainer needs from a meta-class strategy.
 
     ``level`` says whether :meth:`assign` returns one group per class (``"class"``, length ``C``)
-    or one per sample (``"sample"``, length ``N``).
+    or one per sample (``"sample"``, length ``N``). ``needs_embeddings``: whether :meth:`assign`
+    uses embeddings (else it may get ``None``). ``refreshes``: whether a scheduled refresh can
+    change a previous assignment (``random`` without ``redraw`` keeps its first draw).
     """
 
     level: Level
-    num_learners: int
+    num_metaclasses: int
+    needs_embeddings: bool
+    refreshes: bool
 
     def assign(
         self,
@@ -134,19 +140,19 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def _check_num_learners(num_learners: int, num_classes: int) -> None:
-    if num_learners < 1:
-        raise ValueError(f"num_learners must be >= 1, got {num_learners}")
-    if num_learners > num_classes:
+def _check_num_metaclasses(num_metaclasses: int, num_classes: int) -> None:
+    if num_metaclasses < 1:
+        raise ValueError(f"num_metaclasses must be >= 1, got {num_metaclasses}")
+    if num_metaclasses > num_classes:
         raise ValueError(
-            f"num_learners={num_learners} is larger than the number of training classes "
-            f"({num_classes}): every learner needs at least one class; use at most "
-            f"{num_classes} learners"
+            f"num_metaclasses={num_metaclasses} is larger than the number of training classes "
+            f"({num_classes}): every meta-class needs at least one class; use at most "
+            f"{num_classes} meta-classes"
         )
 
 
 def _check_previous(
-    previous: np.ndarray | None, length: int, num_learners: int, what: str
+    previous: np.ndarray | None, length: int, num_metaclasses: int, what: str
 ) -> np.ndarray | None:
     if previous is None:
         return None
@@ -154,8 +160,8 @@ def _check_previous(
     if prev.shape != (length,):
         raise ValueError(f"previous assignment must have one entry per {what} ({length}), "
                          f"got shape {prev.shape}")
-    if prev.size and (prev.min() < 0 or prev.max() >= num_learners):
-        raise ValueError(f"previous assignment values must lie in 0..{num_learners - 1}")
+    if prev.size and (prev.min() < 0 or prev.max() >= num_metaclasses):
+        raise ValueError(f"previous assignment values must lie in 0..{num_metaclasses - 1}")
     return prev
 
 
@@ -182,21 +188,6 @@ def _sq_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """``n x K`` squared Euclidean distances (expanded form: no n x K x D temporary)."""
     d = (points**2).sum(1)[:, None] - 2.0 * points @ centroids.T + (centroids**2).sum(1)[None, :]
     return np.maximum(d, 0.0)
-
-
-def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int,
-            init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded k-means, from k-means++ restarts or from given ``init`` centroids; returns (labels, centroids)."""
-    if init is not None:
-        km = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed)
-    else:
-        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    with warnings.catch_warnings():
-        # Fewer distinct points than clusters only triggers a warning here; the empty or tiny
-        # clusters it leaves are repaired by _enforce_min_size.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        groups = km.fit_predict(points)
-    return groups.astype(np.int64), km.cluster_centers_
 
 
 def _centroids(points: np.ndarray, groups: np.ndarray, k: int, old: np.ndarray) -> np.ndarray:
@@ -332,7 +323,8 @@ def cluster_points(
     init = None
     if init_groups is not None:
         init = _centroids(points, np.asarray(init_groups), num_clusters, _normalise_rows(points[:num_clusters].copy()))
-    groups, centroids = _kmeans(points, num_clusters, seed, n_init, init=init)
+    # Fewer distinct points than clusters leaves empty or tiny clusters: _enforce_min_size repairs them.
+    groups, centroids = kmeans(points, num_clusters, seed=seed, n_init=n_init, init=init, backend="sklearn")
     if balanced:
         w = None if weights is None else np.asarray(weights, dtype=np.float64)
         centroids = _normalise_rows(centroids)
@@ -359,7 +351,7 @@ class ClassProxyStrategy:
     assignment (weighted by images per class, so keeping big classes matters more).
 
     Args:
-        num_learners: ``K``.
+        num_metaclasses: ``M``, the number of groups of classes made.
         balanced: equalise group sizes (see :func:`cluster_points`).
         balance_by: ``"classes"`` (sizes differ by at most one class) or ``"images"``.
         n_init: k-means restarts.
@@ -368,11 +360,13 @@ class ClassProxyStrategy:
     """
 
     level: Level = "class"
+    needs_embeddings = True
+    refreshes = True
 
-    def __init__(self, num_learners: int, balanced: bool = False, balance_by: str = "classes",
+    def __init__(self, num_metaclasses: int, balanced: bool = False, balance_by: str = "classes",
                  n_init: int = 10, warm_start: bool = True) -> None:
         _check_balance_by(balance_by)
-        self.num_learners = num_learners
+        self.num_metaclasses = num_metaclasses
         self.balanced = balanced
         self.balance_by = balance_by
         self.n_init = n_init
@@ -389,25 +383,25 @@ class ClassProxyStrategy:
 
     def assign_proxies(self, proxies: ArrayLike, class_sizes: np.ndarray | None = None,
                        previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-        """Cluster ready-made proxies (``C x D``), e.g. from :class:`ProxyEMA`.
+        """Cluster ready-made proxies (``C x D``).
 
         ``class_sizes`` (images per class) weights the matching and the ``"images"`` balance;
         without it every class counts as one image.
         """
         prox = _to_numpy(proxies, np.float64)
         num_classes = prox.shape[0]
-        _check_num_learners(self.num_learners, num_classes)
-        prev = _check_previous(previous, num_classes, self.num_learners, "class")
+        _check_num_metaclasses(self.num_metaclasses, num_classes)
+        prev = _check_previous(previous, num_classes, self.num_metaclasses, "class")
         sizes = None if class_sizes is None else np.asarray(class_sizes, dtype=np.float64)
         if sizes is not None and sizes.shape != (num_classes,):
             raise ValueError(f"class_sizes must have shape ({num_classes},), got {sizes.shape}")
         # Without class sizes every class counts as one image: "images" balance = "classes".
         weights = sizes if (self.balanced and self.balance_by == "images") else None
-        groups = cluster_points(_normalise_rows(prox), self.num_learners, seed,
+        groups = cluster_points(_normalise_rows(prox), self.num_metaclasses, seed,
                                 balanced=self.balanced, weights=weights, n_init=self.n_init,
                                 init_groups=prev if self.warm_start else None)
         if prev is not None:
-            groups = match_to_previous(prev, groups, self.num_learners, weights=sizes)
+            groups = match_to_previous(prev, groups, self.num_metaclasses, weights=sizes)
         return groups
 
 
@@ -423,23 +417,25 @@ class RandomStrategy:
     """
 
     level: Level = "class"
+    needs_embeddings = False
 
-    def __init__(self, num_learners: int, balance_by: str = "classes", redraw: bool = False) -> None:
+    def __init__(self, num_metaclasses: int, balance_by: str = "classes", redraw: bool = False) -> None:
         _check_balance_by(balance_by)
-        self.num_learners = num_learners
+        self.num_metaclasses = num_metaclasses
         self.balance_by = balance_by
         self.redraw = redraw
+        self.refreshes = redraw
 
     def assign(self, embeddings: ArrayLike | None, labels: ArrayLike | None, num_classes: int,
                previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-        _check_num_learners(self.num_learners, num_classes)
-        prev = _check_previous(previous, num_classes, self.num_learners, "class")
+        _check_num_metaclasses(self.num_metaclasses, num_classes)
+        prev = _check_previous(previous, num_classes, self.num_metaclasses, "class")
         if prev is not None and not self.redraw:
             return prev.copy()
         sizes = self._class_sizes(labels, num_classes)
         groups = self._draw(num_classes, np.random.default_rng(seed), sizes)
         if prev is not None:
-            groups = match_to_previous(prev, groups, self.num_learners, weights=sizes)
+            groups = match_to_previous(prev, groups, self.num_metaclasses, weights=sizes)
         return groups
 
     def _class_sizes(self, labels: ArrayLike | None, num_classes: int) -> np.ndarray | None:
@@ -453,10 +449,10 @@ class RandomStrategy:
         perm = rng.permutation(num_classes)
         groups = np.empty(num_classes, dtype=np.int64)
         if self.balance_by == "classes":
-            for k, chunk in enumerate(np.array_split(perm, self.num_learners)):
+            for k, chunk in enumerate(np.array_split(perm, self.num_metaclasses)):
                 groups[chunk] = k
             return groups
-        load = np.zeros(self.num_learners, dtype=np.int64)
+        load = np.zeros(self.num_metaclasses, dtype=np.int64)
         for c in perm:  # least-loaded first: greedy number partitioning in random order
             k = int(np.argmin(load))
             groups[c] = k
@@ -473,9 +469,11 @@ class SampleKMeansStrategy:
     """
 
     level: Level = "sample"
+    needs_embeddings = True
+    refreshes = True
 
-    def __init__(self, num_learners: int, balanced: bool = False, n_init: int = 10) -> None:
-        self.num_learners = num_learners
+    def __init__(self, num_metaclasses: int, balanced: bool = False, n_init: int = 10) -> None:
+        self.num_metaclasses = num_metaclasses
         self.balanced = balanced
         self.n_init = n_init
 
@@ -483,12 +481,12 @@ class SampleKMeansStrategy:
                previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
         lab = _labels_array(labels, num_classes)
         emb = _embeddings_array(embeddings, lab.shape[0])
-        _check_num_learners(self.num_learners, num_classes)
-        prev = _check_previous(previous, lab.shape[0], self.num_learners, "sample")
-        groups = cluster_points(_normalise_rows(emb), self.num_learners, seed,
+        _check_num_metaclasses(self.num_metaclasses, num_classes)
+        prev = _check_previous(previous, lab.shape[0], self.num_metaclasses, "sample")
+        groups = cluster_points(_normalise_rows(emb), self.num_metaclasses, seed,
                                 balanced=self.balanced, n_init=self.n_init)
         if prev is not None:
-            groups = match_to_previous(prev, groups, self.num_learners)
+            groups = match_to_previous(prev, groups, self.num_metaclasses)
         return groups
 
 
@@ -496,7 +494,9 @@ class NoneStrategy:
     """Single-metric baseline: one learner, every class in group 0."""
 
     level: Level = "class"
-    num_learners: int = 1
+    num_metaclasses: int = 1
+    needs_embeddings = False
+    refreshes = True
 
     def assign(self, embeddings: ArrayLike | None, labels: ArrayLike | None, num_classes: int,
                previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
@@ -507,7 +507,7 @@ class NoneStrategy:
 
 def build_strategy(
     name: str,
-    num_learners: int,
+    num_metaclasses: int,
     balanced: bool = False,
     balance_by: str = "classes",
     redraw: bool = False,
@@ -519,21 +519,21 @@ def build_strategy(
 
     Options that do not apply to a strategy are ignored (``redraw`` only concerns ``random``,
     ``balanced`` the two k-means strategies; ``random`` is always balanced). ``none`` requires
-    ``num_learners == 1``. Raises ``ValueError`` for an unknown name or a bad option.
+    ``num_metaclasses == 1``. Raises ``ValueError`` for an unknown name or a bad option.
     """
-    if num_learners < 1:
-        raise ValueError(f"num_learners must be >= 1, got {num_learners}")
+    if num_metaclasses < 1:
+        raise ValueError(f"num_metaclasses must be >= 1, got {num_metaclasses}")
     _check_balance_by(balance_by)
     if name == "class_proxy":
-        return ClassProxyStrategy(num_learners, balanced, balance_by, n_init=kmeans_n_init, warm_start=warm_start)
+        return ClassProxyStrategy(num_metaclasses, balanced, balance_by, n_init=kmeans_n_init, warm_start=warm_start)
     if name == "random":
-        return RandomStrategy(num_learners, balance_by, redraw)
+        return RandomStrategy(num_metaclasses, balance_by, redraw)
     if name == "samples":
-        return SampleKMeansStrategy(num_learners, balanced, n_init=kmeans_n_init)
+        return SampleKMeansStrategy(num_metaclasses, balanced, n_init=kmeans_n_init)
     if name == "none":
-        if num_learners != 1:
+        if num_metaclasses != 1:
             raise ValueError(f"strategy 'none' is the single-learner baseline and needs "
-                             f"num_learners=1, got {num_learners}")
+                             f"num_metaclasses=1, got {num_metaclasses}")
         return NoneStrategy()
     raise ValueError(f"unknown meta-class strategy {name!r}; valid names: {', '.join(STRATEGY_NAMES)}")
 
@@ -574,16 +574,16 @@ def assignment_stats(
     num_classes: int,
     previous: np.ndarray | None = None,
     level: Level = "class",
-    num_learners: int | None = None,
+    num_metaclasses: int | None = None,
 ) -> AssignmentStats:
     """Sizes of each learner's subset and how much moved since ``previous``.
 
-    ``num_learners`` defaults to ``max(assignment) + 1``; pass it so that a learner left empty
+    ``num_metaclasses`` defaults to ``max(assignment) + 1``; pass it so that a meta-class left empty
     still shows up with zeros.
     """
     groups = np.asarray(assignment, dtype=np.int64)
     lab = _labels_array(labels, num_classes)
-    k = int(num_learners if num_learners is not None else (groups.max() + 1 if groups.size else 1))
+    k = int(num_metaclasses if num_metaclasses is not None else (groups.max() + 1 if groups.size else 1))
     per_sample = group_of_sample(groups, lab, level)
     images = np.bincount(per_sample, minlength=k)
     if level == "class":

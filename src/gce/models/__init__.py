@@ -8,7 +8,7 @@ from gce.models.backbones import (
     is_frozen_batchnorm,
     weights_cache_path,
 )
-from gce.models.embedding_model import HEADS, EmbeddingModel, build_model
+from gce.models.embedding_model import HEADS, EmbeddingModel, build_model, model_from_config
 from gce.models.heads import (
     INPUT_MIXING_MODES,
     POOLING_MODES,
@@ -33,5 +33,6 @@ __all__ = [
     "build_trunk",
     "freeze_batchnorm",
     "is_frozen_batchnorm",
+    "model_from_config",
     "weights_cache_path",
 ]

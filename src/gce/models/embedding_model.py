@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,7 +11,10 @@ from gce.errors import ConfigError
 from gce.models.backbones import BACKBONES, build_trunk, freeze_batchnorm, is_frozen_batchnorm
 from gce.models.heads import EmbeddingHead, GroupChannelwiseHead, LinearSplitHead, check_head_config
 
-__all__ = ["HEADS", "EmbeddingModel", "build_model"]
+if TYPE_CHECKING:
+    from gce.config import ModelConfig
+
+__all__ = ["HEADS", "EmbeddingModel", "build_model", "check_model_config", "model_from_config"]
 
 HEADS = ("gce", "linear_split")
 
@@ -20,18 +23,17 @@ class EmbeddingModel(nn.Module):
     """``images (B x 3 x H x W, ImageNet-normalised) -> embedding (B x D)``.
 
     The embedding is the concatenation of ``num_learners`` unit vectors of ``learner_dim``
-    dimensions (see :meth:`learner_slices`). ``config`` records the :func:`build_model` arguments
-    so a checkpoint can rebuild the same architecture.
+    dimensions (see :meth:`learner_slices`). A checkpoint rebuilds the same architecture from the
+    model section of the run's config (:func:`model_from_config`).
 
     Layers frozen with :func:`~gce.models.backbones.freeze_batchnorm` stay in eval mode through
     :meth:`train`.
     """
 
-    def __init__(self, trunk: nn.Module, head: EmbeddingHead, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, trunk: nn.Module, head: EmbeddingHead) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = head
-        self.config: dict[str, Any] = dict(config or {})
 
     @property
     def num_learners(self) -> int:
@@ -92,7 +94,7 @@ class EmbeddingModel(nn.Module):
         return groups
 
 
-def _check_model_config(
+def check_model_config(
     backbone: str,
     head: str,
     num_learners: int,
@@ -138,7 +140,7 @@ def build_model(
     ``model.embedding_dim=100 is not divisible by model.num_learners=3``; missing ImageNet weights
     raise :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`).
     """
-    _check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing)
+    check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing)
     trunk, channels = build_trunk(backbone, pretrained, allow_download=allow_download)
     if freeze_bn:
         freeze_batchnorm(trunk)
@@ -148,15 +150,15 @@ def build_model(
         )
     else:
         head_module = LinearSplitHead(channels, num_learners, embedding_dim, pooling=pooling)
-    config = {
-        "backbone": backbone,
-        "head": head,
-        "num_learners": num_learners,
-        "embedding_dim": embedding_dim,
-        "pretrained": pretrained,
-        "freeze_bn": freeze_bn,
-        "pooling": pooling,
-        "block_channels": block_channels,
-        "input_mixing": input_mixing,
-    }
-    return EmbeddingModel(trunk, head_module, config)
+    return EmbeddingModel(trunk, head_module)
+
+
+def model_from_config(model: ModelConfig, *, pretrained: bool | None = None) -> EmbeddingModel:
+    """The model that a config's ``model`` section describes; every caller builds models here.
+
+    ``pretrained`` overrides ``model.pretrained`` (``False`` when checkpoint weights follow).
+    """
+    values = model.model_dump()
+    if pretrained is not None:
+        values["pretrained"] = pretrained
+    return build_model(**values)

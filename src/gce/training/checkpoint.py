@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gce.errors import CheckpointError
+from gce.runtime import pid_alive
 
 if TYPE_CHECKING:
     from gce.config import ExperimentConfig
@@ -99,22 +100,12 @@ def _remove_stale_temporaries(folder: Path) -> None:
         if not name.startswith(prefix):
             continue
         pid = name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue  # another live process is writing (it should not be, but leave its file alone)
         try:
             os.unlink(folder / name)
         except OSError:
             pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but not ours (EPERM)
-        return True
-    return True
 
 
 def _read_verified(path: Path) -> dict[str, Any]:
@@ -194,18 +185,15 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
         raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
     """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
     from gce.config import config_from_dict
-    from gce.models import build_model
+    from gce.models import model_from_config
 
     state, _ = load_checkpoint(path)
     require_keys(state, ("config", "model"), path)
     cfg = config_from_dict(state["config"])
-    m = cfg.model
-    model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
-                        embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
-                        block_channels=m.block_channels, input_mixing=m.input_mixing)
+    model = model_from_config(cfg.model, pretrained=False)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

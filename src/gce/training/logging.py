@@ -19,37 +19,51 @@ class MetricsLogger:
     def __init__(self, folder: str | Path, tensorboard: bool = True) -> None:
         self.path = Path(folder) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tensorboard_dir = Path(folder) / "tensorboard" if tensorboard else None
         self._writer = None
-        if tensorboard:
+
+    def _tensorboard(self):
+        """The TensorBoard writer, opened at the first record (a logger that never logs, as on
+        the ranks other than 0 of a distributed run, leaves no event file)."""
+        if self._writer is None and self._tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(log_dir=str(Path(folder) / "tensorboard"))
+                self._writer = SummaryWriter(log_dir=str(self._tensorboard_dir))
             except ImportError:  # tensorboard is optional at run time
-                self._writer = None
+                self._tensorboard_dir = None
+        return self._writer
 
     def truncate_after(self, epoch: int, keep_at_epoch: tuple[str, ...] = ()) -> None:
         """Keep only records of epochs ``< epoch`` (the ones covered by the checkpoint), and those
         of epoch ``epoch`` whose event is in ``keep_at_epoch`` (written before a mid-epoch checkpoint)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and (_epoch_of(line) < epoch
-                                     or (_epoch_of(line) == epoch and _event_of(line) in keep_at_epoch))]
+        self._rewrite([line for line in self.path.read_text().splitlines()
+                       if line.strip() and (_epoch_of(line) < epoch
+                                            or (_epoch_of(line) == epoch and _event_of(line) in keep_at_epoch))])
+
+    def clear(self) -> None:
+        """Drop every record (a fresh run in a folder left by one killed before its first checkpoint)."""
+        if self.path.exists():
+            self._rewrite([])
+
+    def _rewrite(self, lines: list[str]) -> None:
         # Via a temporary file: a kill during a plain rewrite would leave the log empty or cut.
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line in lines))
         os.replace(tmp, self.path)
 
     def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
         record = {"event": event, "epoch": epoch, **values}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, default=_jsonable) + "\n")
-        if self._writer is not None:
+        writer = self._tensorboard()
+        if writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._writer.add_scalar(f"{event}/{key}", value, step if step is not None else epoch)
-            self._writer.flush()
+                    writer.add_scalar(f"{event}/{key}", value, step if step is not None else epoch)
+            writer.flush()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
