@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
         index.set_search_params(nprobe=args.nprobe, ef_search=args.ef)
     queries = embedder.embed_paths(args.images)
     results = index.search(queries, args.k, learners=args.learners, weights=args.weights)
-    if args.learners is not None and not index.exact:
-        note = "approximate: cells/links were built for the whole embedding"
-    else:
-        note = None
+    note = None
+    if (args.learners is not None or args.weights is not None) and not index.exact:
+        note = (f"{index.index_type} answers a learner subset approximately: its cells/links were built for the"
+                f" whole embedding (build_report.json in the index has the recall measured for learner 0 alone)")
     for path, hits in zip(args.images, results):
         if args.json:
             print(json.dumps({"query": str(path), "results": [

@@ -42,14 +42,15 @@ def normalize_learners(x: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
     return out
 
 
-def model_fingerprint(model: torch.nn.Module, preprocessing: dict[str, Any]) -> str:
+def model_fingerprint(model: torch.nn.Module, preprocessing: dict[str, Any],
+                      model_config: dict[str, Any] | None = None) -> str:
     """sha256 of what decides the embeddings: architecture config, preprocessing and every weight.
 
     It names the *model*, not a file: ``model.pt`` and the training checkpoint it was exported
     from agree, so embeddings made with either can share an index.
     """
     digest = hashlib.sha256()
-    config = getattr(model, "config", {})
+    config = dict(model_config or {})
     digest.update(json.dumps({"model": config, "preprocessing": preprocessing}, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
@@ -66,7 +67,8 @@ class Embedder:
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int, resize_to: int | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 64, source: str | None = None) -> None:
+                 device: str | torch.device = "cpu", batch_size: int = 64, source: str | None = None,
+                 model_config: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.image_size = int(image_size)
@@ -74,10 +76,11 @@ class Embedder:
         self.transform = test_transform(self.image_size, resize_to=self.resize_to)
         self.batch_size = int(batch_size)
         self.source = source
+        self.model_config: dict[str, Any] = dict(model_config or {})  # the checkpoint's model section
         self.learner_slices: list[slice] = list(model.learner_slices())
         self.num_learners: int = int(model.num_learners)
         self.embedding_dim: int = int(model.embedding_dim)
-        self.model_id: str = model_fingerprint(model, self.preprocessing())
+        self.model_id: str = model_fingerprint(model, self.preprocessing(), self.model_config)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> Embedder:
@@ -87,8 +90,11 @@ class Embedder:
 
         resolve_device(device, "--device")
         model, cfg = load_model(path, device=device)
+        # pretrained=False: the weights come from the checkpoint (and the id stays what it was
+        # when the model carried its build arguments itself)
+        model_config = {**cfg.model.model_dump(), "pretrained": False}
         return cls(model, image_size=cfg.data.image_size, resize_to=cfg.data.test_resize, device=device,
-                   batch_size=batch_size, source=str(path))
+                   batch_size=batch_size, source=str(path), model_config=model_config)
 
     # ------------------------------------------------------------------ description
     def preprocessing(self) -> dict[str, Any]:
@@ -100,7 +106,7 @@ class Embedder:
     def metadata(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "embedding_dim": self.embedding_dim, "num_learners": self.num_learners,
                 "learner_slices": slices_to_json(self.learner_slices), "image_size": self.image_size,
-                "preprocessing": self.preprocessing(), "model": dict(getattr(self.model, "config", {})),
+                "preprocessing": self.preprocessing(), "model": dict(self.model_config),
                 "source": self.source}
 
     # ------------------------------------------------------------------ embedding
