@@ -45,6 +45,10 @@ class ModelConfig(_Section):
     pooling: Literal["avg", "max", "avg+max"] = "avg+max"
     block_channels: int | None = Field(None, ge=1)
     input_mixing: Literal["grouped", "shared"] = "grouped"
+    # Issue 14: shape of the group channel-wise block, and learner-owned trunk layers.
+    block: Literal["conv3x3", "bottleneck", "none"] = Field("conv3x3", description="gce head: grouped layers of the block")
+    block_residual: bool = Field(False, description="gce head: ReLU(trunk features + block output)")
+    grouped_trunk_layers: int = Field(0, ge=0, description="last trunk layers each learner owns a copy of (0: shared)")
 
 
 class MetaClassConfig(_Section):

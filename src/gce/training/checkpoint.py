@@ -205,7 +205,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, E
     m = cfg.model
     model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners,
                         embedding_dim=m.embedding_dim, pretrained=False, freeze_bn=m.freeze_bn, pooling=m.pooling,
-                        block_channels=m.block_channels, input_mixing=m.input_mixing)
+                        block_channels=m.block_channels, input_mixing=m.input_mixing,
+                        block=m.block, block_residual=m.block_residual, grouped_trunk_layers=m.grouped_trunk_layers)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -102,6 +102,7 @@ class Trainer:
             backbone=m.backbone, head=m.head, num_learners=m.num_learners, embedding_dim=m.embedding_dim,
             pretrained=m.pretrained, freeze_bn=m.freeze_bn, pooling=m.pooling,
             block_channels=m.block_channels, input_mixing=m.input_mixing,
+            block=m.block, block_residual=m.block_residual, grouped_trunk_layers=m.grouped_trunk_layers,
         ).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
