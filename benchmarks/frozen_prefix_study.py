@@ -23,8 +23,8 @@ Each finished (variant, seed) is kept in ``results.jsonl`` and skipped when the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,8 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gce.ablation import load_ablation, mean_std, run_config
+from gce.evaluation import evaluate_embeddings
 from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
 from gce.training.trainer import Trainer, build_optimizer, build_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from learner_diagnostics import nearest_neighbours  # noqa: E402  (benchmarks/ is not a package)
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
@@ -126,6 +130,19 @@ class FrozenPrefixTrainer(Trainer):
         return self.out
 
 
+def learner_diagnostics(trainer: Trainer) -> dict[str, object]:
+    """R@1 of each learner's sub-embedding alone and the mean pairwise nearest-neighbour agreement
+    (as benchmarks/learner_diagnostics.py computes them for a full model)."""
+    embeddings, labels = trainer._embed(trainer.test_set, "diagnostics")
+    slices = trainer.model.learner_slices()
+    per_learner = [evaluate_embeddings(embeddings[:, s], labels, recall_ks=[1], clustering=False).recall[1]
+                   for s in slices]
+    nn_of = [nearest_neighbours(embeddings[:, s]) for s in slices]
+    pairs = list(itertools.combinations(range(len(slices)), 2))
+    agreement = [float((nn_of[a] == nn_of[b]).float().mean()) for a, b in pairs]
+    return {"learners_r1": per_learner, "agreement": sum(agreement) / len(agreement) if pairs else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ablation", type=Path)
@@ -156,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                                           frozen_layers=args.frozen_layers, cache_file=args.out / "prefix_cache.pt")
             final = trainer.run().to_dict()
             record = {"variant": variant, "seed": seed, "seconds": round(time.perf_counter() - started),
-                      **{m: final[m] for m in METRICS}}
+                      **{m: final[m] for m in METRICS}, **learner_diagnostics(trainer)}
             done[(variant, seed)] = record
             with results_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            learners = ", ".join(f"{100 * v:.1f}" for v in record["learners_r1"])
             print(f"{variant} seed {seed}: R@1 {100 * record['recall@1']:.1f} MAP@R {100 * record['map@r']:.1f} "
+                  f"learners {learners} agreement {100 * (record['agreement'] or 0):.1f} % "
                   f"({record['seconds']} s)", flush=True)
     print("| variant | seeds | " + " | ".join(m.replace("recall@", "R@").upper() for m in METRICS) + " |")
     print("|---|---|" + "---|" * len(METRICS))
