@@ -9,6 +9,10 @@ shared or owned by the learners, and the head -- trains exactly as in ``gce trai
 :class:`~gce.training.trainer.Trainer` (batches, flips drawn from the same per-item seeds,
 meta-class refreshes, loss, optimiser, schedule), only fed with cached features.
 
+The test split is evaluated once, at the end, without clustering (no NMI); no checkpoints are
+written (a run takes minutes). The cache (``prefix_cache.pt`` in ``--out``) is only valid for one
+backbone, image size and ``--frozen-layers``: use another ``--out`` when changing them.
+
 So it answers "which variant is best when the last stage (MobileNetV2: the last 5 layers, 96
 channels at 4 x 4 in, 1280 at 2 x 2 out) and the head adapt", not what the full fine-tuning
 gives; docs/results.md reports both, labelled.
