@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from gce.config import config_from_dict
-from gce.models import build_model
+from gce.models import model_from_config
 from gce.training.checkpoint import save_model_only
 
 
@@ -20,9 +20,7 @@ def make_checkpoint(path: Path, *, num_learners: int = 2, embedding_dim: int = 1
         "model": {"backbone": backbone, "head": "gce", "num_learners": num_learners,
                   "embedding_dim": embedding_dim, "pretrained": False, "freeze_bn": False},
     })
-    m = cfg.model
-    model = build_model(backbone=m.backbone, head=m.head, num_learners=m.num_learners, embedding_dim=m.embedding_dim,
-                        pretrained=False, freeze_bn=False, pooling=m.pooling)
+    model = model_from_config(cfg.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_only(model, cfg, path)
     return path

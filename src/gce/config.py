@@ -20,7 +20,7 @@ from gce.metaclass.relabel import LEARNER_DATA
 from gce.metaclass.strategies import BALANCE_BY, STRATEGY_NAMES
 from gce.models.backbones import BACKBONES
 from gce.models.embedding_model import HEADS, check_model_config
-from gce.models.heads import INPUT_MIXING_MODES, POOLING_MODES
+from gce.models.heads import BLOCK_KINDS, INPUT_MIXING_MODES, POOLING_MODES
 
 # Each vocabulary is defined once, by the module that implements it; ``Literal[names]`` turns its
 # tuple into the type pydantic validates against (an unknown value is a one-line error naming them).
@@ -56,13 +56,18 @@ class ModelConfig(_Section):
     pooling: Literal[POOLING_MODES] = "avg+max"
     block_channels: int | None = Field(None, ge=1)
     input_mixing: Literal[INPUT_MIXING_MODES] = "grouped"
+    # Issue 14: shape of the group channel-wise block, and learner-owned trunk layers.
+    block: Literal[BLOCK_KINDS] = Field("conv3x3", description="gce head: grouped layers of the block")
+    block_residual: bool = Field(False, description="gce head: ReLU(trunk features + block output)")
+    grouped_trunk_layers: int = Field(0, ge=0, description="last trunk layers each learner owns a copy of (0: shared)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
         # The model's own check (learner slices, block channels, grouped input): one place, run
         # here so a bad combination fails when the config loads, naming the model.* keys.
         check_model_config(self.backbone, self.head, self.num_learners, self.embedding_dim, self.pooling,
-                           self.block_channels, self.input_mixing)
+                           self.block_channels, self.input_mixing, self.block, self.block_residual,
+                           self.grouped_trunk_layers)
         return self
 
 

@@ -1,4 +1,5 @@
-"""Models: backbone trunks, the group channel-wise (GCE) head, the linear-split head, the model."""
+"""Models: backbone trunks (optionally with learner-owned last layers), the group channel-wise (GCE)
+head, the linear-split head, the model."""
 
 from gce.models.backbones import (
     BACKBONES,
@@ -9,7 +10,9 @@ from gce.models.backbones import (
     weights_cache_path,
 )
 from gce.models.embedding_model import HEADS, EmbeddingModel, build_model, model_from_config
+from gce.models.grouped_trunk import GroupedTrunk
 from gce.models.heads import (
+    BLOCK_KINDS,
     INPUT_MIXING_MODES,
     POOLING_MODES,
     EmbeddingHead,
@@ -20,6 +23,7 @@ from gce.models.heads import (
 
 __all__ = [
     "BACKBONES",
+    "BLOCK_KINDS",
     "HEADS",
     "INPUT_MIXING_MODES",
     "POOLING_MODES",
@@ -27,6 +31,7 @@ __all__ = [
     "EmbeddingModel",
     "GlobalPool",
     "GroupChannelwiseHead",
+    "GroupedTrunk",
     "LinearSplitHead",
     "available_backbones",
     "build_model",

@@ -9,6 +9,7 @@ from torch import nn
 
 from gce.errors import ConfigError
 from gce.models.backbones import BACKBONES, build_trunk, freeze_batchnorm, is_frozen_batchnorm
+from gce.models.grouped_trunk import GroupedTrunk
 from gce.models.heads import EmbeddingHead, GroupChannelwiseHead, LinearSplitHead, check_head_config
 
 if TYPE_CHECKING:
@@ -66,10 +67,15 @@ class EmbeddingModel(nn.Module):
         """Names (as in ``named_parameters()``) of the head parameters learner ``k`` owns a part
         of, each with the rows (dim 0) that are learner ``k``'s.
 
-        Parameters shared by all learners (the trunk; the ``"shared"`` mixing conv) are not listed.
-        Use it to look at one learner's gradients: ``param.grad[rows]``.
+        Parameters shared by all learners (the shared trunk; the ``"shared"`` mixing conv) are not
+        listed; with a :class:`GroupedTrunk`, learner ``k``'s copy of the trunk's last layers is
+        listed whole. Use it to look at one learner's gradients: ``param.grad[rows]``.
         """
-        return {f"head.{name}": rows for name, rows in self.head.learner_parameter_slices(k).items()}
+        owned = {f"head.{name}": rows for name, rows in self.head.learner_parameter_slices(k).items()}
+        if isinstance(self.trunk, GroupedTrunk):
+            branch = self.trunk.branches[k]
+            owned.update({f"trunk.branches.{k}.{name}": slice(None) for name, _ in branch.named_parameters()})
+        return owned
 
     def learner_parameters(self, k: int) -> dict[str, torch.Tensor]:
         """The head parameters that belong to learner ``k``: detached views of their rows.
@@ -102,6 +108,9 @@ def check_model_config(
     pooling: str,
     block_channels: int | None,
     input_mixing: str,
+    block: str = "conv3x3",
+    block_residual: bool = False,
+    grouped_trunk_layers: int = 0,
 ) -> None:
     """Validate all values before anything is built or loaded; errors name the ``model.`` key."""
     if backbone not in BACKBONES:
@@ -115,8 +124,16 @@ def check_model_config(
         pooling=pooling,
         block_channels=block_channels if head == "gce" else None,
         input_mixing=input_mixing if head == "gce" else None,
+        block=block if head == "gce" else "conv3x3",
+        block_residual=block_residual if head == "gce" else False,
         prefix="model.",
     )
+    if grouped_trunk_layers and (head != "gce" or input_mixing != "grouped"):
+        raise ConfigError(
+            f"model.grouped_trunk_layers={grouped_trunk_layers} gives each learner its own trunk channels, "
+            f"which only model.head='gce' with model.input_mixing='grouped' keeps apart "
+            f"(got head={head!r}, input_mixing={input_mixing!r})"
+        )
 
 
 def build_model(
@@ -130,23 +147,32 @@ def build_model(
     block_channels: int | None = None,
     input_mixing: str = "grouped",
     allow_download: bool = True,
+    block: str = "conv3x3",
+    block_residual: bool = False,
+    grouped_trunk_layers: int = 0,
 ) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` from config values.
 
     ``head`` is ``"gce"`` (:class:`GroupChannelwiseHead`) or ``"linear_split"``
     (:class:`LinearSplitHead`; ``block_channels`` and ``input_mixing`` do not apply to it and are
-    ignored). ``freeze_bn`` freezes the trunk's BatchNorm layers only: the head's BatchNorm is new
+    ignored, as are ``block`` and ``block_residual``, the layers of the GCE block). With
+    ``grouped_trunk_layers > 0`` each learner owns a copy of the trunk's last layers
+    (:class:`~gce.models.grouped_trunk.GroupedTrunk`). ``freeze_bn`` freezes the trunk's BatchNorm layers only: the head's BatchNorm is new
     and must learn. Bad values raise :class:`ConfigError` naming the key, e.g.
     ``model.embedding_dim=100 is not divisible by model.num_learners=3``; missing ImageNet weights
     raise :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`).
     """
-    check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing)
+    check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing,
+                       block, block_residual, grouped_trunk_layers)
     trunk, channels = build_trunk(backbone, pretrained, allow_download=allow_download)
+    if grouped_trunk_layers:
+        trunk = GroupedTrunk(trunk, channels, num_learners, grouped_trunk_layers)
     if freeze_bn:
         freeze_batchnorm(trunk)
     if head == "gce":
         head_module: EmbeddingHead = GroupChannelwiseHead(
-            channels, num_learners, embedding_dim, block_channels, pooling=pooling, input_mixing=input_mixing
+            channels, num_learners, embedding_dim, block_channels, pooling=pooling, input_mixing=input_mixing,
+            block=block, block_residual=block_residual,
         )
     else:
         head_module = LinearSplitHead(channels, num_learners, embedding_dim, pooling=pooling)

@@ -20,6 +20,7 @@ from torch import nn
 from gce.errors import ConfigError
 
 __all__ = [
+    "BLOCK_KINDS",
     "INPUT_MIXING_MODES",
     "POOLING_MODES",
     "EmbeddingHead",
@@ -31,6 +32,7 @@ __all__ = [
 
 POOLING_MODES = ("avg", "max", "avg+max")
 INPUT_MIXING_MODES = ("grouped", "shared")
+BLOCK_KINDS = ("conv3x3", "bottleneck", "none")
 
 
 def check_head_config(
@@ -41,6 +43,8 @@ def check_head_config(
     pooling: str = "avg+max",
     block_channels: int | None = None,
     input_mixing: str | None = None,
+    block: str = "conv3x3",
+    block_residual: bool = False,
     prefix: str = "",
 ) -> None:
     """Raise :class:`ConfigError` for an impossible head configuration.
@@ -70,6 +74,17 @@ def check_head_config(
             f"{prefix}input_mixing='grouped' splits between the learners; use num_learners in "
             f"{divisors} or input_mixing='shared'"
         )
+    if block not in BLOCK_KINDS:
+        raise ConfigError(f"{prefix}block={block!r} is unknown; valid: {', '.join(BLOCK_KINDS)}")
+    if block_residual:
+        if block == "none":
+            raise ConfigError(f"{prefix}block_residual=true needs a block; {prefix}block is 'none'")
+        if input_mixing != "grouped" or (block_channels is not None and block_channels != in_channels):
+            raise ConfigError(
+                f"{prefix}block_residual=true adds the trunk features to the block's output, so it needs "
+                f"{prefix}input_mixing='grouped' and {prefix}block_channels unset or {in_channels} "
+                f"(got {input_mixing!r}, {block_channels})"
+            )
     if block_channels is not None:
         if not isinstance(block_channels, int) or isinstance(block_channels, bool) or block_channels < 1:
             raise ConfigError(f"{prefix}block_channels={block_channels!r} must be a positive integer")
@@ -174,6 +189,12 @@ class GroupChannelwiseHead(EmbeddingHead):
       trunk feature (more capacity per learner, any ``K``), at the price of one shared layer of
       ``C x block_channels`` weights; the groups are still separate from the block on.
 
+    ``block`` chooses the layers of the block (every one grouped, ``groups=K``): ``"conv3x3"``
+    (default; above), ``"bottleneck"`` (1x1 conv -> BN -> ReLU -> 3x3 conv -> BN -> ReLU) or
+    ``"none"`` (each learner pools its trunk channels directly into its embedding rows).
+    ``block_residual=True`` returns ``ReLU(x + BN(conv(...)))`` instead, ResNet style, with the
+    last BN's scale starting at zero (needs the block's output to match the trunk's channels).
+
     ``block_channels`` defaults to ``C`` (``"grouped"``) or ``C`` rounded up to a multiple of K
     (``"shared"``). The grouped 3x3 conv has ``9 * C * block_channels / K`` weights: lower
     ``block_channels`` for large trunks with small K (resnet50, K=1: 38M weights at the default).
@@ -195,6 +216,8 @@ class GroupChannelwiseHead(EmbeddingHead):
         block_channels: int | None = None,
         pooling: str = "avg+max",
         input_mixing: str = "grouped",
+        block: str = "conv3x3",
+        block_residual: bool = False,
     ) -> None:
         check_head_config(
             in_channels,
@@ -203,6 +226,8 @@ class GroupChannelwiseHead(EmbeddingHead):
             pooling=pooling,
             block_channels=block_channels,
             input_mixing=input_mixing,
+            block=block,
+            block_residual=block_residual,
         )
         super().__init__(in_channels, num_learners, embedding_dim)
         k = num_learners
@@ -210,17 +235,16 @@ class GroupChannelwiseHead(EmbeddingHead):
             block_channels = in_channels if input_mixing == "grouped" else -(-in_channels // k) * k
         self.block_channels = block_channels
         self.input_mixing = input_mixing
+        self.block_kind = block
+        self.block_residual = block_residual
 
         # Shared mixing layer (shared mode only): no bias, the BN after the grouped conv has one.
         self.mix = nn.Conv2d(in_channels, block_channels, 1, bias=False) if input_mixing == "shared" else None
         conv_in = block_channels if self.mix is not None else in_channels
-        self.block = nn.Sequential(
-            nn.Conv2d(conv_in, block_channels, 3, padding=1, groups=k, bias=False),
-            nn.BatchNorm2d(block_channels),
-            nn.ReLU(inplace=True),
-        )
+        self.block = _grouped_block(block, conv_in, block_channels, k, final_relu=not block_residual)
         self.pool = GlobalPool(pooling)
-        self.embed = nn.Conv2d(block_channels, embedding_dim, 1, groups=k)
+        embed_in = block_channels if block != "none" else conv_in
+        self.embed = nn.Conv2d(embed_in, embedding_dim, 1, groups=k)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -229,14 +253,19 @@ class GroupChannelwiseHead(EmbeddingHead):
         if self.mix is not None:
             # Linear layer (no activation follows directly): keep the input's variance.
             nn.init.kaiming_normal_(self.mix.weight, mode="fan_in", nonlinearity="linear")
-        conv = self.block[0]
-        if conv.in_channels == conv.out_channels:
-            nn.init.dirac_(conv.weight, groups=k)
-        else:
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        bn = self.block[1]
-        nn.init.ones_(bn.weight)
-        nn.init.zeros_(bn.bias)
+        for layer in self.block:
+            if isinstance(layer, nn.Conv2d):
+                if layer.in_channels == layer.out_channels and not self.block_residual:
+                    nn.init.dirac_(layer.weight, groups=k)
+                else:
+                    nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(layer, nn.BatchNorm2d):
+                nn.init.ones_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        if self.block_residual:
+            # ResNet's zero-gamma: the residual branch starts at 0, so the head starts as the
+            # identity on the (non-negative) trunk features, as the Dirac-initialised block does.
+            nn.init.zeros_(self.block[-1].weight)
         # One orthonormal-row block per learner: a distance-preserving random projection.
         with torch.no_grad():
             for rows in self.embed.weight.view(k, self.learner_dim, -1):
@@ -246,19 +275,39 @@ class GroupChannelwiseHead(EmbeddingHead):
     def _owned_parameters(self) -> list[tuple[str, nn.Parameter]]:
         # Grouped conv weights are laid out (out_channels, in_channels/groups, kh, kw): the rows of
         # output group k are learner k's. BN's per-channel parameters follow the same rows.
-        return [
-            ("block.0.weight", self.block[0].weight),
-            ("block.1.weight", self.block[1].weight),
-            ("block.1.bias", self.block[1].bias),
-            ("embed.weight", self.embed.weight),
-            ("embed.bias", self.embed.bias),
-        ]
+        owned = [(f"block.{name}", p) for name, p in self.block.named_parameters()]
+        return owned + [("embed.weight", self.embed.weight), ("embed.bias", self.embed.bias)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.mix(features) if self.mix is not None else features
-        x = self.pool(self.block(x))
-        z = self.embed(x[:, :, None, None]).flatten(1)
+        y = self.block(x)
+        if self.block_residual:
+            y = F.relu(x + y)
+        z = self.embed(self.pool(y)[:, :, None, None]).flatten(1)
         return self._normalise_learners(z)
+
+
+def _grouped_block(kind: str, in_channels: int, out_channels: int, groups: int, final_relu: bool) -> nn.Sequential:
+    """The group channel-wise block: every conv has ``groups`` groups, so group k stays learner k's.
+
+    ``conv3x3``: 3x3 conv -> BN -> ReLU (the layout of the original head; its state-dict keys
+    ``block.0``/``block.1`` are unchanged). ``bottleneck``: 1x1 conv -> BN -> ReLU -> 3x3 conv ->
+    BN -> ReLU, two grouped layers. ``none``: no layer (pool the trunk channels of each group
+    directly). ``final_relu=False`` leaves the last ReLU to the residual sum.
+    """
+    def conv_bn(cin: int, size: int) -> list[nn.Module]:
+        conv = nn.Conv2d(cin, out_channels, size, padding=size // 2, groups=groups, bias=False)
+        return [conv, nn.BatchNorm2d(out_channels)]
+
+    if kind == "none":
+        return nn.Sequential()
+    if kind == "conv3x3":
+        layers = conv_bn(in_channels, 3)
+    else:
+        layers = [*conv_bn(in_channels, 1), nn.ReLU(inplace=True), *conv_bn(out_channels, 3)]
+    if final_relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 class LinearSplitHead(EmbeddingHead):
