@@ -8,7 +8,7 @@ DATA   ?= data
 RUNS   ?= runs
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test demo demo-eval bench clean
+.PHONY: install test e2e demo demo-eval bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q
+
+# The search page of `gce serve` in a real headless Chromium (Debian/Ubuntu: Chromium and its driver
+# from apt, as root or with sudo; elsewhere install them and set GCE_CHROMIUM / GCE_CHROMEDRIVER).
+# Saves docs/img/serve_page.png; fails if any step fails.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+e2e: install
+	command -v chromedriver >/dev/null && (command -v chromium || command -v chromium-browser) >/dev/null \
+		|| ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver)
+	$(PY) -m pip install --quiet -e ".[e2e]"
+	$(PY) -m pytest -q -p no:cacheprovider e2e
 
 $(DATA)/emoji/manifest.csv: | install
 	$(GCE) data emoji --out $(DATA)/emoji --cache $(DATA)/.npm-cache

@@ -10,12 +10,12 @@ from gce.errors import GceError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gce.commands import ablate, data, demo, eval as eval_cmd, train, weights
+    from gce.commands import ablate, data, demo, embed, eval as eval_cmd, export, index, search, serve, train, weights
 
     parser = argparse.ArgumentParser(prog="gce", description="Deep metric learning with Group Channel-wise Ensembles")
     parser.add_argument("--version", action="version", version=f"gce {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, eval_cmd, ablate, demo, data, weights):
+    for module in (train, eval_cmd, ablate, demo, data, weights, export, embed, index, search, serve):
         module.add_parser(sub)
     return parser
 

@@ -1,0 +1,116 @@
+"""``gce embed``: a catalogue of images -> a sharded, resumable embeddings folder tied to the model."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+
+from gce.commands.eval import _count
+from gce.data import load_dataset
+from gce.data.images import is_image_file
+from gce.errors import DatasetError, GceError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed a dataset split, an image folder or a CSV list into an embeddings folder",
+                       description="Embeddings in shards; a killed run resumes where it stopped when rerun with the"
+                                   " same arguments. The model's id is recorded so that embeddings of two models"
+                                   " are never mixed.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a gce model.pt/best.pt/last.pt or run folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="dataset name (cub, cars196, sop, inshop, folder, csv, emoji); needs --root")
+    src.add_argument("--images", type=Path, help="a folder: every image file below it (sorted), no labels")
+    src.add_argument("--csv", type=Path, help="a CSV file with a path column and an optional label column")
+    p.add_argument("--root", help="with --dataset: its root folder")
+    p.add_argument("--split", choices=["test", "train", "all"], default="test", help="with --dataset (default: test)")
+    p.add_argument("--out", type=Path, required=True, help="embeddings folder to write (or resume)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage type (float16: half the disk)")
+    p.add_argument("--shard-size", type=_count(1), default=4096, help="images per shard (the unit of resumption)")
+    p.add_argument("--batch-size", type=_count(1), default=64)
+    p.add_argument("--workers", type=_count(0), default=2, help="image-decoding processes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (counted) instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder that holds another job")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def images_under(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise DatasetError(f"--images {folder}: no such folder")
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(parent, f) for f in sorted(files) if is_image_file(f) and not f.startswith(".")]
+    if not found:
+        raise DatasetError(f"--images {folder}: no image files below it")
+    return found
+
+
+def read_csv_list(path: Path) -> tuple[list[str], list[str | None]]:
+    """``path`` (required) and ``label`` (optional) columns; relative paths from the CSV's folder."""
+    if not path.is_file():
+        raise DatasetError(f"--csv {path}: no such file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip().lower() for h in reader.fieldnames or []]
+            if "path" not in header:
+                raise DatasetError(f"{path}, line 1: no 'path' column (found: {','.join(header) or 'nothing'})")
+            reader.fieldnames = header
+            paths, labels = [], []
+            for row in reader:
+                image = (row.get("path") or "").strip()
+                if not image:
+                    raise DatasetError(f"{path}, line {reader.line_num}: empty path")
+                paths.append(image if os.path.isabs(image) else str(path.parent / image))
+                label = (row.get("label") or "").strip() if "label" in header else ""
+                labels.append(label or None)
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not a UTF-8 text file") from err
+    except csv.Error as err:
+        raise DatasetError(f"{path}: malformed CSV ({err})") from err
+    if not paths:
+        raise DatasetError(f"{path}: lists no images")
+    return paths, labels
+
+
+def catalogue(args: argparse.Namespace) -> tuple[list[str], list[str | None], str]:
+    if args.images is not None:
+        paths = images_under(args.images)
+        return paths, [None] * len(paths), f"images under {args.images}"
+    if args.csv is not None:
+        paths, labels = read_csv_list(args.csv)
+        return paths, labels, f"CSV {args.csv}"
+    if not args.root:
+        raise GceError("--dataset needs --root")
+    splits = load_dataset(args.dataset, args.root, **({"skip_bad": True} if args.skip_bad else {}))
+    parts = [splits.train, splits.test] if args.split == "all" else [getattr(splits, args.split)]
+    paths, labels = [], []
+    for records in parts:
+        paths += records.paths
+        labels += [records.class_names[c] for c in records.labels.tolist()]
+    return paths, labels, f"{args.dataset} {args.root} ({args.split})"
+
+
+def run(args: argparse.Namespace) -> int:
+    from gce.retrieval import Embedder, embed_to_store
+
+    if args.root and not args.dataset:
+        raise GceError("--root goes with --dataset")
+    paths, labels, source = catalogue(args)
+    paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
+    embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    info = embed_to_store(embedder, paths, labels, args.out, dtype=args.dtype, shard_size=args.shard_size,
+                          skip_bad=args.skip_bad, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.quiet, source=source, overwrite=args.overwrite)
+    resumed = f", resumed after {info.resumed_from:,}" if info.resumed_from else ""
+    print(f"embedded {info.embedded:,} of {info.total:,} images from {source}{resumed} -> {info.path}"
+          f" (D={embedder.embedding_dim}, K={embedder.num_learners}, {args.dtype}, model {embedder.model_id[:12]})")
+    if info.skipped:
+        first_path, first_reason = info.bad[0]
+        print(f"skipped {info.skipped:,} unreadable images (first: {first_path}: {first_reason});"
+              f" all are listed in {info.path / 'embeddings.json'}")
+    return 0

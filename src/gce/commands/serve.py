@@ -1,0 +1,96 @@
+"""``gce serve``: the search API and web page over an index, served by uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from pathlib import Path
+
+from gce.errors import ConfigError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP search API and web page over an index",
+                       description="Serve POST /search, GET /items/{id}/thumbnail, /health, /info, the API docs "
+                                   "at /docs and a search page at /. Listens on 127.0.0.1 unless --host says "
+                                   "otherwise.")
+    p.add_argument("--index", type=Path, required=True, help="index folder written by gce index build")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the model.pt that built the index")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--root-path", default="", help="path prefix a reverse proxy serves this under, e.g. /search "
+                                                   "(for the API docs page; the search page works without it)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--max-pixels", type=int, default=16_000_000,
+                   help="largest accepted image, width x height (default 16,000,000)")
+    p.add_argument("--max-k", type=int, default=100, help="most neighbours per query (default 100)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="most queued queries answered by one model call / index scan (default 32; 1: no batching)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=run)
+
+
+def start_line(host: str, port: int, index_size: int, index: Path) -> str:
+    where = f"http://{_url_host(host)}:{port}/"
+    if host in LOCAL_HOSTS:
+        scope = "localhost only; --host 0.0.0.0 to listen on every interface"
+    else:
+        scope = f"listening on {host}: reachable from other machines, put it behind a reverse proxy"
+    return f"gce serve: {where} ({scope}); index {index} with {index_size} items; API docs at {where}docs"
+
+
+def _url_host(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from gce.runtime import resolve_device
+    from gce.serve import ServeSettings, create_app, load_service
+
+    resolve_device(args.device, "--device")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
+    try:
+        settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                                 max_k=args.max_k, max_batch=args.max_batch, device=args.device)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise ConfigError(f"serve option {problem['loc'][0]}: {problem['msg']}") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    service = load_service(args.index, args.checkpoint, settings)
+    listener = bind(args.host, args.port)  # before the start-up line, so that the line is true
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=args.log_level, root_path=args.root_path))
+    print(start_line(args.host, args.port, int(service.index.size), args.index), flush=True)
+    server.run(sockets=[listener])
+    return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line error (address in use, unknown host...)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: cannot listen there ({exc.strerror or exc})") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    return listener

@@ -1,0 +1,47 @@
+"""Use a trained model: embed images, index them with faiss, search (on any subset of the learners),
+export to ONNX/TorchScript. The ``gce embed/index/search/export`` commands wrap this API.
+
+    from gce.retrieval import Embedder, SearchIndex
+    emb = Embedder.from_checkpoint("runs/emoji-gce/model.pt")
+    index = SearchIndex.load("catalogue.index")
+    hits = index.search(emb.embed_paths(["query.png"]), k=5, learners=[0, 3])
+"""
+
+from gce.retrieval.embedder import Embedder, model_fingerprint, normalize_learners
+from gce.retrieval.index import (
+    INDEX_TYPES,
+    BuildReport,
+    SearchHit,
+    SearchIndex,
+    build_index,
+    query_vectors,
+)
+from gce.retrieval.items import ItemTable
+from gce.retrieval.pipeline import (
+    add_store_to_index,
+    build_index_from_images,
+    build_index_from_store,
+    records_to_items,
+)
+from gce.retrieval.store import EmbeddingSet, StoreInfo, embed_to_store, read_store
+
+__all__ = [
+    "INDEX_TYPES",
+    "BuildReport",
+    "Embedder",
+    "EmbeddingSet",
+    "ItemTable",
+    "SearchHit",
+    "SearchIndex",
+    "StoreInfo",
+    "add_store_to_index",
+    "build_index",
+    "build_index_from_images",
+    "build_index_from_store",
+    "embed_to_store",
+    "model_fingerprint",
+    "normalize_learners",
+    "query_vectors",
+    "read_store",
+    "records_to_items",
+]

@@ -1,0 +1,132 @@
+"""Embed images with a trained model, its test-time preprocessing taken from its checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gce.data.images import load_rgb, to_rgb
+from gce.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TEST_RESIZE_RATIO,
+    test_transform,
+)
+from gce.errors import GceError
+
+__all__ = ["Embedder", "model_fingerprint", "normalize_learners", "slices_from_json", "slices_to_json"]
+
+
+def slices_to_json(slices: Sequence[slice]) -> list[list[int]]:
+    return [[int(s.start), int(s.stop)] for s in slices]
+
+
+def slices_from_json(values: Sequence[Sequence[int]]) -> list[slice]:
+    return [slice(int(a), int(b)) for a, b in values]
+
+
+def normalize_learners(x: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
+    """float32 copy of ``x`` (N x D) with each learner's slice scaled to unit length (zero rows stay zero)."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    for s in slices:
+        norms = np.linalg.norm(out[:, s], axis=1, keepdims=True)
+        out[:, s] /= np.maximum(norms, 1e-12)
+    return out
+
+
+def model_fingerprint(model: torch.nn.Module, preprocessing: dict[str, Any]) -> str:
+    """sha256 of what decides the embeddings: architecture config, preprocessing and every weight.
+
+    It names the *model*, not a file: ``model.pt`` and the training checkpoint it was exported
+    from agree, so embeddings made with either can share an index.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", {})
+    digest.update(json.dumps({"model": config, "preprocessing": preprocessing}, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Embedder:
+    """A loaded embedding model plus its preprocessing.
+
+    ``embed_images`` / ``embed_paths`` return float32 ``N x D`` arrays in which each learner's slice
+    (:attr:`learner_slices`) has unit length, as the model was trained.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, image_size: int, resize_to: int | None = None,
+                 device: str | torch.device = "cpu", batch_size: int = 64, source: str | None = None) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.image_size = int(image_size)
+        self.resize_to = int(resize_to) if resize_to is not None else round(self.image_size * TEST_RESIZE_RATIO)
+        self.transform = test_transform(self.image_size, resize_to=self.resize_to)
+        self.batch_size = int(batch_size)
+        self.source = source
+        self.learner_slices: list[slice] = list(model.learner_slices())
+        self.num_learners: int = int(model.num_learners)
+        self.embedding_dim: int = int(model.embedding_dim)
+        self.model_id: str = model_fingerprint(model, self.preprocessing())
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> Embedder:
+        """Load ``model.pt``/``best.pt``/a training checkpoint or run folder (one-line errors)."""
+        from gce.runtime import resolve_device
+        from gce.training.checkpoint import load_model
+
+        resolve_device(device, "--device")
+        model, cfg = load_model(path, device=device)
+        return cls(model, image_size=cfg.data.image_size, resize_to=cfg.data.test_resize, device=device,
+                   batch_size=batch_size, source=str(path))
+
+    # ------------------------------------------------------------------ description
+    def preprocessing(self) -> dict[str, Any]:
+        """What an image must go through before the model (for exports and other runtimes)."""
+        return {"resize_short_side": self.resize_to, "center_crop": self.image_size, "color": "RGB",
+                "scale": "pixels / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "layout": "NCHW float32", "alpha": "composited onto white"}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "embedding_dim": self.embedding_dim, "num_learners": self.num_learners,
+                "learner_slices": slices_to_json(self.learner_slices), "image_size": self.image_size,
+                "preprocessing": self.preprocessing(), "model": dict(getattr(self.model, "config", {})),
+                "source": self.source}
+
+    # ------------------------------------------------------------------ embedding
+    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """Preprocessed ``B x 3 x S x S`` images -> ``B x D`` float32, each learner slice unit length."""
+        with torch.inference_mode():
+            out = self.model(batch.to(self.device))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != self.embedding_dim:
+            raise GceError(f"the model returned {getattr(out, 'shape', type(out).__name__)}, expected (B, {self.embedding_dim})")
+        return normalize_learners(out.float().cpu().numpy(), self.learner_slices)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.transform(to_rgb(im)) for im in images[start:start + self.batch_size]])
+            chunks.append(self.embed_tensors(batch))
+        return np.concatenate(chunks)
+
+    def embed_paths(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """Embed image files; an unreadable one raises :class:`~gce.errors.BadImageError` naming it."""
+        chunks = [self.embed_images([load_rgb(p) for p in paths[start:start + self.batch_size]])
+                  for start in range(0, len(paths), self.batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.embedding_dim), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (f"Embedder(K={self.num_learners}, D={self.embedding_dim}, {self.image_size} px,"
+                f" model_id={self.model_id[:12]}, source={Path(self.source).name if self.source else None})")

@@ -1,0 +1,69 @@
+"""Small file helpers for the retrieval folders: atomic writes, checksums, JSON manifests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gce.errors import DatasetError
+
+_CHUNK = 4 * 2**20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    """Flush ``tmp`` to disk and rename it to ``final``: readers see the old file or the whole new one."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, values: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    commit_file(tmp, path)
+
+
+def read_manifest(path: Path, what: str, expected_format: str) -> dict[str, Any]:
+    """Load a JSON manifest, or raise a one-line :class:`DatasetError` naming the file."""
+    if not path.is_file():
+        raise DatasetError(f"{path.parent} is not a {what} (no {path.name})")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: damaged manifest ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict) or values.get("format") != expected_format:
+        raise DatasetError(f"{path}: not a {what} manifest (format {values.get('format') if isinstance(values, dict) else None!r},"
+                           f" expected {expected_format!r})")
+    return values
+
+
+def check_checksum(path: Path, expected: str) -> None:
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (listed in the manifest)")
+    if sha256_file(path) != expected:
+        raise DatasetError(f"{path}: checksum mismatch (the file is damaged or was changed)")

@@ -1,0 +1,22 @@
+"""``gce serve``: an HTTP search API and an offline web page over a :mod:`gce.retrieval` index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gce.serve.app import create_app
+from gce.serve.errors import RequestError
+from gce.serve.service import SearchService
+from gce.serve.settings import ServeSettings
+
+__all__ = ["RequestError", "SearchService", "ServeSettings", "create_app", "load_service"]
+
+
+def load_service(index_dir: str | Path, checkpoint: str | Path | None, settings: ServeSettings | None = None) -> SearchService:
+    """Load the index and the model that built it (``checkpoint=None``: search by item id only)."""
+    from gce.retrieval import Embedder, SearchIndex
+
+    settings = settings or ServeSettings()
+    index = SearchIndex.load(index_dir)
+    embedder = Embedder.from_checkpoint(checkpoint, device=settings.device) if checkpoint is not None else None
+    return SearchService(index, embedder, settings, index_dir=index_dir)

@@ -1,0 +1,246 @@
+"""The FastAPI app of ``gce serve``: the JSON API, the thumbnails and the page at ``/``.
+
+Every error a client can cause is answered as ``{"error": "<one line>"}`` with a 4xx status; an
+unexpected failure is a 500 with the same shape and never stops the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, Literal
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gce import __version__
+from gce.serve.errors import RequestError
+from gce.serve.service import SearchService
+from gce.serve.uploads import check_content_type
+
+log = logging.getLogger("gce.serve")
+
+#: Room for the multipart boundaries and the small form fields around the image.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+STATIC_DIR = resources.files("gce.serve") / "static"
+
+
+# -- response models (they make the OpenAPI docs at /docs precise) ---------------------------------
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class Hit(BaseModel):
+    rank: int
+    id: int
+    score: float
+    label: str | None
+    thumbnail: str
+
+
+class Query(BaseModel):
+    type: Literal["upload", "item"]
+    id: int | None = None
+    thumbnail: str | None = None
+
+
+class SearchResponse(BaseModel):
+    query: Query
+    k: int
+    learners: list[int]
+    weights: list[float] | None
+    results: list[Hit]
+    took_ms: float
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_pixels: int
+    max_k: int
+    default_k: int
+
+
+class InfoResponse(BaseModel):
+    version: str
+    model_id: str | None
+    num_learners: int
+    embedding_dim: int
+    learner_slices: list[list[int]]
+    index_type: str
+    index_size: int
+    image_size: int | None
+    uploads: bool
+    limits: Limits
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "undecodable image or malformed request"), (404, "unknown item id"),
+                       (413, "upload or image over the limits"), (415, "not a form or not an image"),
+                       (422, "bad k, learners or weights"))
+}
+
+
+# -- the body-size guard ---------------------------------------------------------------------------
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with a 413 before any of it reaches a parser.
+
+    A declared Content-Length is checked before reading; a chunked body is counted while it is
+    read, so memory stays bounded either way. The accepted body is replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send, int(declared))
+            return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.max_bytes:
+                await self._refuse(send, total)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send, size: int) -> None:
+        body = json.dumps({"error": f"request body of {size}+ bytes is over the limit of {self.max_bytes} "
+                                    f"bytes"}, separators=(",", ":")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+def create_app(service: SearchService) -> FastAPI:
+    settings = service.settings
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        service.close()  # queued searches finish before the worker threads stop
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="gce search",
+        version=__version__,
+        description="Image search with a GCE embedding model: upload an image (or name an indexed item) "
+                    "and get its nearest neighbours, optionally with a subset of the ensemble's learners.",
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    _add_error_handlers(app)
+
+    @app.get("/health", summary="liveness")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/info", response_model=InfoResponse, summary="model, learners, index and limits")
+    def info() -> dict[str, Any]:
+        return service.info()
+
+    @app.post("/search", response_model=SearchResponse, responses=ERRORS, summary="nearest neighbours")
+    def search(
+        request: Request,
+        image: UploadFile | None = File(None, description="query image (PNG, JPEG, WebP, GIF, BMP or TIFF)"),
+        id: int | None = Form(None, description="or: the id of an indexed item (it is left out of its results)"),
+        k: int | None = Form(None, description="number of neighbours (default and maximum in /info)"),
+        learners: str | None = Form(None, description="learner subset, e.g. '0,2' (default: all)"),
+        weights: str | None = Form(None, description="one weight per learner, e.g. '1,0.5,1,1'"),
+    ) -> dict[str, Any]:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in FORM_TYPES:
+            raise RequestError(415, f"send the query as multipart/form-data (field 'image' or 'id'), "
+                                    f"not {kind or 'a body without content type'}")
+        subset = service.parse_learners(learners)
+        weight_list = service.parse_weights(weights)
+        if (image is None) == (id is None):
+            raise RequestError(400, "give exactly one of the form fields 'image' (a file) or 'id' (an item id)")
+        if id is not None:
+            return service.search_item(id, k, subset, weight_list)
+        check_content_type(image.content_type)
+        data = image.file.read(settings.max_upload_bytes + 1)  # in memory already: bounded by BodyLimit
+        return service.search_upload(data, k, subset, weight_list)
+
+    @app.get("/items/{item_id}/thumbnail", response_class=Response, summary="thumbnail of an indexed item",
+             responses={200: {"content": {"image/png": {}}}, 404: ERRORS[404]})
+    def thumbnail(item_id: int) -> Response:
+        return Response(service.thumbnail(item_id), media_type="image/png",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(str(STATIC_DIR / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        text = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and text == "Not Found":
+            text = f"not found: {request.url.path}"
+        return JSONResponse({"error": " ".join(text.split())}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's list of problems as one line: ``k: Input should be a valid integer (got 'abc')``."""
+    parts = []
+    for problem in exc.errors():
+        where = ".".join(str(p) for p in problem.get("loc", ()) if p not in ("body", "query", "path"))
+        text = problem.get("msg", "invalid value")
+        if "input" in problem and isinstance(problem["input"], (str, int, float)):
+            text += f" (got {str(problem['input'])[:60]!r})"
+        parts.append(f"{where}: {text}" if where else text)
+    return " ".join("; ".join(parts).split()) or "invalid request"

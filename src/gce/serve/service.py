@@ -1,0 +1,270 @@
+"""The search service without HTTP: query parsing, embedding, search, thumbnails, all thread-safe.
+
+The FastAPI app (``gce.serve.app``) is a thin layer over :class:`SearchService`; everything that
+can go wrong with a request raises :class:`RequestError` with its 4xx status here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gce import __version__
+from gce.data.images import load_rgb
+from gce.errors import BadImageError, GceError
+from gce.serve.batching import MicroBatcher
+from gce.serve.errors import RequestError
+from gce.serve.settings import ServeSettings
+from gce.serve.uploads import decode_upload
+
+
+class SearchService:
+    """Answers searches against one index with one embedding model.
+
+    ``index`` is a :class:`gce.retrieval.SearchIndex`; ``embedder`` a :class:`gce.retrieval.Embedder`
+    of the same model (or ``None``: searches by item id only). Model calls and index scans each run
+    on one worker thread that batches the requests queued meanwhile (:mod:`gce.serve.batching`);
+    at most ``settings.max_parallel_decodes`` uploads are decoded at once, which bounds memory.
+    """
+
+    def __init__(self, index: Any, embedder: Any | None, settings: ServeSettings | None = None,
+                 index_dir: str | Path | None = None) -> None:
+        self.index = index
+        self.embedder = embedder
+        self.settings = settings or ServeSettings()
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        if embedder is not None:  # refuse to embed queries with another model than the index's
+            index.check_model(embedder.model_id, "the checkpoint")
+        self._index_lock = threading.Lock()  # the index is used by one thread at a time
+        batch = self.settings.max_batch
+        self._embed = MicroBatcher(self._embed_batch, batch, "gce-serve-embed") if embedder is not None else None
+        self._search = MicroBatcher(self._search_batch, batch, "gce-serve-search")
+        self._decode_slots = threading.BoundedSemaphore(self.settings.max_parallel_decodes)
+        self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
+        self._thumbnail_lock = threading.Lock()
+
+    # -- description -------------------------------------------------------------------------------
+
+    @property
+    def max_k(self) -> int:
+        return min(self.settings.max_k, int(self.index.size))
+
+    def info(self) -> dict[str, Any]:
+        index = self.index
+        return {
+            "version": __version__,
+            "model_id": index.model_id,
+            "num_learners": int(index.num_learners),
+            "embedding_dim": int(index.dim),
+            "learner_slices": [[int(a), int(b)] for a, b in _slices(index.learner_slices)],
+            "index_type": index.index_type,
+            "index_size": int(index.size),
+            "image_size": int(self.embedder.image_size) if self.embedder is not None else None,
+            "uploads": self.embedder is not None,
+            "limits": {
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "max_pixels": self.settings.max_pixels,
+                "max_k": self.max_k,
+                "default_k": min(self.settings.default_k, self.max_k),
+            },
+        }
+
+    # -- parsing -----------------------------------------------------------------------------------
+
+    def check_k(self, k: int | None, *, exclude_self: bool = False) -> int:
+        top = min(self.settings.max_k, int(self.index.size) - exclude_self)  # an item query drops the item
+        if k is None:
+            return min(self.settings.default_k, top)
+        if not 1 <= k <= top:
+            raise RequestError(422, f"k must be between 1 and {top}, got {k}")
+        return k
+
+    def parse_learners(self, text: str | None) -> list[int] | None:
+        """``"0,2"`` -> ``[0, 2]``; empty or missing -> ``None`` (all learners)."""
+        if text is None or not text.strip():
+            return None
+        count = int(self.index.num_learners)
+        try:
+            learners = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise RequestError(422, f"learners must be comma-separated learner numbers 0..{count - 1}, "
+                                    f"got {text!r}") from None
+        bad = [n for n in learners if not 0 <= n < count]
+        if bad:
+            raise RequestError(422, f"learners: {bad[0]} is not a learner of this model (0..{count - 1})")
+        if len(set(learners)) != len(learners):
+            raise RequestError(422, f"learners: {text!r} names a learner twice")
+        return sorted(learners)
+
+    def parse_weights(self, text: str | None) -> list[float] | None:
+        """``"1,0.5,1,1"`` -> one non-negative weight per learner of the model."""
+        if text is None or not text.strip():
+            return None
+        count = int(self.index.num_learners)
+        try:
+            weights = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise RequestError(422, f"weights must be {count} comma-separated numbers, got {text!r}") from None
+        if len(weights) != count:
+            raise RequestError(422, f"weights: the model has {count} learners, got {len(weights)} weights")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise RequestError(422, f"weights must be finite, non-negative and not all zero, got {text!r}")
+        return weights
+
+    def item_id(self, item: int) -> int:
+        """The id if the index holds it, else a 404."""
+        try:
+            self.index.item(item)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise RequestError(404, f"unknown item id {item} (the index has {self.index.size} items)") from None
+        return item
+
+    # -- searching ---------------------------------------------------------------------------------
+
+    def search_upload(self, data: bytes, k: int | None, learners: list[int] | None,
+                      weights: list[float] | None) -> dict[str, Any]:
+        if self.embedder is None:
+            raise RequestError(409, "this service was started without a checkpoint: search by item id only")
+        k = self.check_k(k)
+        started = time.perf_counter()
+        with self._decode_slots:  # the decoded image is the big thing: at most this many at once
+            image = decode_upload(data, max_bytes=self.settings.max_upload_bytes,
+                                  max_pixels=self.settings.max_pixels)
+            try:
+                tensor = self.embedder.transform(image)  # the model's preprocessing: a small tensor
+            finally:
+                image.close()
+        query = self._embed(tensor)
+        hits = self._find(query, k, learners, weights)
+        return self._response({"type": "upload"}, k, learners, weights, hits, started)
+
+    def search_item(self, item: int, k: int | None, learners: list[int] | None,
+                    weights: list[float] | None) -> dict[str, Any]:
+        item = self.item_id(item)
+        k = self.check_k(k, exclude_self=True)
+        started = time.perf_counter()
+        with self._index_lock:
+            query = np.asarray(self.index.embedding(item), dtype=np.float32).reshape(-1)
+        hits = [hit for hit in self._find(query, k + 1, learners, weights) if hit.id != item][:k]
+        return self._response({"type": "item", "id": item, "thumbnail": thumbnail_url(item)},
+                              k, learners, weights, hits, started)
+
+    def _find(self, query: np.ndarray, k: int, learners, weights) -> list:
+        job = _SearchJob(query, k, tuple(learners) if learners is not None else None,
+                         tuple(weights) if weights is not None else None)
+        try:
+            return self._search(job)
+        except GceError as exc:  # e.g. a learner/weight combination the index refuses
+            raise RequestError(422, str(exc)) from None
+
+    # -- the batch functions (each runs on its batcher's worker thread) ------------------------------
+
+    def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        """Embed a batch padded to a power of two: the CPU backend (oneDNN) keeps compiled kernels
+        per input shape, so 32 different batch sizes would hold ~300 MiB more than 6 (measured)."""
+        n = len(tensors)
+        size = min(1 << (n - 1).bit_length(), max(n, self.settings.max_batch))
+        batch = torch.stack(tensors + [tensors[-1]] * (size - n))
+        return list(np.asarray(self.embedder.embed_tensors(batch)[:n], dtype=np.float32))
+
+    def _search_batch(self, jobs: list[_SearchJob]) -> list[list]:
+        """One index scan per distinct (learners, weights) among the queued queries."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for n, job in enumerate(jobs):
+            groups[(job.learners, job.weights)].append(n)
+        results: list[list] = [[] for _ in jobs]
+        for (learners, weights), members in groups.items():
+            k = max(jobs[n].k for n in members)
+            queries = np.stack([jobs[n].query for n in members])
+            with self._index_lock:
+                hits = self.index.search(queries, k, learners=list(learners) if learners is not None else None,
+                                         weights=list(weights) if weights is not None else None)
+            for n, found in zip(members, hits):
+                results[n] = found[:jobs[n].k]
+        return results
+
+    def close(self) -> None:
+        """Let queued requests finish, then stop the worker threads."""
+        for batcher in (self._embed, self._search):
+            if batcher is not None:
+                batcher.close()
+
+    def _response(self, query: dict, k: int, learners, weights, hits: list, started: float) -> dict[str, Any]:
+        return {
+            "query": query,
+            "k": k,
+            "learners": learners if learners is not None else list(range(int(self.index.num_learners))),
+            "weights": weights,
+            "results": [
+                {"rank": rank, "id": int(hit.id), "score": float(hit.score), "label": hit.label,
+                 "thumbnail": thumbnail_url(int(hit.id))}
+                for rank, hit in enumerate(hits, start=1)
+            ],
+            "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
+
+    # -- thumbnails --------------------------------------------------------------------------------
+
+    def thumbnail(self, item: int) -> bytes:
+        """PNG thumbnail of an indexed item; only files named by the index are ever opened."""
+        item = self.item_id(item)
+        with self._thumbnail_lock:
+            cached = self._thumbnails.get(item)
+            if cached is not None:
+                self._thumbnails.move_to_end(item)
+                return cached
+        path = self._item_path(item)
+        try:
+            image = load_rgb(path)
+        except BadImageError as exc:
+            raise RequestError(404, f"item {item}: image unavailable ({exc.reason})") from None
+        size = self.settings.thumbnail_size
+        image.thumbnail((size, size), Image.Resampling.LANCZOS if max(image.size) > size else Image.Resampling.NEAREST)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=False)
+        data = buffer.getvalue()
+        if self.settings.thumbnail_cache:
+            with self._thumbnail_lock:
+                self._thumbnails[item] = data
+                while len(self._thumbnails) > self.settings.thumbnail_cache:
+                    self._thumbnails.popitem(last=False)
+        return data
+
+    def _item_path(self, item: int) -> Path:
+        path = Path(self.index.item(item).path)
+        if not path.is_absolute() and self.index_dir is not None and not path.exists():
+            path = self.index_dir / path  # paths stored relative to the index folder
+        return path
+
+
+@dataclass(frozen=True)
+class _SearchJob:
+    query: np.ndarray  # one learner-normalised embedding (D,)
+    k: int
+    learners: tuple[int, ...] | None
+    weights: tuple[float, ...] | None
+
+
+def thumbnail_url(item: int) -> str:
+    return f"/items/{item}/thumbnail"
+
+
+def _slices(slices: Any) -> list[tuple[int, int]]:
+    out = []
+    for s in slices:
+        if isinstance(s, slice):
+            out.append((s.start, s.stop))
+        else:
+            a, b = s
+            out.append((a, b))
+    return out
