@@ -16,7 +16,7 @@ from gce.data.transforms import test_transform
 from gce.errors import DatasetError, GceError
 from gce.evaluation import default_recall_ks
 from gce.evaluation.knn import BACKENDS
-from gce.evaluation.pipeline import Embedder, MetricSettings, evaluate_split
+from gce.evaluation.pipeline import DatasetEmbedder, MetricSettings, evaluate_split
 from gce.models.backbones import BACKBONES
 from gce.runtime import resolve_device, write_json
 from gce.training.checkpoint import load_model
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
                            f" retrieval evaluation needs at least 2")
     images = ImageDataset(records, test_transform(size, resize_to=resize))
-    embed = Embedder(batch_size=args.batch_size, workers=args.workers, device=device, progress=not args.quiet)
+    embed = DatasetEmbedder(batch_size=args.batch_size, workers=args.workers, device=device, progress=not args.quiet)
     metrics = MetricSettings(recall_ks=tuple(args.recall_ks or default_recall_ks(dataset)),
                              clustering=not args.no_clustering, backend=args.backend, seed=args.seed)
     result = evaluate_split(model.to(device), images, embed, metrics, f"embedding {dataset}/{args.split}").result
