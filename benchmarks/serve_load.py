@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np

@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from gce.data.images import load_rgb  # noqa: E402
 from gce.errors import GceError  # noqa: E402
-from gce.retrieval import Embedder, SearchIndex  # noqa: E402
+from gce.retrieval import SearchIndex  # noqa: E402
 from gce.serve import SearchService, ServeSettings, create_app, load_service  # noqa: E402
 from gce.serve.batching import MicroBatcher  # noqa: E402
 from malformed import make_malformed_cases, png_bytes  # noqa: E402

@@ -15,7 +15,7 @@ from gce.data.transforms import test_transform
 from gce.errors import DatasetError, GceError
 from gce.evaluation import default_recall_ks
 from gce.evaluation.knn import BACKENDS
-from gce.evaluation.pipeline import Embedder, MetricSettings, evaluate_split
+from gce.evaluation.pipeline import DatasetEmbedder, MetricSettings, evaluate_split
 from gce.models.backbones import BACKBONES
 from gce.outputs import check_output_file, file_argument, path_argument, refuse_input_files, refuse_inputs, write_json
 from gce.runtime import flush_denormals
@@ -126,8 +126,8 @@ def _evaluate(args: argparse.Namespace, ctx) -> int:
         raise DatasetError(f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
                            f" retrieval evaluation needs at least 2")
     images = ImageDataset(records, test_transform(size, resize_to=resize))
-    embed = Embedder(batch_size=args.batch_size, workers=args.workers, device=device,
-                     progress=not args.quiet and ctx.is_main)
+    embed = DatasetEmbedder(batch_size=args.batch_size, workers=args.workers, device=device,
+                            progress=not args.quiet and ctx.is_main)
     metrics = MetricSettings(recall_ks=tuple(args.recall_ks or default_recall_ks(dataset)),
                              clustering=not args.no_clustering, backend=args.backend, seed=args.seed)
     desc = f"embedding {dataset}/{args.split}"

@@ -41,7 +41,7 @@ from gce.distributed.loss import DistributedGCELoss
 from gce.distributed.sharding import compute_on_main, extract_embeddings_sharded
 from gce.errors import ConfigError
 from gce.evaluation import EvalResult
-from gce.evaluation.pipeline import Embedder, evaluate_split
+from gce.evaluation.pipeline import DatasetEmbedder, evaluate_split
 from gce.training.parts import RunParts, build_parts, compiled
 from gce.training.readings import MetaClassUpdate, Reading
 from gce.training.trainer import EpochObserver, Trainer
@@ -71,9 +71,9 @@ class RankShare:
 
 
 class ShardedEmbedder:
-    """The run's :class:`~gce.evaluation.pipeline.Embedder` over all ranks (same result on each)."""
+    """The run's :class:`~gce.evaluation.pipeline.DatasetEmbedder` over all ranks (same result on each)."""
 
-    def __init__(self, base: Embedder, ctx: DistContext) -> None:
+    def __init__(self, base: DatasetEmbedder, ctx: DistContext) -> None:
         self.base, self.ctx = base, ctx
 
     def __call__(self, model: nn.Module, dataset: Dataset, desc: str) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
 
 Two small parts, each replaceable on its own:
 
-* :class:`Embedder` runs a model over a dataset (batch size, loader workers, device, progress bar).
+* :class:`DatasetEmbedder` runs a model over a dataset (batch size, loader workers, device, progress bar).
   A distributed run swaps it for one that embeds a shard per rank and gathers the result.
 * :class:`MetricSettings` says which metrics to compute and how (Recall@K values, clustering,
   neighbour-search back end, k-means seed).
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gce.config import ExperimentConfig
     from gce.data.images import ImageDataset
 
-__all__ = ["EmbedFn", "Embedder", "Evaluated", "MetricSettings", "evaluate_split"]
+__all__ = ["DatasetEmbedder", "EmbedFn", "Evaluated", "MetricSettings", "evaluate_split"]
 
 
 class EmbedFn(Protocol):
@@ -35,7 +35,7 @@ class EmbedFn(Protocol):
 
 
 @dataclass(frozen=True)
-class Embedder:
+class DatasetEmbedder:
     """``(model, dataset, desc) -> (embeddings (N, D) on CPU, labels (N,))`` in dataset order."""
 
     batch_size: int = 128
@@ -44,7 +44,7 @@ class Embedder:
     progress: bool = True
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, device: torch.device, progress: bool) -> Embedder:
+    def from_config(cls, cfg: ExperimentConfig, device: torch.device, progress: bool) -> DatasetEmbedder:
         return cls(batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device, progress=progress)
 
     def __call__(self, model: nn.Module, dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:

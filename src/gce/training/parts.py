@@ -23,7 +23,7 @@ from gce.data.samplers import SubsetBalancedBatchSampler
 from gce.data.seeded import SeededAugmentedDataset
 from gce.data.transforms import test_transform, train_transform
 from gce.errors import ConfigError, GceError
-from gce.evaluation.pipeline import EmbedFn, Embedder, MetricSettings
+from gce.evaluation.pipeline import DatasetEmbedder, EmbedFn, MetricSettings
 from gce.losses import GCELoss
 from gce.models import EmbeddingModel, model_from_config
 from gce.runtime import check_writable, flush_denormals, resolve_device, seed_everything
@@ -184,6 +184,6 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
             labels=data.train.labels, group_of_sample=None, classes_per_batch=s.classes_per_batch,
             samples_per_class=s.samples_per_class, batches_per_epoch=s.batches_per_epoch, seed=cfg.train.seed,
             num_groups=1),
-        embed=Embedder.from_config(cfg, device, progress), metrics=MetricSettings.from_config(cfg),
+        embed=DatasetEmbedder.from_config(cfg, device, progress), metrics=MetricSettings.from_config(cfg),
         writer=RunWriter(out), progress=progress,
     )
