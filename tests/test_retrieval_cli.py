@@ -149,3 +149,32 @@ def test_sigkilled_embed_resumes_to_the_same_result(checkpoint, shape_folder, tm
     clean = read_store(tmp_path / "clean")
     assert resumed.paths == clean.paths
     np.testing.assert_allclose(resumed.embeddings, clean.embeddings, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["export", "embed", "index"])
+def test_output_paths_are_checked_before_any_work(command, tmp_path, capsys):
+    """Every retrieval command refuses a bad --out in one line before it loads a model or reads a
+    catalogue: here the model and the embeddings do not even exist, so only the output check can
+    answer (without it the error would be about the missing input)."""
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("keep me")
+    missing = str(tmp_path / "no-such-model.pt")
+    argv = {
+        "export": ["export", missing, "--out", str(tmp_path)],  # a directory as the output file
+        "embed": ["embed", "--checkpoint", missing, "--images", str(tmp_path), "--out", str(a_file)],
+        "index": ["index", "build", str(tmp_path / "no-such-embeddings"), "--out", str(a_file)],
+    }[command]
+    capsys.readouterr()
+    assert main(argv) == 1
+    message = error_line(capsys)
+    assert "--out" in message and ("not a folder" in message or "directory" in message), message
+    assert a_file.read_text() == "keep me"
+
+
+def test_embed_refuses_an_output_folder_inside_its_image_folder(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    capsys.readouterr()
+    assert main(["embed", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(images),
+                 "--out", str(images / "emb")]) == 1
+    assert "inside" in error_line(capsys)

@@ -52,6 +52,7 @@ __all__ = [
     "checksum_path",
     "dumps_strict",
     "file_argument",
+    "fsync_dir",
     "path_argument",
     "refuse_input_files",
     "replace_file",
@@ -279,7 +280,8 @@ def check_output_dir(path: str | os.PathLike | None, *, what: str = "output fold
 
 
 # ---------------------------------------------------------------------------------- writing
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems refuse it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -363,7 +365,7 @@ def atomic_path(path: str | os.PathLike, *, what: str = "output") -> Iterator[Pa
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def replace_file(tmp: str | os.PathLike, path: str | os.PathLike, *, what: str = "output") -> Path:
@@ -383,7 +385,7 @@ def replace_file(tmp: str | os.PathLike, path: str | os.PathLike, *, what: str =
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -11,6 +11,8 @@ from gce.commands.eval import _count
 from gce.data import load_dataset
 from gce.data.images import is_image_file
 from gce.errors import DatasetError, GceError
+from gce.outputs import check_output_dir
+from gce.training.checkpoint import checkpoint_files
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.root and not args.dataset:
         raise GceError("--root goes with --dataset")
+    # The folder is checked before any image is listed or embedded: never inside an input.
+    inputs = [args.images, args.csv, args.root, *checkpoint_files(args.checkpoint)]
+    args.out = check_output_dir(args.out, what="--out", inputs=inputs)
     paths, labels, source = catalogue(args)
     paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
     embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gce.outputs import check_output_file
+from gce.training.checkpoint import checkpoint_files
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
@@ -27,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     from gce.retrieval import Embedder
     from gce.retrieval.export import export_model, load_exported
 
+    # Both files it writes are checked before the model is loaded (gce.outputs' rules).
+    inputs = checkpoint_files(args.model)
+    args.out = check_output_file(args.out, what="--out", inputs=inputs)
+    check_output_file(args.out.with_name(args.out.name + ".json"), what="--out's metadata file", inputs=inputs)
     embedder = Embedder.from_checkpoint(args.model)
     meta = export_model(embedder, args.out, args.format, opset=args.opset)
     print(f"exported {args.model} -> {args.out} ({args.format}, {args.out.stat().st_size / 2**20:.1f} MiB;"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from gce.commands.eval import _count
+from gce.outputs import check_output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from gce.retrieval import build_index_from_store
 
+    args.out = check_output_dir(args.out, what="--out", inputs=[args.embeddings])  # before any work
     params = {key: value for key, value in (("nlist", args.nlist), ("hnsw_m", args.hnsw_m)) if value}
     index, report = build_index_from_store(args.embeddings, args.out, args.index_type, params=params,
                                            sample=args.sample, overwrite=args.overwrite, progress=not args.quiet)

@@ -2,38 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from gce.errors import DatasetError
-from gce.outputs import replace_file, write_json
-
-_CHUNK = 4 * 2**20
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
+from gce.outputs import replace_file, sha256_file, write_json
 
 def commit_file(tmp: Path, final: Path) -> None:
     """Flush ``tmp`` to disk and rename it to ``final``: readers see the old file or the whole new one.

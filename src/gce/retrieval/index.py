@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 
 from gce.errors import DatasetError, GceError
+from gce.outputs import sha256_file
 from gce.retrieval.embedder import normalize_learners, slices_from_json
 from gce.retrieval.files import (
     check_checksum,
     commit_file,
     read_manifest,
-    sha256_file,
     write_json_atomic,
 )
 from gce.retrieval.items import ItemTable

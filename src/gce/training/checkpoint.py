@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gce.errors import CheckpointError, ConfigError
-from gce.outputs import checksum_path, sha256_of, verify_checksum, write_bytes, write_checksum
+from gce.outputs import checksum_path, fsync_dir, sha256_of, verify_checksum, write_bytes, write_checksum
 from gce.runtime import pid_alive
 
 if TYPE_CHECKING:
@@ -30,19 +30,6 @@ if TYPE_CHECKING:
 LAST = "last.pt"
 PREVIOUS = "prev.pt"
 _FORMAT = 1
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -93,7 +80,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
         # prev.pt; the prev.pt that is there (loaded instead of it) is kept, and last.pt replaced.
     os.replace(folder / f".{LAST}.sha256.tmp", sha)
     os.replace(tmp, last)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return last
 
 
