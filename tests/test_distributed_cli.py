@@ -66,7 +66,8 @@ def test_sync_bn_needs_trainable_batchnorm(tmp_path):
     from gce.config import load_config
 
     config = tmp_path / "c.yaml"
-    config.write_text(CONFIG.format(root=tmp_path, out=tmp_path / "out"))
+    (tmp_path / "data").mkdir()  # the run folder may not lie inside the dataset root
+    config.write_text(CONFIG.format(root=tmp_path / "data", out=tmp_path / "out"))
     with pytest.raises(ConfigError, match="train.sync_bn=true needs model.freeze_bn=false"):
         load_config(config, ["train.sync_bn=true"])
     assert load_config(config, ["train.sync_bn=true", "model.freeze_bn=false"]).train.sync_bn
