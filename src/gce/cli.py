@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from gce import __version__
 from gce.errors import GceError
@@ -20,7 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
+    """Warnings from the command line read like its errors: one line, no source excerpt."""
+    return f"gce: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     try:
         parser = build_parser()  # imports torch: seconds in which a Ctrl-C must not print a traceback
     except KeyboardInterrupt:
