@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,21 @@ def test_killed_and_resumed_equals_uninterrupted(runs, shape_folder):
         assert torch.equal(tensor, weights(folder / "ddp")[name]), name
     assert records(folder / "killed") == records(folder / "ddp")
     assert resumed[0]["result"] == runs["ranks"][0]["result"]
+
+
+def test_a_worker_killed_under_max_restarts_restarts_on_its_own_and_equals_uninterrupted(runs, shape_folder):
+    """``torchrun --max-restarts=1``: rank 1 dies mid-epoch 1, the launcher starts both workers
+    again, they resume from ``last.pt`` by themselves and end with the uninterrupted run's weights."""
+    folder = runs["folder"]
+    config = write_config(folder, shape_folder, "restarted")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo / "tests")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--max-restarts=1", str(repo / "tests" / "faulty_worker.py"), str(KILL_AFTER_STEPS),
+                           str(folder / "rank1-died"), "train", str(config), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (folder / "rank1-died").exists()  # the first attempt did fail
+    for name, tensor in weights(folder / "restarted").items():
+        assert torch.equal(tensor, weights(folder / "ddp")[name]), name
+    assert records(folder / "restarted") == records(folder / "ddp")
