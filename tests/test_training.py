@@ -110,3 +110,15 @@ def test_impossible_sampler_settings_fail_before_training(tmp_path, shape_folder
     assert run_train(config, *overrides) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_loader_workers_persist_between_epochs_and_change_nothing(tmp_path, shape_folder):
+    """data.workers=2 (one DataLoader, its workers kept over the 2 epochs) trains exactly like 0."""
+    weights = {}
+    for workers in (0, 2):
+        config = write_config(tmp_path, shape_folder, tmp_path / f"w{workers}")
+        assert run_train(config, "train.epochs=2", "sampler.batches_per_epoch=2", "train.eval_test_every=0",
+                         f"data.workers={workers}") == 0
+        weights[workers] = load_checkpoint(tmp_path / f"w{workers}")[0]["model"]
+    for key, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[2][key]), key

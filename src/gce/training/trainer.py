@@ -32,6 +32,7 @@ from gce.errors import CheckpointError, GceError
 from gce.evaluation import EvalResult
 from gce.evaluation.pipeline import evaluate_split
 from gce.training.checkpoint import changed_settings, check_same_model, require_keys
+from gce.training.epoch_loader import EpochLoader
 from gce.training.parts import RunParts, build_parts
 
 EXIT_INTERRUPTED = 130
@@ -77,6 +78,7 @@ class Trainer:
         self.last_test: EvalResult | None = None
         self._interrupt_requested = False
         self._split: dict[str, Any] | None = None
+        self._epoch_loader: EpochLoader | None = None
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
@@ -187,13 +189,11 @@ class Trainer:
         keyed = [self.parts.batch_part([(idx, item_seed(self.cfg.train.seed, epoch, b, pos))
                                         for pos, idx in enumerate(indices)])
                  for b, (_, indices) in enumerate(plan)][first:]
-        # Its own generator: a DataLoader draws its base seed from the global torch RNG otherwise,
-        # so resuming mid-epoch (a second loader for the same epoch) would shift the RNG state.
-        # (Augmentation is seeded per item, so this seed changes nothing else.)
-        generator = torch.Generator().manual_seed(item_seed(self.cfg.train.seed, epoch, 0, 0))
-        return DataLoader(self.parts.train_set, batch_sampler=keyed, num_workers=self.cfg.data.workers,
-                          generator=generator, persistent_workers=False,
-                          pin_memory=self.parts.device.type == "cuda")
+        if self._epoch_loader is None:  # one loader for the run: its workers persist between epochs
+            self._epoch_loader = EpochLoader(self.parts.train_set, self.cfg.data.workers,
+                                             pin_memory=self.parts.device.type == "cuda",
+                                             seed=item_seed(self.cfg.train.seed, 0, 0, 0))
+        return self._epoch_loader.loader_for(keyed)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, learner: int | None) -> tuple[float, int]:
         """One optimisation step on a batch planned for ``learner`` (``None``: the full embedding)."""
