@@ -191,9 +191,7 @@ class DistributedTrainer(Trainer):
 
     def _rng_state(self) -> dict[str, Any]:
         """Every rank's random state (rank 0 writes the checkpoint; each rank restores its own)."""
-        mine = super()._rng_state()
-        if self.ctx.device.type == "cuda":
-            mine["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        mine = super()._rng_state()  # with this rank's GPU generator on CUDA
         every: list[Any] = [None] * self.ctx.world_size
         dist.all_gather_object(every, mine)
         return {**every[0], "ranks": every}
@@ -206,8 +204,8 @@ class DistributedTrainer(Trainer):
         mine = ranks[self.ctx.rank]
         torch.set_rng_state(mine["torch"])
         random.setstate(mine["python"])
-        if "cuda" in mine and self.ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], self.ctx.device)
+        if isinstance(mine.get("cuda"), torch.Tensor) and self.parts.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.parts.device)
 
 
 def _silent(_: str) -> None:

@@ -160,6 +160,8 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     torch RNG, so a run is reproducible from ``train.seed``.
     """
     device = resolve_device(cfg.train.device, "train.device")
+    if device.type == "cuda" and device.index is None:  # "cuda": name the GPU (a rank's own, under torchrun)
+        device = torch.device("cuda", torch.cuda.current_device())
     out = _prepare_run_folder(cfg, resume)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)

@@ -10,6 +10,7 @@ The loop runs over the parts it is given (:class:`~gce.training.parts.RunParts`)
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
@@ -105,12 +106,20 @@ class Trainer:
         }
 
     def _rng_state(self) -> dict[str, Any]:
-        """The random state a resumed run continues from."""
-        return {"torch": torch.get_rng_state(), "python": random.getstate()}
+        """The random state a resumed run continues from (on CUDA, the run's GPU generator too)."""
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.parts.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.parts.device)
+        return state
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        # A GPU run resumed on the CPU has no generator to restore; a CPU run resumed on a GPU
+        # keeps the freshly seeded one.
+        if isinstance(rng.get("cuda"), torch.Tensor) and self.parts.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.parts.device)
 
     def _save(self, epoch: int, batch: int) -> Path:
         self._check_finite_weights(f"epoch {epoch}, batch {batch}" if batch else f"epoch {epoch - 1}")
@@ -118,7 +127,9 @@ class Trainer:
 
     def _check_finite_weights(self, where: str) -> None:
         """Never evaluate or checkpoint NaN/inf weights (a step can diverge with a finite loss)."""
-        if all(bool(torch.isfinite(p).all()) for p in self.parts.model.parameters()):
+        # One flag for all parameters: a single device-to-host sync on a GPU, not one per tensor.
+        flags = [torch.isfinite(p).all() for p in self.parts.model.parameters()]
+        if not flags or bool(torch.stack(flags).all()):
             return
         raise NonFiniteLossError(
             f"model weights became NaN or infinite during {where}; stopping without writing a checkpoint. "
@@ -206,9 +217,10 @@ class Trainer:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             embeddings = p.train_model(images)
         loss, info = p.reading.batch_loss(p.loss, embeddings.float(), labels, learner)
-        if not torch.isfinite(loss):
+        value = loss.item()  # the step's one wait for the GPU: the check below needs the value
+        if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"loss became {loss.item()} ({'full embedding' if learner is None else f'learner {learner}'}); "
+                f"loss became {value} ({'full embedding' if learner is None else f'learner {learner}'}); "
                 f"stopping. {p.writer.kept_checkpoint()}; lower optim.lr or enable optim.grad_clip"
             )
         p.optimizer.zero_grad(set_to_none=True)
@@ -216,7 +228,7 @@ class Trainer:
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(p.model.parameters(), self.cfg.optim.grad_clip)
         p.optimizer.step()
-        return float(loss.item()), int(info.get("triplets", 0))
+        return float(value), int(info.get("triplets", 0))
 
     def _train_epoch(self, epoch: int, finetune: bool) -> dict[str, float]:
         plan = self.parts.sampler.plan_epoch(epoch)
