@@ -29,7 +29,7 @@ def gather_sizes(rows: int, device: torch.device) -> list[int]:
     count = torch.tensor([rows], dtype=torch.int64, device=device)
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, count)
-    return [int(c.item()) for c in counts]
+    return [int(c) for c in torch.cat(counts).tolist()]  # one device-to-host copy, not one per rank
 
 
 class _AllGatherRows(Function):

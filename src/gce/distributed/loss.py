@@ -89,7 +89,7 @@ class ShardedTripletLoss(LearnerTripletLoss):
             positive = local.new_zeros(0)
         counts = all_reduce_sum(torch.tensor([positive.numel(), triplets[0].numel()], dtype=torch.float64,
                                              device=local.device))
-        num_positive, num_mined = int(counts[0].item()), int(counts[1].item())
+        num_positive, num_mined = (int(c) for c in counts.tolist())  # one device-to-host copy
         if num_positive == 0:  # like AvgNonZeroReducer: 0, still attached to the graph
             return (local * 0).sum() + (global_rows * 0).sum(), num_mined
         return positive.sum() * (world / num_positive) + (global_rows * 0).sum(), num_mined

@@ -134,13 +134,16 @@ class GCELoss(nn.Module):
                         add_full: bool = True) -> tuple[Tensor, dict[str, float]]:
         """``learner_loss + full_embedding_weight * full_loss`` (when weighted and ``add_full``) and its parts."""
         total = learner_loss
-        parts: dict[str, float] = {"learner_loss": float(learner_loss.detach()), "triplets": learner_triplets}
+        parts: dict[str, float] = {"triplets": learner_triplets}
+        values = {"learner_loss": learner_loss}
         if self.full_embedding_weight > 0 and add_full:
             full_loss, full_triplets = self.triplet.compute(embeddings, labels, None)
             total = total + self.full_embedding_weight * full_loss
-            parts["full_loss"] = float(full_loss.detach())
+            values["full_loss"] = full_loss
             parts["full_triplets"] = float(full_triplets)
-        parts["loss"] = float(total.detach())
+        values["loss"] = total
+        # One device-to-host copy for all the values (on a GPU each float() would wait for it).
+        parts.update(zip(values, torch.stack([v.detach() for v in values.values()]).tolist()))
         return total, parts
 
     def all_learners(self, embeddings: Tensor, labels: Tensor, learner_slices: list[slice],
