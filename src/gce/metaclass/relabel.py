@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from gce.metaclass.strategies import ClassProxyStrategy, MetaClassStrategy, RandomStrategy
+from gce.metaclass.strategies import ClassProxyStrategy, MetaClassStrategy, RandomStrategy, _to_numpy
 
 __all__ = ["LEARNER_DATA", "PerLearnerMetaClasses", "learner_seed"]
 
@@ -66,7 +66,7 @@ class PerLearnerMetaClasses:
             if previous.shape != (self.num_learners, num_classes):
                 raise ValueError(f"previous must have shape ({self.num_learners}, {num_classes}), "
                                  f"got {previous.shape}")
-        emb = None if embeddings is None else np.asarray(embeddings)
+        emb = None if embeddings is None else _to_numpy(embeddings, np.float64)  # also a GPU tensor
         if self.needs_embeddings and emb is None:
             raise ValueError("class_proxy meta-classes need embeddings")
         rows = []
