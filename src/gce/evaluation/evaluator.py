@@ -218,8 +218,8 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, *, batch_size: 
         raise GceError(f"{desc}: the dataset is empty, nothing to embed")
     from tqdm.auto import tqdm
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
+    on_gpu = torch.device(device).type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=on_gpu)
     was_training = model.training
     model.eval()
     chunks, label_chunks = [], []
@@ -230,10 +230,13 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, *, batch_size: 
                 if not isinstance(out, torch.Tensor) or out.ndim != 2:
                     raise GceError(f"{desc}: the model must return an (N, D) tensor, got "
                                    f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
-                chunks.append(out.float().cpu())
+                # Non-blocking on a GPU: the next batch is queued while this one is copied back.
+                chunks.append(out.float().to("cpu", non_blocking=on_gpu))
                 label_chunks.append(torch.as_tensor(labels).reshape(-1).to(torch.int64))
     finally:
         model.train(was_training)
     if not chunks:
         raise GceError(f"{desc}: the dataset is empty, nothing to embed")
+    if on_gpu:  # the copies must have landed before the CPU reads them
+        torch.cuda.synchronize(device)
     return torch.cat(chunks), torch.cat(label_chunks)
