@@ -43,9 +43,10 @@ class Stepper:
     """One model, its optimiser and loss: ``step()`` runs one training step and returns seconds."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int,
-                 device: str = "cpu", amp: bool = False, channels_last: bool = False) -> None:
+                 device: str = "cpu", amp: bool = False, channels_last: bool = False, compile: bool = False) -> None:
         memory = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=memory).train()
+        self.forward = torch.compile(self.model) if compile else self.model  # as gce train's train.compile
         self.images, self.labels = images.to(device, memory_format=memory), labels.to(device)
         self.device, self.amp = torch.device(device), amp
         # The emoji config's optimiser: Adam, head 1e-3, trunk 1e-4, weight decay 1e-4.
@@ -59,7 +60,7 @@ class Stepper:
         start = time.perf_counter()
         part = self.slices[self.count % self.k] if self.k > 1 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            embeddings = self.model(self.images)
+            embeddings = self.forward(self.images)
         loss, _ = self.loss(embeddings.float(), self.labels, part)  # mining and loss in fp32
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
