@@ -8,7 +8,8 @@
 #    every path of a run (steps, meta-class refresh, evaluation) on CUDA tensors;
 # 3. ResNet-50 224 px training throughput, single-metric head against GCE K=4 and K=8,
 #    fp32 and bf16 autocast (random weights: ImageNet ResNet-50 weights cannot be fetched offline;
-#    speed does not depend on them);
+#    speed does not depend on them); 3b. the effect of train.channels_last, train.compile and
+#    train.amp on the GCE K=4 step (benchmarks/step_options.py);
 # 4. the `gce eval` pipeline at SOP size: 60,000 images embedded on the GPU (ResNet-50, 224 px,
 #    generated images), then the 60,000 x 512 retrieval + clustering metrics.
 # It ends with one table. Nothing is written outside a temporary folder.
@@ -63,6 +64,15 @@ for amp in "" "--amp"; do
   awk -v p="$precision" '$1=="random" {printf "ResNet-50 224px %s, batch 64, K=%s\tGCE %s img/s, single %s img/s, ratio %s\n", p, $3, $6, $7, $8}' \
       "$WORK/throughput.log" >> "$TABLE"
 done
+
+echo "== 3b. train.channels_last / train.compile / train.amp on a ResNet-50 GCE step" >&2
+if "$PY" benchmarks/step_options.py --device cuda --backbone resnet50 --size 224 --k 4 --steps 10 --warmup 3 \
+      --only plain channels_last compile "amp (bf16)" "amp + channels_last" > "$WORK/options.log" 2>&1; then
+  awk 'NR>2 {n=NF; name=$1; for (i=2; i<=n-4; i++) name=name" "$i; printf "step option: %s\t%s img/s, %s of plain, warm-up %s s\n", name, $(n-2), $(n-1), $n}' \
+      "$WORK/options.log" >> "$TABLE"
+else
+  tail -30 "$WORK/options.log" >&2; row "step options" "FAILED"
+fi
 
 echo "== 4. gce eval pipeline at 60,000 x 512" >&2
 "$PY" - <<'PY' >> "$TABLE" 2> "$WORK/eval.log" || { tail -30 "$WORK/eval.log" >&2; row "eval 60,000 x 512" "FAILED"; }

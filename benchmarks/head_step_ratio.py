@@ -3,7 +3,10 @@
 One training step = forward + triplet loss + backward + Adam, on a P x M batch of random images,
 one thread. For each setting the GCE model (K learners) and the single-metric model (K = 1, same
 trunk, the baseline's ``linear_split`` head unless ``--single-head gce``) take turns step by step (so machine load hits both alike) and the table gives
-the median step times and their ratio, measured in the same run.
+the median step times and their ratio, measured in the same run, next to the ratio of their forward
+FLOPs per image and the GCE head's extra parameters: the grouped 3x3 block is real arithmetic (at
+64 px on MobileNetV2 with K=4 it adds ~60 % to the trunk's FLOPs), so a time ratio at or below the
+FLOP ratio means no slow path (denormals) is left, while a time ratio far above it means one is.
 
 ``--flush`` chooses the denormal setting: ``off`` (torch's default), ``on``
 (``torch.set_flush_denormal(True)``, what ``gce train`` does on CPU), or ``both`` (one row each).
@@ -40,9 +43,10 @@ class Stepper:
     """One model, its optimiser and loss: ``step()`` runs one training step and returns seconds."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int,
-                 device: str = "cpu", amp: bool = False, channels_last: bool = False) -> None:
+                 device: str = "cpu", amp: bool = False, channels_last: bool = False, compile: bool = False) -> None:
         memory = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=memory).train()
+        self.forward = torch.compile(self.model) if compile else self.model  # as gce train's train.compile
         self.images, self.labels = images.to(device, memory_format=memory), labels.to(device)
         self.device, self.amp = torch.device(device), amp
         # The emoji config's optimiser: Adam, head 1e-3, trunk 1e-4, weight decay 1e-4.
@@ -56,7 +60,7 @@ class Stepper:
         start = time.perf_counter()
         part = self.slices[self.count % self.k] if self.k > 1 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            embeddings = self.model(self.images)
+            embeddings = self.forward(self.images)
         loss, _ = self.loss(embeddings.float(), self.labels, part)  # mining and loss in fp32
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,6 +89,30 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = [idx[:args.per_class] for idx in by_class.values() if len(idx) >= args.per_class][:args.classes]
     dataset = ImageDataset(records, test_transform(args.size))
     return torch.stack([dataset[i][0] for idx in chosen for i in idx]), labels
+
+
+def forward_flops(model: nn.Module, size: int) -> int:
+    """FLOPs of one image's forward pass (``torch.utils.flop_counter``: 2 per multiply-add of the
+    convolutions and matrix products; element-wise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def compute_ratio(args: argparse.Namespace, pretrained: bool, k: int) -> tuple[float, float, float]:
+    """Forward GFLOPs per image of the GCE model and of the single-metric model, and the GCE model's
+    extra trainable parameters (millions): the work the GCE head adds by design."""
+    gce, single = (build(args.backbone, head, kk, args.dim, pretrained)
+                   for head, kk in (("gce", k), (args.single_head, 1)))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    return (forward_flops(gce, args.size) / 1e9, forward_flops(single, args.size) / 1e9,
+            (count(gce) - count(single)) / 1e6)
 
 
 def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> tuple[float, float]:
@@ -185,13 +213,16 @@ def main() -> None:
           f"{', bf16 autocast' if args.amp else ''}{', channels-last' if args.channels_last else ''}, "
           f"{args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'weights':<9} {'flush denormals':<16} {'K':>3} {'GCE s/step':>11} {'single s/step':>14} "
-          f"{'GCE img/s':>10} {'single img/s':>13} {'ratio':>6}")
+          f"{'GCE img/s':>10} {'single img/s':>13} {'ratio':>6} {'GFLOP GCE/single':>17} {'FLOP ratio':>10} "
+          f"{'extra M params':>14}")
     for pre in pretrained:
         for flush in flushes:
             for k in args.k:
                 g, s = measure(args, pre, flush, k)
+                fg, fs, extra = compute_ratio(args, pre, k)
                 print(f"{'ImageNet' if pre else 'random':<9} {'on' if flush else 'off':<16} {k:>3} {g:>11.3f} "
-                      f"{s:>14.3f} {n / g:>10.1f} {n / s:>13.1f} {g / s:>6.2f}")
+                      f"{s:>14.3f} {n / g:>10.1f} {n / s:>13.1f} {g / s:>6.2f} {f'{fg:.3f}/{fs:.3f}':>17} "
+                      f"{fg / fs:>10.2f} {extra:>14.2f}")
     torch.set_flush_denormal(False)
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gce.distributed.launch import torchrun_command
 from gce.errors import ConfigError
+from gce.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = """\
@@ -71,3 +75,63 @@ def test_sync_bn_needs_trainable_batchnorm(tmp_path):
     with pytest.raises(ConfigError, match="train.sync_bn=true needs model.freeze_bn=false"):
         load_config(config, ["train.sync_bn=true"])
     assert load_config(config, ["train.sync_bn=true", "model.freeze_bn=false"]).train.sync_bn
+
+
+def _gce(*args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "gce", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def test_ctrl_c_under_nproc_checkpoints_mid_epoch_and_resumes_to_the_uninterrupted_run(tmp_path, shape_folder):
+    """Ctrl-C in the terminal (SIGINT to gce and its launcher, not to the workers, which torchrun
+    starts in their own sessions): the launcher passes it on, the workers finish their step and
+    write a mid-epoch checkpoint, gce exits 130 with the resume command, and resuming ends like the
+    uninterrupted run."""
+    runs = {}
+    for name in ("interrupted", "reference"):
+        runs[name] = tmp_path / name
+        (tmp_path / f"{name}.yaml").write_text(
+            CONFIG.format(root=shape_folder, out=runs[name]).replace("strategy: random", "strategy: class_proxy, update_every: 1")
+            .replace("batches_per_epoch: 2", "batches_per_epoch: 40").replace("epochs: 1", "epochs: 2"))
+    process = _gce("train", str(tmp_path / "interrupted.yaml"), "--nproc", "2", "--quiet", start_new_session=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("epoch 1: meta-classes updated"):
+                break
+        else:
+            pytest.fail(f"the run ended before epoch 1: {process.communicate()[1][-3000:]}")
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert f"resume with: gce train {tmp_path / 'interrupted.yaml'} --resume --nproc=2" in stderr
+    state, _ = load_checkpoint(runs["interrupted"])
+    assert state["epoch"] == 1 and 0 < state["batch"] < 40  # mid-epoch
+    for name, extra in (("interrupted", ["--resume"]), ("reference", [])):
+        done = _gce("train", str(tmp_path / f"{name}.yaml"), "--nproc", "2", "--quiet", *extra)
+        _, err = done.communicate(timeout=600)
+        assert done.returncode == 0, err[-3000:]
+    final = {name: load_checkpoint(out / "model.pt")[0]["model"] for name, out in runs.items()}
+    for key, tensor in final["reference"].items():
+        assert torch.equal(tensor, final["interrupted"][key]), key
+
+
+def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.format(root=tmp_path / "missing", out=tmp_path / "run"))
+    done = _gce("train", str(config), "--nproc", "2", "--quiet")
+    _, stderr = done.communicate(timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in stderr
+    assert stderr.count("does not exist") == 2  # each worker's own error
+    assert stderr.strip().splitlines()[-1] == ("gce: error: 2 of 2 worker processes failed (exit code 1); "
+                                               "their errors are printed above")
+    bad = _gce("train", str(config), "train.no_such_key=1", "--nproc", "2")
+    _, stderr = bad.communicate(timeout=120)
+    assert bad.returncode == 1 and "no_such_key" in stderr and "worker" not in stderr  # before any process

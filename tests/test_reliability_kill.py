@@ -303,28 +303,29 @@ def test_damaged_last_pt_without_its_checksum_falls_back_to_prev_pt(tmp_path, sh
 
 
 class SigintAt(torch.nn.Module):
-    """The run's loss, sending this process a real SIGINT during call ``at``."""
+    """The run's loss, sending this process a real SIGINT (or ``sig``) during call ``at``."""
 
-    def __init__(self, real: torch.nn.Module, at: int) -> None:
+    def __init__(self, real: torch.nn.Module, at: int, sig: signal.Signals = signal.SIGINT) -> None:
         super().__init__()
-        self.real, self.at, self.calls = real, at, 0
+        self.real, self.at, self.calls, self.sig = real, at, 0, sig
 
     def forward(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.sig)
         return self.real(*args, **kwargs)
 
 
-def test_ctrl_c_in_the_final_epoch_stops_with_a_checkpoint_like_mid_run(tmp_path, shape_folder):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_the_final_epoch_stops_with_a_checkpoint_like_mid_run(tmp_path, shape_folder, sig):
     """Before: Ctrl-C in the final epoch's last step said it would write a checkpoint and stop,
-    then finished the run (exit 0)."""
+    then finished the run (exit 0). SIGTERM (preemption) is handled the same way."""
     from gce.training.trainer import TrainingInterrupted
 
     out = tmp_path / "run"
     cfg = load_config(write_config(tmp_path, shape_folder, out, epochs=2, batches=2), ["train.eval_test_every=0"])
     parts = build_parts(cfg, progress=False)
-    parts.loss = SigintAt(parts.loss, at=4)  # the last step of the last epoch
+    parts.loss = SigintAt(parts.loss, at=4, sig=sig)  # the last step of the last epoch
     with pytest.raises(TrainingInterrupted, match="interrupted: checkpoint written to .*training is complete"):
         Trainer(parts, log=lambda _: None).run()
     assert load_checkpoint(out)[0]["epoch"] == 2

@@ -122,3 +122,21 @@ def test_loader_workers_persist_between_epochs_and_change_nothing(tmp_path, shap
         weights[workers] = load_checkpoint(tmp_path / f"w{workers}")[0]["model"]
     for key, tensor in weights[0].items():
         assert torch.equal(tensor, weights[2][key]), key
+
+
+
+@pytest.mark.parametrize("option", ["train.channels_last=true", "train.compile=true"])
+def test_channels_last_and_compile_compute_the_plain_step(tmp_path, shape_folder, option):
+    """A training step with the option: other kernels, the same loss and gradients up to rounding."""
+    torch.manual_seed(1)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
+    steps = {}
+    for name, extra in (("plain", []), ("option", [option])):
+        config = write_config(tmp_path, shape_folder, tmp_path / name)
+        trainer = Trainer.from_config(load_config(config, extra), progress=False)
+        loss, _ = trainer._step(images, labels, None)
+        steps[name] = loss, {n: p.grad for n, p in trainer.parts.model.named_parameters() if p.grad is not None}
+    assert steps["option"][0] == pytest.approx(steps["plain"][0], rel=1e-4)
+    assert steps["option"][1].keys() == steps["plain"][1].keys()
+    for name, grad in steps["plain"][1].items():  # relative to the gradient's norm: rounding, not a change
+        assert (steps["option"][1][name] - grad).norm() <= 1e-3 * grad.norm() + 1e-8, name

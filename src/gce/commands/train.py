@@ -7,6 +7,7 @@ joins the process group; ``--nproc N`` starts N such processes on this machine.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from gce.commands.interrupts import report_interrupt
@@ -34,8 +35,13 @@ def _command(args: argparse.Namespace, *extra: str) -> list[str]:
     return ["train", args.config, *args.overrides, *(["--quiet"] if args.quiet else []), *extra]
 
 
+def _one_machine(world_size: int) -> bool:
+    return os.environ.get("LOCAL_WORLD_SIZE", str(world_size)) == str(world_size)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc is not None:
+        load_config(args.config, args.overrides)  # a bad key fails here, once, before any process starts
         return launch_local(_command(args, *(["--resume"] if args.resume else [])), args.nproc, args.max_restarts)
     cfg = load_config(args.config, args.overrides)
     from gce.distributed.training import build_run
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     # A worker restarted by torchrun --max-restarts continues from the run's last checkpoint.
     resume = args.resume or (restarted_by_launcher() and ((out / "last.pt").exists() or (out / "prev.pt").exists()))
     command = ["gce", "train", args.config, *args.overrides, "--resume"]
+    if ctx.world_size > 1:  # one machine: --nproc starts the same; several: the user's torchrun line
+        command += [f"--nproc={ctx.world_size}"] if _one_machine(ctx.world_size) else ["(under the same torchrun command)"]
     try:
         with distributed_errors(ctx):
             try:

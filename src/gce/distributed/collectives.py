@@ -32,6 +32,16 @@ def gather_sizes(rows: int, device: torch.device) -> list[int]:
     return [int(c) for c in torch.cat(counts).tolist()]  # one device-to-host copy, not one per rank
 
 
+def _all_gather_into(out: Tensor, tensor: Tensor) -> None:
+    # torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor (deprecated, warning on every
+    # call) to all_gather_single / reduce_scatter_single.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, tensor)
+
+
+def _reduce_scatter_sum_into(out: Tensor, tensor: Tensor) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, tensor, op=dist.ReduceOp.SUM)
+
+
 class _AllGatherRows(Function):
     """Forward: all ranks' rows (``sizes[r]`` each) concatenated; shards are padded to the
     longest for the collective. Backward: the summed gradient of the own rows."""
@@ -45,7 +55,7 @@ class _AllGatherRows(Function):
         if tensor.shape[0] < longest:
             padded = torch.cat([padded, padded.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))])
         out = padded.new_empty((world * longest, *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, padded)
+        _all_gather_into(out, padded)
         if all(size == longest for size in sizes):
             return out
         return torch.cat([out[r * longest:r * longest + size] for r, size in enumerate(sizes)])
@@ -62,7 +72,7 @@ class _AllGatherRows(Function):
                     layout[r * longest:r * longest + size] = grad[sum(sizes[:r]):sum(sizes[:r]) + size]
                 grad = layout
             mine = grad.new_empty((longest, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(mine, grad, op=dist.ReduceOp.SUM)
+            _reduce_scatter_sum_into(mine, grad)
             return mine[:sizes[rank]], None
         total = grad.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)

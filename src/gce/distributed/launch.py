@@ -1,8 +1,8 @@
 """``gce train CONFIG --nproc N``: start the same command as N processes on this machine.
 
-It runs ``python -m torch.distributed.run --standalone --nproc-per-node N [--max-restarts R] -m gce
-train CONFIG ...`` (torch's elastic launcher, the module behind ``torchrun``; ``--standalone``
-picks a free local port). Several machines: call ``torchrun`` directly, see docs/scale.md.
+It runs what ``python -m torch.distributed.run --standalone --nproc-per-node N [--max-restarts R] -m gce
+train CONFIG ...`` runs (torch's elastic launcher, the module behind ``torchrun``; ``--standalone``
+picks a free local port), in this process, so that its end is one line instead of a traceback. Several machines: call ``torchrun`` directly, see docs/scale.md.
 A worker restarted by ``--max-restarts`` continues from the run's last checkpoint on its own
 (:func:`restarted_by_launcher`).
 """
@@ -10,7 +10,6 @@ A worker restarted by ``--max-restarts`` continues from the run's last checkpoin
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 from gce.errors import ConfigError, GceError
@@ -29,14 +28,30 @@ def torchrun_command(gce_args: list[str], nproc: int, max_restarts: int = 0) -> 
 
 
 def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
-    """Run ``gce <gce_args>`` under the launcher; its exit status (non-zero if any worker failed)."""
+    """Run ``gce <gce_args>`` under torch's elastic launcher, in this process; 0, or 130 after Ctrl-C.
+
+    Ctrl-C (or SIGTERM) reaches the launcher, which passes it on to the workers: they finish their
+    step, write a checkpoint and print the resume command; then this returns 130. Failed workers
+    (after ``max_restarts`` restarts) are one line here; their own errors are printed above it.
+    """
     if "WORLD_SIZE" in os.environ:
         raise GceError("--nproc inside a torchrun job: the job already has its processes; drop --nproc")
-    command = torchrun_command(gce_args, nproc, max_restarts)
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    arguments = torchrun_command(gce_args, nproc, max_restarts)[3:]  # after "python -m torch.distributed.run"
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:  # the launcher forwards Ctrl-C to the workers and reports itself
+        torchrun.run(torchrun.parse_args(arguments))
+    except SignalException:
         return 130
+    except ChildFailedError as exc:
+        codes = sorted({failure.exitcode for failure in exc.failures.values()})
+        if codes == [130]:  # every failed worker stopped on an interrupt, and said so
+            return 130
+        raise GceError(f"{len(exc.failures)} of {nproc} worker processes failed (exit code "
+                       f"{', '.join(map(str, codes))}); their errors are printed above") from None
+    return 0
 
 
 def restarted_by_launcher() -> bool:

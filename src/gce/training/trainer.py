@@ -37,6 +37,7 @@ from gce.training.epoch_loader import EpochLoader
 from gce.training.parts import RunParts, build_parts
 
 EXIT_INTERRUPTED = 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_KEYS = ("config", "epoch", "batch", "partial", "best_val", "model", "optimizer", "scheduler",
                    "assignment", "rng")
 
@@ -298,11 +299,12 @@ class Trainer:
             self.parts.writer.log(observer.event, epoch, values)
 
     # -------------------------------------------------------------------- run
-    def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
-        if self._interrupt_requested:  # a second Ctrl-C aborts at once
+    def _on_stop_signal(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
+        if self._interrupt_requested:  # a second Ctrl-C (or SIGTERM) aborts at once
             raise KeyboardInterrupt
         self._interrupt_requested = True
-        self.log("\nCtrl-C: finishing the current step and writing a checkpoint (press again to abort)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"\n{name}: finishing the current step and writing a checkpoint (a second one aborts)")
 
     def _run_epoch(self, epoch: int) -> None:
         finetune = epoch >= self.cfg.train.epochs
@@ -327,7 +329,8 @@ class Trainer:
             self._restore()
         else:
             p.writer.start_fresh(self.cfg)
-        previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if _is_main_thread() else None
+        # SIGTERM (a scheduler's preemption, torchrun stopping its workers) is handled like Ctrl-C.
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS} if _is_main_thread() else {}
         try:
             if self.start_epoch == 0 and self.start_batch == 0:
                 self.log(f"training {self.cfg.name}: {len(p.data.train)} images / {p.data.train.num_classes} classes,"
@@ -336,8 +339,8 @@ class Trainer:
             for epoch in range(self.start_epoch, self.total_epochs):
                 self._run_epoch(epoch)
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             p.writer.close()
         if self.last_test is None:  # resumed a finished run: evaluate the final weights
             self.last_test = self.evaluate(p.test_set, "test")
