@@ -29,6 +29,7 @@ import torch
 from distributed_helpers import run_ranks
 from gce.config import load_config
 from gce.distributed import SINGLE
+from gce.distributed.launch import FRESH_STORE_PER_RESTART
 from gce.distributed.training import DistributedTrainer, build_run, local_rows
 from gce.training.checkpoint import load_checkpoint
 
@@ -174,7 +175,8 @@ def test_a_worker_killed_under_max_restarts_restarts_on_its_own_and_equals_unint
     folder = runs["folder"]
     config = write_config(folder, shape_folder, "restarted")
     repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo / "tests")]),
+           FRESH_STORE_PER_RESTART[0]: FRESH_STORE_PER_RESTART[1]}  # what gce train --nproc sets
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "--max-restarts=1", str(repo / "tests" / "faulty_worker.py"), str(KILL_AFTER_STEPS),
                            str(folder / "rank1-died"), "train", str(config), "--quiet"],

@@ -14,7 +14,12 @@ import sys
 
 from gce.errors import ConfigError, GceError
 
-__all__ = ["launch_local", "restarted_by_launcher", "torchrun_command"]
+__all__ = ["FRESH_STORE_PER_RESTART", "launch_local", "restarted_by_launcher", "torchrun_command"]
+
+# By default the workers' process group shares the launcher's rendezvous store, whose keys outlive a
+# restart: restarted gloo workers then read the dead workers' addresses and fail ("Connection
+# refused") or hang (measured here, torch 2.14; pytorch/pytorch#135712). A store per round avoids it.
+FRESH_STORE_PER_RESTART = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 
 def torchrun_command(gce_args: list[str], nproc: int, max_restarts: int = 0) -> list[str]:
@@ -41,6 +46,7 @@ def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     arguments = torchrun_command(gce_args, nproc, max_restarts)[3:]  # after "python -m torch.distributed.run"
+    os.environ.setdefault(*FRESH_STORE_PER_RESTART)
     try:
         torchrun.run(torchrun.parse_args(arguments))
     except SignalException:
