@@ -399,3 +399,32 @@ def test_resume_refuses_changed_data_and_seed_and_records_what_it_continued_with
     err = capsys.readouterr().err
     assert "the data changed since" in err and "classes removed" in err and "class_05" in err
     assert load_checkpoint(out)[0]["epoch"] == 2  # nothing was trained on the changed data
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints_mid_epoch(tmp_path, shape_folder):
+    """A scheduler's SIGTERM reaches the trainer and its DataLoader workers alike; the workers
+    ignore it, so the trainer finishes its step and writes a mid-epoch checkpoint (before: a worker
+    killed by the signal made the DataLoader raise inside the step, exit 1 with a traceback)."""
+    out = tmp_path / "term"
+    config = write_config(tmp_path, shape_folder, out, epochs=2, batches=40)
+    config.write_text(config.read_text().replace("workers: 0", "workers: 2"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "gce", "train", str(config), "--quiet"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("epoch 1: meta-classes updated"):
+                break
+        else:
+            pytest.fail(f"the run ended before epoch 1: {process.communicate()[1][-3000:]}")
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted: checkpoint written to" in stderr
+    assert "SIGTERM: finishing the current step" in stdout
+    state, _ = load_checkpoint(out)
+    assert state["epoch"] == 1 and 0 < state["batch"] < 40

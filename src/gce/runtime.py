@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,14 @@ def set_flush_denormal_in_openmp_workers(on: bool) -> None:
         torch.set_flush_denormal(on)
 
     gomp.GOMP_parallel(body, None, 0, 0)
+
+
+def loader_worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001 (worker_init_fn signature)
+    """``worker_init_fn`` of the trainer's loaders: a SIGTERM to the whole process group (a
+    scheduler's preemption, ``kill -TERM -PGID``) must reach only the trainer, which finishes its
+    step and writes a checkpoint; a worker killed by it makes the DataLoader raise inside that step.
+    The workers still end with the trainer (they watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def seed_everything(seed: int) -> None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from gce.errors import ConfigError, GceError
 from gce.evaluation import metrics as M
 from gce.evaluation.knn import BACKENDS, Backend, as_float_tensor, exact_knn, knn_with_first_positive
+from gce.runtime import loader_worker_ignores_sigterm
 
 _RECALL_KS: dict[str, tuple[int, ...]] = {
     "cub": (1, 2, 4, 8),
@@ -219,7 +220,8 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, *, batch_size: 
     from tqdm.auto import tqdm
 
     on_gpu = torch.device(device).type == "cuda"
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=on_gpu)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=on_gpu,
+                        worker_init_fn=loader_worker_ignores_sigterm if num_workers > 0 else None)
     was_training = model.training
     model.eval()
     chunks, label_chunks = [], []

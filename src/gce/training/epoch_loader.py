@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gce.runtime import loader_worker_ignores_sigterm
+
 __all__ = ["EpochLoader", "PlannedBatches"]
 
 
@@ -43,7 +45,8 @@ class EpochLoader:
         self.batches = PlannedBatches()
         self.loader = DataLoader(dataset, batch_sampler=self.batches, num_workers=workers,
                                  persistent_workers=workers > 0, pin_memory=pin_memory,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed),
+                                 worker_init_fn=loader_worker_ignores_sigterm if workers > 0 else None)
 
     def loader_for(self, batches: Sequence[list[Any]]) -> DataLoader:
         self.batches.batches = list(batches)
