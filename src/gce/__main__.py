@@ -1,3 +1,3 @@
-from gce.cli import main
+from gce.cli import entry
 
-raise SystemExit(main())
+entry()

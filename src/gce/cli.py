@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -26,12 +27,21 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"gce: warning: {message}\n"
 
 
+# Set when Ctrl-C lands during the imports. CPython marks a KeyboardInterrupt raised inside code an
+# extension runs with PyRun_String (torch's import does) as unhandled even when it is caught, and
+# then kills itself with SIGINT at exit (status -2 instead of 130, seen 1 run in 6 here); ``entry``
+# then exits at once instead (nothing is open yet).
+interrupted_while_starting = False
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     try:
         parser = build_parser()  # imports torch: seconds in which a Ctrl-C must not print a traceback
     except KeyboardInterrupt:
         print("gce: aborted", file=sys.stderr)
+        global interrupted_while_starting
+        interrupted_while_starting = True
         return 130
     # parse_known_args lets `key=value` overrides follow options (gce train c.yaml --resume a.b=1).
     args, extra = parser.parse_known_args(argv)
@@ -50,5 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``gce`` command and ``python -m gce``: ``main()``'s status as the exit status."""
+    code = main()
+    if interrupted_while_starting:  # see above: exit before CPython can re-raise the SIGINT
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
