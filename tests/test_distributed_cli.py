@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from gce.distributed.launch import torchrun_command
+from process_signals import signal_group_in_epoch_1
 from gce.errors import ConfigError
 from gce.training.checkpoint import load_checkpoint
 
@@ -96,18 +96,7 @@ def test_ctrl_c_under_nproc_checkpoints_mid_epoch_and_resumes_to_the_uninterrupt
             CONFIG.format(root=shape_folder, out=runs[name]).replace("strategy: random", "strategy: class_proxy, update_every: 1")
             .replace("batches_per_epoch: 2", "batches_per_epoch: 40").replace("epochs: 1", "epochs: 2"))
     process = _gce("train", str(tmp_path / "interrupted.yaml"), "--nproc", "2", "--quiet", start_new_session=True)
-    try:
-        for line in process.stdout:
-            if line.startswith("epoch 1: meta-classes updated"):
-                break
-        else:
-            pytest.fail(f"the run ended before epoch 1: {process.communicate()[1][-3000:]}")
-        time.sleep(1.0)
-        os.killpg(process.pid, signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stdout, stderr = signal_group_in_epoch_1(process, signal.SIGINT, timeout_s=300)
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     assert f"resume with: gce train {tmp_path / 'interrupted.yaml'} --resume --nproc=2" in stderr

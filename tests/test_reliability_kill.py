@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import kill_resume  # noqa: E402  (benchmarks/ is not a package)
+from process_signals import signal_group_in_epoch_1  # noqa: E402
 
 CONFIG = kill_resume.CONFIG  # the benchmark's tiny run: resnet18 from scratch, K=2, D=16, 32 px
 
@@ -411,18 +412,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints_mid_
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gce", "train", str(config), "--quiet"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        for line in process.stdout:
-            if line.startswith("epoch 1: meta-classes updated"):
-                break
-        else:
-            pytest.fail(f"the run ended before epoch 1: {process.communicate()[1][-3000:]}")
-        time.sleep(1.0)
-        os.killpg(process.pid, signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stdout, stderr = signal_group_in_epoch_1(process, signal.SIGTERM, timeout_s=120)
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "interrupted: checkpoint written to" in stderr
     assert "SIGTERM: finishing the current step" in stdout
