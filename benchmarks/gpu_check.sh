@@ -2,40 +2,61 @@
 # One prepared check for a machine with one CUDA GPU (about 5-8 minutes), run from the repo root:
 #
 #     bash benchmarks/gpu_check.sh            # PY=path/to/python to choose the interpreter
+#     GPU_CHECK_OUT=dir bash benchmarks/gpu_check.sh     # keep the table and every section's log in dir
+#     GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh  # rehearsal on the CPU at toy sizes (minutes)
 #
 # 1. the tests that need CUDA (tests/test_distributed_cuda.py);
 # 2. `gce train` end to end on the GPU (tiny generated dataset, bf16 autocast, channels-last):
 #    every path of a run (steps, meta-class refresh, evaluation) on CUDA tensors;
 # 3. ResNet-50 224 px training throughput, single-metric head against GCE K=4 and K=8,
 #    fp32 and bf16 autocast (random weights: ImageNet ResNet-50 weights cannot be fetched offline;
-#    speed does not depend on them); 3b. the effect of train.channels_last, train.compile and
-#    train.amp on the GCE K=4 step (benchmarks/step_options.py);
+#    speed does not depend on them), with the GiB each peaks at;
 # 4. the `gce eval` pipeline at SOP size: 60,000 images embedded on the GPU (ResNet-50, 224 px,
-#    generated images), then the 60,000 x 512 retrieval + clustering metrics.
-# It ends with one table. Nothing is written outside a temporary folder.
+#    generated images), then the 60,000 x 512 retrieval + clustering metrics;
+# 5. the effect of train.channels_last, cudnn.benchmark, train.amp and (last, on its own: it
+#    compiles for a minute or more) train.compile on the GCE K=4 step (benchmarks/step_options.py).
+# Every section has its own time limit and a failed one does not stop the others. Each row of the
+# table is printed as soon as it is known; the script ends with the whole table. Nothing is written
+# outside a temporary folder (and GPU_CHECK_OUT when given).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 WORK=$(mktemp -d)
-TABLE="$WORK/table.tsv"
 trap 'rm -rf "$WORK"' EXIT
-row() { printf '%s\t%s\n' "$1" "$2" >> "$TABLE"; }
-
-"$PY" - <<'PY' >> "$TABLE"
-import torch
-name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-print(f"device\t{name}, torch {torch.__version__}")
-PY
-
-echo "== 1. CUDA tests" >&2
-if "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed_cuda.py > "$WORK/tests.log" 2>&1; then
-  row "CUDA tests" "$(tail -1 "$WORK/tests.log")"
+LOGS=${GPU_CHECK_OUT:-$WORK}
+mkdir -p "$LOGS"
+TABLE="$LOGS/table.tsv"
+: > "$TABLE"
+row() { printf '%s\t%s\n' "$1" "$2" | tee -a "$TABLE" >&2; }
+section() { echo "== $1 ($(date +%T))" >&2; }
+# run LIMIT LOG CMD...: the command under a time limit, its output in LOG; a failure shows LOG's end.
+run() {
+  local limit=$1 log=$2; shift 2
+  timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    { echo "-- $(basename "$log"): exit $rc$([ $rc -eq 124 ] && echo " (over its ${limit} s limit)")"; tail -25 "$log"; } >&2
+  fi
+  return $rc
+}
+if [ "$DEVICE" = cpu ]; then  # toy sizes: checks the script, not the GPU
+  BACKBONE=resnet18 SIZE=64 EVAL_N=2000 EVAL_DIM=64 EVAL_BATCH=64
 else
-  row "CUDA tests" "FAILED: $(tail -1 "$WORK/tests.log")"; tail -30 "$WORK/tests.log" >&2
+  BACKBONE=resnet50 SIZE=224 EVAL_N=60000 EVAL_DIM=512 EVAL_BATCH=256
 fi
 
-echo "== 2. gce train on the GPU" >&2
+row "device" "$("$PY" -c "import torch; print((torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device') + ', torch ' + torch.__version__)" 2>&1)"
+
+section "1. CUDA tests"
+if run 180 "$LOGS/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed_cuda.py; then
+  row "CUDA tests" "$(tail -1 "$LOGS/tests.log")"
+else
+  row "CUDA tests" "FAILED: $(tail -1 "$LOGS/tests.log")"
+fi
+
+section "2. gce train on the $DEVICE"
 "$PY" -c "from gce.data.synthetic import make_pattern_folder as m; m(__import__('pathlib').Path('$WORK/shapes'))"
 cat > "$WORK/tiny.yaml" <<YAML
 name: gpu-check
@@ -45,65 +66,94 @@ model: {backbone: resnet18, head: gce, num_learners: 2, embedding_dim: 32, pretr
 metaclass: {strategy: class_proxy, update_every: 1}
 sampler: {classes_per_batch: 3, samples_per_class: 2, batches_per_epoch: 6}
 optim: {name: adam, lr: 1.0e-3}
-train: {epochs: 2, seed: 0, out_dir: $WORK/run, device: cuda, amp: true, channels_last: true}
+train: {epochs: 2, seed: 0, out_dir: $WORK/run, device: $DEVICE, amp: true, channels_last: true}
 eval: {batch_size: 16}
 YAML
 start=$(date +%s)
-if "$PY" -m gce train "$WORK/tiny.yaml" --quiet > "$WORK/train.log" 2>&1; then
-  row "gce train (cuda, bf16, channels-last)" "ok in $(( $(date +%s) - start )) s, $(grep -m1 -i 'recall@1' "$WORK/train.log" | tr -s ' ')"
+if run 90 "$LOGS/train.log" "$PY" -m gce train "$WORK/tiny.yaml"; then
+  row "gce train ($DEVICE, bf16, channels-last)" "ok in $(( $(date +%s) - start )) s, test $("$PY" -c "import json,sys; m=json.load(open(sys.argv[1])); print(', '.join(f'{k} {100*v:.1f}' for k,v in m.items() if k in ('recall@1','map@r','nmi')))" "$WORK/run/final_metrics.json")"
 else
-  row "gce train (cuda, bf16, channels-last)" "FAILED: $(tail -1 "$WORK/train.log")"; tail -30 "$WORK/train.log" >&2
+  row "gce train ($DEVICE, bf16, channels-last)" "FAILED: $(tail -1 "$LOGS/train.log")"
 fi
 
-echo "== 3. ResNet-50 224 px throughput" >&2
-for amp in "" "--amp"; do
-  "$PY" benchmarks/head_step_ratio.py --device cuda --backbone resnet50 --size 224 --pretrained no --flush off \
-      --k 4 8 --classes 16 --per-class 4 --steps 10 --warmup 3 $amp > "$WORK/throughput.log" 2>&1 \
-    || { tail -30 "$WORK/throughput.log" >&2; row "ResNet-50 throughput ${amp:-fp32}" "FAILED"; continue; }
-  precision=$([ -n "$amp" ] && echo bf16 || echo fp32)
-  awk -v p="$precision" '$1=="random" {printf "ResNet-50 224px %s, batch 64, K=%s\tGCE %s img/s, single %s img/s, ratio %s\n", p, $3, $6, $7, $8}' \
-      "$WORK/throughput.log" >> "$TABLE"
+section "3. $BACKBONE $SIZE px throughput"
+for precision in fp32 bf16; do
+  amp=$([ $precision = bf16 ] && echo --amp)
+  if run 120 "$LOGS/throughput_$precision.log" "$PY" benchmarks/head_step_ratio.py --device "$DEVICE" \
+      --backbone "$BACKBONE" --size "$SIZE" --pretrained no --flush off --k 4 8 --classes 16 --per-class 4 \
+      --steps 10 --warmup 3 $amp; then
+    awk -v p="$precision" -v b="$BACKBONE" -v s="$SIZE" '$1=="random" {printf "%s %spx %s, batch 64, K=%s\tGCE %s img/s, single %s img/s, time ratio %s, FLOP ratio %s, peak GiB GCE %s / single %s\n", b, s, p, $3, $6, $7, $8, $10, $12, $13}' \
+        "$LOGS/throughput_$precision.log" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
+  else
+    row "$BACKBONE throughput $precision" "FAILED"
+  fi
 done
 
-echo "== 3b. train.channels_last / train.compile / train.amp on a ResNet-50 GCE step" >&2
-if "$PY" benchmarks/step_options.py --device cuda --backbone resnet50 --size 224 --k 4 --steps 10 --warmup 3 \
-      --only plain channels_last compile "amp (bf16)" "amp + channels_last" > "$WORK/options.log" 2>&1; then
-  awk 'NR>2 {n=NF; name=$1; for (i=2; i<=n-4; i++) name=name" "$i; printf "step option: %s\t%s img/s, %s of plain, warm-up %s s\n", name, $(n-2), $(n-1), $n}' \
-      "$WORK/options.log" >> "$TABLE"
-else
-  tail -30 "$WORK/options.log" >&2; row "step options" "FAILED"
-fi
-
-echo "== 4. gce eval pipeline at 60,000 x 512" >&2
-"$PY" - <<'PY' >> "$TABLE" 2> "$WORK/eval.log" || { tail -30 "$WORK/eval.log" >&2; row "eval 60,000 x 512" "FAILED"; }
+section "4. gce eval pipeline at $EVAL_N x $EVAL_DIM"
+cat > "$WORK/eval.py" <<'PY'
+"""Embed generated images on the device with the eval code path, then the full retrieval + clustering metrics."""
+import sys
 import time
+
 import torch
 from torch.utils.data import Dataset
+
 from gce.evaluation import evaluate_embeddings, extract_embeddings
 from gce.models import build_model
 
+device, backbone, size, n, dim, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+
+
 class Generated(Dataset):
-    """60,000 random 224 px images (made on the fly: 36 GB as one tensor), SOP-like class sizes."""
-    def __len__(self): return 60_000
+    """Random images made on the fly (60,000 at 224 px would be 36 GB as one tensor), SOP-like classes of 5."""
+    def __len__(self): return n
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(i)
-        return torch.randn(3, 224, 224, generator=g), i // 5
+        return torch.randn(3, size, size, generator=g), i // 5
 
-model = build_model(backbone="resnet50", head="gce", num_learners=4, embedding_dim=512, pretrained=False,
-                    freeze_bn=True).cuda()
+
+model = build_model(backbone=backbone, head="gce", num_learners=4, embedding_dim=dim, pretrained=False,
+                    freeze_bn=True).to(device)
 start = time.perf_counter()
-with torch.autocast("cuda", dtype=torch.bfloat16):
-    x, y = extract_embeddings(model, Generated(), batch_size=256, num_workers=8, device="cuda", progress=False)
-torch.cuda.synchronize()
+with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+    x, y = extract_embeddings(model, Generated(), batch_size=batch, num_workers=8, device=device, progress=False)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
 embed_s = time.perf_counter() - start
 start = time.perf_counter()
 result = evaluate_embeddings(x, y, recall_ks=(1, 10, 100, 1000), clustering=True, seed=0)
 metric_s = time.perf_counter() - start
-print(f"eval 60,000 x 512 (ResNet-50 224px bf16)\tembedding {embed_s:.0f} s ({60000 / embed_s:.0f} img/s on GPU), "
-      f"metrics {metric_s:.0f} s (CPU), R@1 {100 * result.recall[1]:.1f}, peak GPU memory "
-      f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
+print(f"eval {n:,} x {dim} ({backbone} {size}px)\tembedding {embed_s:.0f} s ({n / embed_s:.0f} img/s on {device}), "
+      f"metrics {metric_s:.0f} s (CPU), R@1 {100 * result.recall[1]:.1f}, NMI {100 * result.nmi:.1f}{peak}")
 PY
+if run 150 "$LOGS/eval.log" "$PY" "$WORK/eval.py" "$DEVICE" "$BACKBONE" "$SIZE" "$EVAL_N" "$EVAL_DIM" "$EVAL_BATCH"; then
+  tail -1 "$LOGS/eval.log" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
+else
+  row "eval $EVAL_N x $EVAL_DIM" "FAILED"
+fi
+
+section "5. train.channels_last / cudnn.benchmark / train.amp, then train.compile, on a $BACKBONE GCE step"
+options_rows() {  # the step_options table (after its header line) as rows
+  awk 'started {n=NF; name=$1; for (i=2; i<=n-5; i++) name=name" "$i; printf "step option: %s\t%s img/s, %s of plain, warm-up %s s, peak %s GiB\n", name, $(n-3), $(n-2), $(n-1), $n} /^option /{started=1}' \
+      "$1" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
+}
+only=(plain channels_last)
+[ "$DEVICE" != cpu ] && only+=("amp (bf16)" "amp + channels_last" "cudnn.benchmark" "amp + channels_last + cudnn.benchmark")
+if run 150 "$LOGS/options.log" "$PY" benchmarks/step_options.py --device "$DEVICE" --backbone "$BACKBONE" \
+      --size "$SIZE" --k 4 --steps 10 --warmup 3 --only "${only[@]}"; then
+  options_rows "$LOGS/options.log"
+else
+  row "step options" "FAILED"
+fi
+# torch.compile on its own (its first steps compile for a minute or more; a timeout loses only this row)
+if run 200 "$LOGS/compile.log" "$PY" benchmarks/step_options.py --device "$DEVICE" --backbone "$BACKBONE" \
+      --size "$SIZE" --k 4 --steps 10 --warmup 3 --only plain compile; then
+  options_rows "$LOGS/compile.log"
+else
+  row "step option: compile" "FAILED"
+fi
 
 echo
-echo "gpu_check summary"
-column -t -s $'\t' "$TABLE"
+echo "gpu_check summary ($(date +%T))"
+column -t -s $'\t' "$TABLE" 2>/dev/null || cat "$TABLE"

@@ -43,7 +43,8 @@ class Stepper:
     """One model, its optimiser and loss: ``step()`` runs one training step and returns seconds."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int,
-                 device: str = "cpu", amp: bool = False, channels_last: bool = False, compile: bool = False) -> None:
+                 device: str = "cpu", amp: bool = False, channels_last: bool = False, compile: bool = False,
+                 cudnn_benchmark: bool = False) -> None:
         memory = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=memory).train()
         self.forward = torch.compile(self.model) if compile else self.model  # as gce train's train.compile
@@ -55,8 +56,15 @@ class Stepper:
         self.loss = GCELoss(margin=0.1, mining="semihard", full_embedding_weight=0.5 if k > 1 else 0.0)
         self.slices = model.learner_slices()
         self.k, self.count = k, 0
+        self.cudnn_benchmark = cudnn_benchmark
+        self.peak_extra = 0  # CUDA: most bytes a step allocated above what was resident at its start
 
     def step(self) -> float:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark  # read at every convolution
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
         start = time.perf_counter()
         part = self.slices[self.count % self.k] if self.k > 1 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -66,9 +74,20 @@ class Stepper:
         loss.backward()
         self.optimizer.step()
         self.count += 1
-        if self.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if cuda:
+            self.peak_extra = max(self.peak_extra, torch.cuda.max_memory_allocated() - resident)
+        return seconds
+
+    def peak_gib(self) -> float:
+        """GiB one process training this model alone peaks at: its own weights, gradients and Adam
+        state, plus the most a step allocated on top (activations, workspaces); CUDA only."""
+        tensors = [t for p in self.model.parameters() for t in (p, p.grad) if t is not None]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        own = sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+        return (own + self.peak_extra) / 2**30
 
 
 def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +134,9 @@ def compute_ratio(args: argparse.Namespace, pretrained: bool, k: int) -> tuple[f
             (count(gce) - count(single)) / 1e6)
 
 
-def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> tuple[float, float]:
-    """Median seconds per step of the GCE model with ``k`` learners and of the single-metric model."""
+def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> tuple[float, float, str, str]:
+    """Median seconds per step of the GCE model with ``k`` learners and of the single-metric model,
+    and (CUDA) the GiB each peaks at (:meth:`Stepper.peak_gib`; "-" on CPU)."""
     torch.set_flush_denormal(flush)  # this thread and (below) torch's OpenMP workers, as gce train does
     set_flush_denormal_in_openmp_workers(flush)
     images, labels = batch(args)
@@ -129,7 +149,8 @@ def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> 
             seconds = stepper.step()
             if i >= args.warmup:
                 times[name].append(seconds)
-    return statistics.median(times["gce"]), statistics.median(times["single"])
+    memory = [f"{m.peak_gib():.2f}" if m.device.type == "cuda" else "-" for m in (gce, single)]
+    return statistics.median(times["gce"]), statistics.median(times["single"]), memory[0], memory[1]
 
 
 def _subnormal_count(t: torch.Tensor) -> int:
@@ -214,15 +235,15 @@ def main() -> None:
           f"{args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'weights':<9} {'flush denormals':<16} {'K':>3} {'GCE s/step':>11} {'single s/step':>14} "
           f"{'GCE img/s':>10} {'single img/s':>13} {'ratio':>6} {'GFLOP GCE/single':>17} {'FLOP ratio':>10} "
-          f"{'extra M params':>14}")
+          f"{'extra M params':>14} {'GCE GiB':>8} {'single GiB':>10}")
     for pre in pretrained:
         for flush in flushes:
             for k in args.k:
-                g, s = measure(args, pre, flush, k)
+                g, s, g_gib, s_gib = measure(args, pre, flush, k)
                 fg, fs, extra = compute_ratio(args, pre, k)
                 print(f"{'ImageNet' if pre else 'random':<9} {'on' if flush else 'off':<16} {k:>3} {g:>11.3f} "
                       f"{s:>14.3f} {n / g:>10.1f} {n / s:>13.1f} {g / s:>6.2f} {f'{fg:.3f}/{fs:.3f}':>17} "
-                      f"{fg / fs:>10.2f} {extra:>14.2f}")
+                      f"{fg / fs:>10.2f} {extra:>14.2f} {g_gib:>8} {s_gib:>10}")
     torch.set_flush_denormal(False)
 
 

@@ -6,7 +6,10 @@ option, all from the same initial weights, take turns step by step (machine load
 the table gives median seconds per step, images/s and the speed-up over the plain model, measured
 in one run. ``torch.compile``'s first steps compile (tens of seconds): the warm-up steps absorb
 them and their time is printed separately. bf16 autocast (``amp``) is a CUDA option (on CPU gce
-ignores it) and is measured only with ``--device cuda``.
+ignores it) and is measured only with ``--device cuda``, as is ``cudnn.benchmark`` (cuDNN times its
+convolution algorithms on the first step of each shape and keeps the fastest). On CUDA the last
+column is the GiB one process training that model alone peaks at (weights, gradients, Adam state
+and the step's largest allocation on top).
 
     python benchmarks/step_options.py                                   # mobilenet_v2, 64 px, K=8, CPU
     python benchmarks/step_options.py --device cuda --backbone resnet50 --size 224 --k 4
@@ -32,7 +35,10 @@ def options(device: str) -> dict[str, dict[str, bool]]:
     chosen = {"plain": {}, "channels_last": {"channels_last": True}, "compile": {"compile": True},
               "channels_last + compile": {"channels_last": True, "compile": True}}
     if device.startswith("cuda"):
-        chosen.update({"amp (bf16)": {"amp": True}, "amp + channels_last": {"amp": True, "channels_last": True}})
+        chosen.update({"amp (bf16)": {"amp": True}, "amp + channels_last": {"amp": True, "channels_last": True},
+                       "cudnn.benchmark": {"cudnn_benchmark": True},
+                       "amp + channels_last + cudnn.benchmark": {"amp": True, "channels_last": True,
+                                                                 "cudnn_benchmark": True}})
     return chosen
 
 
@@ -71,12 +77,14 @@ def main() -> None:
     print(f"{args.backbone} + GCE head K={args.k}, D={args.dim}, {args.size} px, batch {args.classes}x{args.per_class}, "
           f"{args.device}, {args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up "
           f"(PyTorch {torch.__version__})")
-    print(f"{'option':<26} {'s/step':>8} {'img/s':>8} {'speed-up':>9} {'warm-up s':>10}")
+    print(f"{'option':<38} {'s/step':>8} {'img/s':>8} {'speed-up':>9} {'warm-up s':>10} {'peak GiB':>9}")
     plain = statistics.median(times["plain"]) if "plain" in times else None
     for name in steppers:
         median = statistics.median(times[name])
         speedup = f"{plain / median:.2f}x" if plain else "-"
-        print(f"{name:<26} {median:>8.3f} {n / median:>8.1f} {speedup:>9} {warmup[name]:>10.1f}")
+        stepper = steppers[name]
+        peak = f"{stepper.peak_gib():.2f}" if stepper.device.type == "cuda" else "-"
+        print(f"{name:<38} {median:>8.3f} {n / median:>8.1f} {speedup:>9} {warmup[name]:>10.1f} {peak:>9}")
 
 
 if __name__ == "__main__":

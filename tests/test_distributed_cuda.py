@@ -32,6 +32,16 @@ from gce.training.parts import build_parts
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def full_fp32_on_the_gpu():
+    """cuDNN convolutions run in TF32 by default (10-bit mantissa, ~1e-3 relative error): the
+    comparisons with the CPU below are of fp32 against fp32, so TF32 is off while they run."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False,
@@ -183,3 +193,28 @@ def test_gce_ablate_on_gpu(tmp_path, shape_folder):
     assert main(["ablate", str(ablation), "--quiet"]) == 0
     summary = (tmp_path / "abl" / "summary.md").read_text()
     assert "| gce | 1 |" in summary and "| single | 1 |" in summary
+
+
+def test_nccl_gather_and_its_reduce_scatter_backward_run_on_the_gpu(tmp_path):
+    """The NCCL calls of the differentiable gather (all-gather forward, reduce-scatter backward) and
+    of the row counts, on a one-rank NCCL group started as init_distributed starts one. A one-GPU
+    machine cannot hold two NCCL ranks (one process per GPU), so the multi-rank arithmetic is tested
+    on gloo (tests/test_distributed_*.py); this checks that the NCCL code path itself runs."""
+    import torch.distributed as dist
+
+    from gce.distributed.collectives import _AllGatherRows, gather_sizes
+
+    device = torch.device("cuda", 0)
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=device)
+    try:
+        assert dist.get_backend() == dist.Backend.NCCL
+        assert gather_sizes(5, device) == [5]
+        x = torch.randn(5, 4, device=device, requires_grad=True)
+        weights = torch.randn(5, 4, device=device)
+        gathered = _AllGatherRows.apply(x, [5])
+        assert gathered.is_cuda and torch.equal(gathered, x.detach())
+        (gathered * weights).sum().backward()
+        torch.testing.assert_close(x.grad, weights)  # one rank: the reduce-scatter sum is its own gradient
+    finally:
+        dist.destroy_process_group()
