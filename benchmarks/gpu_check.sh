@@ -90,47 +90,11 @@ for precision in fp32 bf16; do
 done
 
 section "4. gce eval pipeline at $EVAL_N x $EVAL_DIM"
-cat > "$WORK/eval.py" <<'PY'
-"""Embed generated images on the device with the eval code path, then the full retrieval + clustering metrics."""
-import sys
-import time
-
-import torch
-from torch.utils.data import Dataset
-
-from gce.evaluation import evaluate_embeddings, extract_embeddings
-from gce.models import build_model
-
-device, backbone, size, n, dim, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-
-
-class Generated(Dataset):
-    """Random images made on the fly (60,000 at 224 px would be 36 GB as one tensor), SOP-like classes of 5."""
-    def __len__(self): return n
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return torch.randn(3, size, size, generator=g), i // 5
-
-
-model = build_model(backbone=backbone, head="gce", num_learners=4, embedding_dim=dim, pretrained=False,
-                    freeze_bn=True).to(device)
-start = time.perf_counter()
-with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-    x, y = extract_embeddings(model, Generated(), batch_size=batch, num_workers=8, device=device, progress=False)
-if device.startswith("cuda"):
-    torch.cuda.synchronize()
-embed_s = time.perf_counter() - start
-start = time.perf_counter()
-result = evaluate_embeddings(x, y, recall_ks=(1, 10, 100, 1000), clustering=True, seed=0)
-metric_s = time.perf_counter() - start
-peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
-print(f"eval {n:,} x {dim} ({backbone} {size}px)\tembedding {embed_s:.0f} s ({n / embed_s:.0f} img/s on {device}), "
-      f"metrics {metric_s:.0f} s (CPU), R@1 {100 * result.recall[1]:.1f}, NMI {100 * result.nmi:.1f}{peak}")
-PY
-if run 150 "$LOGS/eval.log" "$PY" "$WORK/eval.py" "$DEVICE" "$BACKBONE" "$SIZE" "$EVAL_N" "$EVAL_DIM" "$EVAL_BATCH"; then
+if run 300 "$LOGS/eval.log" "$PY" benchmarks/eval_pipeline.py --device "$DEVICE" --backbone "$BACKBONE" \
+    --size "$SIZE" --n "$EVAL_N" --dim "$EVAL_DIM" --batch "$EVAL_BATCH"; then
   tail -1 "$LOGS/eval.log" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
 else
-  row "eval $EVAL_N x $EVAL_DIM" "FAILED"
+  row "eval $EVAL_N x $EVAL_DIM" "FAILED: $(grep -E '^  [a-z-]+.*: [0-9.]+ s$' "$LOGS/eval.log" | tr -s ' ' | paste -sd ';')"
 fi
 
 section "5. train.channels_last / cudnn.benchmark / train.amp, then train.compile, on a $BACKBONE GCE step"
