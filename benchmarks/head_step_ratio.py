@@ -33,10 +33,10 @@ from gce.models import build_model
 from gce.runtime import set_flush_denormal_in_openmp_workers
 
 
-def build(backbone: str, head: str, k: int, dim: int, pretrained: bool, group_conv: str = "auto") -> nn.Module:
+def build(backbone: str, head: str, k: int, dim: int, pretrained: bool) -> nn.Module:
     torch.manual_seed(0)
     return build_model(backbone=backbone, head=head, num_learners=k, embedding_dim=dim, pretrained=pretrained,
-                       freeze_bn=True, group_conv=group_conv)
+                       freeze_bn=True)
 
 
 class Stepper:
@@ -134,15 +134,14 @@ def compute_ratio(args: argparse.Namespace, pretrained: bool, k: int) -> tuple[f
             (count(gce) - count(single)) / 1e6)
 
 
-def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int,
-            group_conv: str = "auto") -> tuple[float, float, str, str]:
+def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> tuple[float, float, str, str]:
     """Median seconds per step of the GCE model with ``k`` learners and of the single-metric model,
     and (CUDA) the GiB each peaks at (:meth:`Stepper.peak_gib`; "-" on CPU)."""
     torch.set_flush_denormal(flush)  # this thread and (below) torch's OpenMP workers, as gce train does
     set_flush_denormal_in_openmp_workers(flush)
     images, labels = batch(args)
     options = dict(device=args.device, amp=args.amp, channels_last=args.channels_last)
-    gce = Stepper(build(args.backbone, "gce", k, args.dim, pretrained, group_conv), images, labels, k, **options)
+    gce = Stepper(build(args.backbone, "gce", k, args.dim, pretrained), images, labels, k, **options)
     single = Stepper(build(args.backbone, args.single_head, 1, args.dim, pretrained), images, labels, 1, **options)
     times: dict[str, list[float]] = {"gce": [], "single": []}
     for i in range(args.warmup + args.steps):
@@ -222,8 +221,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", help="emoji dataset folder for real images (default: Gaussian noise)")
     p.add_argument("--find-denormals", action="store_true")
-    p.add_argument("--group-conv", nargs="+", default=["auto"], choices=["auto", "conv", "gemm"],
-                   help="model.group_conv of the GCE model (one row each)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pretrained = {"yes": [True], "no": [False], "both": [False, True]}[args.pretrained]
@@ -238,15 +235,15 @@ def main() -> None:
           f"{args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'weights':<9} {'flush denormals':<16} {'K':>3} {'GCE s/step':>11} {'single s/step':>14} "
           f"{'GCE img/s':>10} {'single img/s':>13} {'ratio':>6} {'GFLOP GCE/single':>17} {'FLOP ratio':>10} "
-          f"{'extra M params':>14} {'GCE GiB':>8} {'single GiB':>10} {'group conv':>10}")
+          f"{'extra M params':>14} {'GCE GiB':>8} {'single GiB':>10}")
     for pre in pretrained:
         for flush in flushes:
-            for k, impl in ((k, impl) for k in args.k for impl in args.group_conv):
-                g, s, g_gib, s_gib = measure(args, pre, flush, k, impl)
+            for k in args.k:
+                g, s, g_gib, s_gib = measure(args, pre, flush, k)
                 fg, fs, extra = compute_ratio(args, pre, k)
                 print(f"{'ImageNet' if pre else 'random':<9} {'on' if flush else 'off':<16} {k:>3} {g:>11.3f} "
                       f"{s:>14.3f} {n / g:>10.1f} {n / s:>13.1f} {g / s:>6.2f} {f'{fg:.3f}/{fs:.3f}':>17} "
-                      f"{fg / fs:>10.2f} {extra:>14.2f} {g_gib:>8} {s_gib:>10} {impl:>10}")
+                      f"{fg / fs:>10.2f} {extra:>14.2f} {g_gib:>8} {s_gib:>10}")
     torch.set_flush_denormal(False)
 
 

@@ -20,7 +20,6 @@ from gce.metaclass.relabel import LEARNER_DATA
 from gce.metaclass.strategies import BALANCE_BY, STRATEGY_NAMES
 from gce.models.backbones import BACKBONES
 from gce.models.embedding_model import HEADS, check_model_config
-from gce.models.grouped_conv import GROUPED_CONV_IMPLS
 from gce.models.heads import BLOCK_KINDS, INPUT_MIXING_MODES, POOLING_MODES
 
 # Each vocabulary is defined once, by the module that implements it; ``Literal[names]`` turns its
@@ -61,9 +60,6 @@ class ModelConfig(_Section):
     block: Literal[BLOCK_KINDS] = Field("conv3x3", description="gce head: grouped layers of the block")
     block_residual: bool = Field(False, description="gce head: ReLU(trunk features + block output)")
     grouped_trunk_layers: int = Field(0, ge=0, description="last trunk layers each learner owns a copy of (0: shared)")
-    group_conv: Literal[GROUPED_CONV_IMPLS] = Field(
-        "auto", description="gce head: grouped convs as the framework's kernels ('conv'), one matrix product per "
-                            "group ('gemm'), or 'auto' (gemm on CUDA, measured faster there; conv elsewhere)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":

@@ -150,7 +150,6 @@ def build_model(
     block: str = "conv3x3",
     block_residual: bool = False,
     grouped_trunk_layers: int = 0,
-    group_conv: str = "auto",
 ) -> EmbeddingModel:
     """Build an :class:`EmbeddingModel` from config values.
 
@@ -162,8 +161,6 @@ def build_model(
     and must learn. Bad values raise :class:`ConfigError` naming the key, e.g.
     ``model.embedding_dim=100 is not divisible by model.num_learners=3``; missing ImageNet weights
     raise :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`).
-    ``group_conv`` chooses how the GCE head computes its grouped convolutions
-    (:class:`~gce.models.grouped_conv.GroupedConv2d`; same parameters and results either way).
     """
     check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing,
                        block, block_residual, grouped_trunk_layers)
@@ -175,7 +172,7 @@ def build_model(
     if head == "gce":
         head_module: EmbeddingHead = GroupChannelwiseHead(
             channels, num_learners, embedding_dim, block_channels, pooling=pooling, input_mixing=input_mixing,
-            block=block, block_residual=block_residual, group_conv=group_conv,
+            block=block, block_residual=block_residual,
         )
     else:
         head_module = LinearSplitHead(channels, num_learners, embedding_dim, pooling=pooling)

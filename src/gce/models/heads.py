@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gce.errors import ConfigError
-from gce.models.grouped_conv import GroupedConv2d
 
 __all__ = [
     "BLOCK_KINDS",
@@ -219,7 +218,6 @@ class GroupChannelwiseHead(EmbeddingHead):
         input_mixing: str = "grouped",
         block: str = "conv3x3",
         block_residual: bool = False,
-        group_conv: str = "auto",
     ) -> None:
         check_head_config(
             in_channels,
@@ -243,11 +241,10 @@ class GroupChannelwiseHead(EmbeddingHead):
         # Shared mixing layer (shared mode only): no bias, the BN after the grouped conv has one.
         self.mix = nn.Conv2d(in_channels, block_channels, 1, bias=False) if input_mixing == "shared" else None
         conv_in = block_channels if self.mix is not None else in_channels
-        self.block = _grouped_block(block, conv_in, block_channels, k, final_relu=not block_residual,
-                                    impl=group_conv)
+        self.block = _grouped_block(block, conv_in, block_channels, k, final_relu=not block_residual)
         self.pool = GlobalPool(pooling)
         embed_in = block_channels if block != "none" else conv_in
-        self.embed = GroupedConv2d(embed_in, embedding_dim, 1, groups=k, impl=group_conv)
+        self.embed = nn.Conv2d(embed_in, embedding_dim, 1, groups=k)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -290,18 +287,16 @@ class GroupChannelwiseHead(EmbeddingHead):
         return self._normalise_learners(z)
 
 
-def _grouped_block(kind: str, in_channels: int, out_channels: int, groups: int, final_relu: bool,
-                   impl: str = "auto") -> nn.Sequential:
+def _grouped_block(kind: str, in_channels: int, out_channels: int, groups: int, final_relu: bool) -> nn.Sequential:
     """The group channel-wise block: every conv has ``groups`` groups, so group k stays learner k's.
 
     ``conv3x3``: 3x3 conv -> BN -> ReLU (the layout of the original head; its state-dict keys
     ``block.0``/``block.1`` are unchanged). ``bottleneck``: 1x1 conv -> BN -> ReLU -> 3x3 conv ->
     BN -> ReLU, two grouped layers. ``none``: no layer (pool the trunk channels of each group
-    directly). ``final_relu=False`` leaves the last ReLU to the residual sum. ``impl``: how the
-    grouped convolutions are computed (:class:`~gce.models.grouped_conv.GroupedConv2d`).
+    directly). ``final_relu=False`` leaves the last ReLU to the residual sum.
     """
     def conv_bn(cin: int, size: int) -> list[nn.Module]:
-        conv = GroupedConv2d(cin, out_channels, size, padding=size // 2, groups=groups, bias=False, impl=impl)
+        conv = nn.Conv2d(cin, out_channels, size, padding=size // 2, groups=groups, bias=False)
         return [conv, nn.BatchNorm2d(out_channels)]
 
     if kind == "none":
