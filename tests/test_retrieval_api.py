@@ -148,6 +148,21 @@ def test_item_embedding_and_reload(tmp_path):
     assert len(index.search(x[:1], k=80)[0]) == 50
 
 
+@pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
+def test_item_embedding_is_numpy_after_faiss_torch_utils_is_imported(tmp_path, index_type, recwarn):
+    """pytorch-metric-learning's inference utilities import faiss.contrib.torch_utils, which makes
+    faiss' reconstruct() return torch tensors by default, for every index of the process."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    x, _ = clustered_embeddings(300)
+    build_index(x, [f"p{i}" for i in range(300)], None, tmp_path / "idx", model_meta(), index_type=index_type)
+    vector = SearchIndex.load(tmp_path / "idx").embedding(7)
+    assert type(vector) is np.ndarray and vector.dtype == np.float32 and vector.shape == (32,)
+    if index_type == "flat":
+        np.testing.assert_allclose(vector, x[7], atol=1e-6)
+    assert not [w for w in recwarn if "__array__" in str(w.message)]
+
+
 def test_bad_queries_and_weights_are_one_line_errors(tmp_path):
     index, _ = build_index(*clustered_embeddings(20)[:1], [str(i) for i in range(20)], None, tmp_path / "i", model_meta())
     for kwargs, message in (({"learners": [4]}, "not a learner"), ({"weights": [1, 2]}, "expected 4 values"),

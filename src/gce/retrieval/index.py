@@ -508,7 +508,9 @@ class SearchIndex:
         if self.index_type in ("ivf", "ivfpq") and not self._direct_map:
             _faiss().extract_index_ivf(self._index).make_direct_map()
             self._direct_map = True
-        vector = self._index.reconstruct(i)
+        # An explicit numpy buffer: once faiss.contrib.torch_utils is imported (pytorch-metric-learning's
+        # inference utilities do), reconstruct() without one returns a torch tensor.
+        vector = self._index.reconstruct(i, np.empty(self.dim, dtype=np.float32))
         return normalize_learners(vector[None, :], self.learner_slices)[0]
 
     # ---------------------------------------------------------------- growing
