@@ -32,6 +32,7 @@ from torch import nn
 
 from gce.distributed import DistributedGCELoss, init_distributed, shutdown_distributed
 from gce.distributed.batchnorm import synchronise_batchnorm
+from gce.distributed.training import ddp_without_buffer_sync
 from gce.losses import GCELoss
 from gce.models import build_model
 from gce.runtime import flush_denormals
@@ -57,7 +58,7 @@ def run_steps(args: argparse.Namespace, rank: int, world: int, communicate: bool
     step_model: nn.Module = model
     if world > 1 and communicate:
         synchronise_batchnorm(model, torch.device("cpu"))
-        step_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        step_model = ddp_without_buffer_sync(model, torch.device("cpu"))
         loss_fn = DistributedGCELoss.like(loss_fn)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     slices = model.learner_slices()

@@ -47,7 +47,7 @@ from gce.training.readings import MetaClassUpdate, Reading
 from gce.training.trainer import EpochObserver, Trainer
 from gce.training.writer import RunWriter
 
-__all__ = ["DistributedTrainer", "RankShare", "ShardedEmbedder", "SharedReading", "SilentWriter", "build_run",
+__all__ = ["DistributedTrainer", "RankShare", "ddp_without_buffer_sync", "ShardedEmbedder", "SharedReading", "SilentWriter", "build_run",
            "check_distributable", "distribute_parts", "local_rows"]
 
 
@@ -143,6 +143,16 @@ def check_distributable(cfg: ExperimentConfig, ctx: DistContext) -> None:
                           f"needs at least 2 images per process; {ctx.world_size} processes need {2 * ctx.world_size}")
 
 
+
+def ddp_without_buffer_sync(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """``model`` in ``DistributedDataParallel`` without the buffer sync at every forward: BatchNorm
+    statistics are global (the same on every rank) here. torch 2.14 renamed ``broadcast_buffers``
+    to ``forward_sync_buffers`` (the old name warns); either is used, whichever the torch has."""
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **sync)
+
 def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
     """The parts of a run on ``ctx.world_size`` ranks (see the module docstring); unchanged alone."""
     if not ctx.enabled:
@@ -153,11 +163,7 @@ def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
     synchronise_batchnorm(model.head, ctx.device)
     if cfg.train.sync_bn:
         synchronise_batchnorm(model.trunk, ctx.device)
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # Buffers need no sync at each forward: BatchNorm statistics are global, the same on every rank.
-    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
-        nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **sync)
+    train_model = ddp_without_buffer_sync(model, ctx.device)
     writer = parts.writer
     if not ctx.is_main:
         writer.close()
