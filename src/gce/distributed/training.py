@@ -47,8 +47,8 @@ from gce.training.readings import MetaClassUpdate, Reading
 from gce.training.trainer import EpochObserver, Trainer
 from gce.training.writer import RunWriter
 
-__all__ = ["DistributedTrainer", "RankShare", "ddp_without_buffer_sync", "ShardedEmbedder", "SharedReading", "SilentWriter", "build_run",
-           "check_distributable", "distribute_parts", "local_rows"]
+__all__ = ["DistributedTrainer", "RankShare", "ShardedEmbedder", "SharedReading", "SilentWriter", "build_run",
+           "check_distributable", "ddp_without_buffer_sync", "distribute_parts", "local_rows"]
 
 
 def local_rows(batch_size: int, rank: int, world_size: int) -> slice:
@@ -143,7 +143,6 @@ def check_distributable(cfg: ExperimentConfig, ctx: DistContext) -> None:
                           f"needs at least 2 images per process; {ctx.world_size} processes need {2 * ctx.world_size}")
 
 
-
 def ddp_without_buffer_sync(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
     """``model`` in ``DistributedDataParallel`` without the buffer sync at every forward: BatchNorm
     statistics are global (the same on every rank) here. torch 2.14 renamed ``broadcast_buffers``
@@ -152,6 +151,7 @@ def ddp_without_buffer_sync(model: nn.Module, device: torch.device) -> nn.parall
         nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **sync)
+
 
 def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
     """The parts of a run on ``ctx.world_size`` ranks (see the module docstring); unchanged alone."""
