@@ -37,6 +37,27 @@ def test_demo_writes_table_and_figures(tmp_path, shape_folder, capsys):
 
 
 @pytest.mark.slow
+def test_demo_after_a_config_change_keeps_the_old_run_and_trains_anew(tmp_path, shape_folder, capsys):
+    """An upgrade that changes a default (or an edited config) must not stop `make demo` with a
+    refused resume: the old run is moved aside, nothing of it lost, and the demo trains anew."""
+    config = tmp_path / "demo.yaml"
+    run = tmp_path / "run"
+    config.write_text(CONFIG.format(root=shape_folder, out=run))
+    assert main(["demo", str(config), "--quiet", "--out", str(tmp_path / "demo")]) == 0
+    old_weights = (run / "model.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["demo", str(config), "--quiet", "--out", str(tmp_path / "demo"), "loss.margin=0.3"]) == 0
+    printed = capsys.readouterr().out
+    kept = tmp_path / "run.previous-1"
+    assert f"moved it to {kept}" in printed and "loss.margin: checkpoint 0.1, config 0.3" in printed
+    assert (kept / "model.pt").read_bytes() == old_weights
+    state, _ = load_checkpoint(run)
+    assert state["config"]["loss"]["margin"] == 0.3 and state["epoch"] == 1
+    # A plain `gce train --resume` still refuses the other configuration.
+    assert main(["train", str(config), "--quiet", "--resume"]) != 0
+
+
+@pytest.mark.slow
 def test_demo_metrics_equal_gce_eval_and_its_curve_leaves_training_unchanged(tmp_path, shape_folder):
     run = tmp_path / "run"
     config = tmp_path / "demo.yaml"

@@ -17,11 +17,13 @@ from torch import nn
 from gce.config import ExperimentConfig
 from gce.data.images import ImageDataset, load_rgb
 from gce.data.records import ImageRecords
+from gce.errors import CheckpointError
 from gce.evaluation import EvalResult, exact_knn
 from gce.evaluation.pipeline import EmbedFn, MetricSettings, evaluate_split
 from gce.models.plain import PooledTrunk
 from gce.plots import plot_training_curve, retrieval_grid
 from gce.outputs import check_output_dir, write_json, write_text
+from gce.training.checkpoint import load_checkpoint, setting_differences
 from gce.training.logging import MetricsLogger
 from gce.training.parts import build_parts
 from gce.training.trainer import Trainer
@@ -74,11 +76,37 @@ def write_retrieval_grid(embeddings: torch.Tensor, records: ImageRecords, path: 
                           [[load_rgb(records.paths[j]) for j in row] for row in indices], correct, path, title)
 
 
+def _other_configuration(run_dir: Path, cfg: ExperimentConfig) -> str | None:
+    """How the settings of the run in ``run_dir`` differ from ``cfg`` (None: the same, or a
+    checkpoint that cannot be read, which the trainer's resume then reports)."""
+    try:
+        state, _ = load_checkpoint(run_dir, warn=lambda message: None)
+        differences = setting_differences(state["config"], cfg.to_dict())
+    except (CheckpointError, KeyError, TypeError, AttributeError):
+        return None
+    return "; ".join(differences) or None
+
+
+def _free_sibling(folder: Path, suffix: str) -> Path:
+    """``folder`` + ``suffix`` + ``-N``, the first N that names nothing yet."""
+    n = 1
+    while (candidate := folder.with_name(f"{folder.name}{suffix}-{n}")).exists():
+        n += 1
+    return candidate
+
+
 def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=print) -> str:
     """Untrained backbone vs trained model on the test split; returns the markdown table."""
     out = check_output_dir(out, what="--out", inputs=[cfg.data.root])
     run_dir = Path(cfg.train.out_dir)
     resume = (run_dir / "last.pt").exists()
+    if resume and (differences := _other_configuration(run_dir, cfg)):
+        # The demo's own run folder, left by an earlier demo of other settings (an edited config, or
+        # defaults changed by an upgrade): kept under a new name, and the demo trains anew.
+        kept = _free_sibling(run_dir, ".previous")
+        run_dir.rename(kept)
+        log(f"{run_dir} held a run of another configuration ({differences}); moved it to {kept}, training anew")
+        resume = False
     parts = build_parts(cfg, resume=resume, progress=progress)
     curve = RetrievalCurve(parts.test_set, parts.embed, parts.metrics)
     trained_result = Trainer(parts, resume=resume, log=log, observers=[curve]).run()  # a finished run only re-evaluates

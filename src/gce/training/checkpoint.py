@@ -230,6 +230,14 @@ _MEANING_KEYS = (("train", "seed"),)
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume a run whose model/data/sampler settings (or seed) differ from the checkpoint's."""
+    differences = setting_differences(saved, current)
+    if differences:
+        raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
+
+
+def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings that make ``current`` another run than the checkpoint's ``saved`` config, as
+    ``section.key: checkpoint A, config B`` (empty: the same run)."""
     differences = []
     for section in ("model", "data", "metaclass", "loss", "sampler", "optim"):
         a, b = saved.get(section, {}), current.get(section, {})
@@ -240,8 +248,7 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
         a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
         if a != b:
             differences.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
-    if differences:
-        raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
+    return differences
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
