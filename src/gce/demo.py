@@ -100,7 +100,8 @@ def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=pri
     out = check_output_dir(out, what="--out", inputs=[cfg.data.root])
     run_dir = Path(cfg.train.out_dir)
     resume = (run_dir / "last.pt").exists()
-    if resume and (differences := _other_configuration(run_dir, cfg)):
+    # A folder an ablation is training in (its running.lock) is never moved.
+    if resume and not (run_dir / "running.lock").exists() and (differences := _other_configuration(run_dir, cfg)):
         # The demo's own run folder, left by an earlier demo of other settings (an edited config, or
         # defaults changed by an upgrade): kept under a new name, and the demo trains anew.
         kept = _free_sibling(run_dir, ".previous")
