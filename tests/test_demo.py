@@ -55,6 +55,10 @@ def test_demo_after_a_config_change_keeps_the_old_run_and_trains_anew(tmp_path, 
     assert state["config"]["loss"]["margin"] == 0.3 and state["epoch"] == 1
     # A plain `gce train --resume` still refuses the other configuration.
     assert main(["train", str(config), "--quiet", "--resume"]) != 0
+    # A folder an ablation is training in (running.lock) is never moved: the demo refuses instead.
+    (run / "running.lock").write_text("12345\n")
+    assert main(["demo", str(config), "--quiet", "--out", str(tmp_path / "demo"), "loss.margin=0.2"]) != 0
+    assert (run / "last.pt").exists() and not (tmp_path / "run.previous-2").exists()
 
 
 @pytest.mark.slow
