@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import gce.commands.eval as eval_cmd
+import gce.data.images
+import gce.evaluation.pipeline
 from gce.cli import main
 from gce.errors import GceError
 from gce.outputs import (
@@ -55,8 +56,9 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the evaluation ran before the output path was checked")
 
-    monkeypatch.setattr(eval_cmd, "evaluate_split", refuse)
-    monkeypatch.setattr(eval_cmd, "check_records", refuse)
+    # gce eval imports them when it runs, so patching their modules reaches it
+    monkeypatch.setattr(gce.evaluation.pipeline, "evaluate_split", refuse)
+    monkeypatch.setattr(gce.data.images, "check_records", refuse)
 
 
 # --------------------------------------------------------------------------- gce eval --out

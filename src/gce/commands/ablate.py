@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gce.ablation import run_ablation
 from gce.commands.interrupts import report_interrupt
-from gce.training.trainer import TrainingInterrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.ablation import run_ablation
+    from gce.training.trainer import TrainingInterrupted
+
     try:
         summary = run_ablation(args.ablation, args.overrides, only=args.only, progress=not args.quiet)
     except (TrainingInterrupted, KeyboardInterrupt) as exc:  # finished runs are kept; the rerun skips them

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from gce.data.emoji import VENDORS, build_emoji_dataset
+from gce.config.vocabulary import EMOJI_PACKAGES
 from gce.outputs import check_output_dir, path_argument
+
+VENDORS = tuple(EMOJI_PACKAGES)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_emoji(args: argparse.Namespace) -> int:
+    from gce.data.emoji import build_emoji_dataset
+
     check_output_dir(args.out, what="--out")  # before any download or conversion
     out = build_emoji_dataset(args.out, vendors=tuple(args.vendors), cache_dir=args.cache,
                               min_vendors=args.min_vendors, size=args.size, progress=not args.quiet)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gce.config import load_config
 from gce.commands.interrupts import report_interrupt
-from gce.demo import run_demo
+from gce.config import load_config
 from gce.outputs import check_output_dir, path_argument
-from gce.training.trainer import TrainingInterrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.demo import run_demo
+    from gce.training.trainer import TrainingInterrupted
+
     cfg = load_config(args.config, args.overrides)
     check_output_dir(args.out, what="--out", inputs=[cfg.data.root])  # before training, not after
     try:

@@ -7,12 +7,8 @@ import csv
 import os
 from pathlib import Path
 
-from gce.commands.eval import _count
-from gce.data import load_dataset
-from gce.data.images import is_image_file
+from gce.commands.arguments import count
 from gce.errors import DatasetError, GceError
-from gce.outputs import check_output_dir
-from gce.training.checkpoint import checkpoint_files
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["test", "train", "all"], default="test", help="with --dataset (default: test)")
     p.add_argument("--out", type=Path, required=True, help="embeddings folder to write (or resume)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage type (float16: half the disk)")
-    p.add_argument("--shard-size", type=_count(1), default=4096, help="images per shard (the unit of resumption)")
-    p.add_argument("--batch-size", type=_count(1), default=64)
-    p.add_argument("--workers", type=_count(0), default=2, help="image-decoding processes")
+    p.add_argument("--shard-size", type=count(1), default=4096, help="images per shard (the unit of resumption)")
+    p.add_argument("--batch-size", type=count(1), default=64)
+    p.add_argument("--workers", type=count(0), default=2, help="image-decoding processes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (counted) instead of failing")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder that holds another job")
@@ -40,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def images_under(folder: Path) -> list[str]:
+    from gce.data.images import is_image_file
+
     if not folder.is_dir():
         raise DatasetError(f"--images {folder}: no such folder")
     found = []
@@ -88,6 +86,8 @@ def catalogue(args: argparse.Namespace) -> tuple[list[str], list[str | None], st
         return paths, labels, f"CSV {args.csv}"
     if not args.root:
         raise GceError("--dataset needs --root")
+    from gce.data import load_dataset
+
     splits = load_dataset(args.dataset, args.root, **({"skip_bad": True} if args.skip_bad else {}))
     parts = [splits.train, splits.test] if args.split == "all" else [getattr(splits, args.split)]
     paths, labels = [], []
@@ -98,7 +98,9 @@ def catalogue(args: argparse.Namespace) -> tuple[list[str], list[str | None], st
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.outputs import check_output_dir
     from gce.retrieval import Embedder, embed_to_store
+    from gce.training.checkpoint import checkpoint_files
 
     if args.root and not args.dataset:
         raise GceError("--root goes with --dataset")

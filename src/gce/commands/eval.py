@@ -4,44 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from gce.config import ExperimentConfig
-from gce.config_checks import LIMITS
-from gce.data import load_dataset
-from gce.data.images import ImageDataset, check_records
-from gce.data.transforms import test_transform
-from gce.errors import DatasetError, GceError
-from gce.evaluation import default_recall_ks
-from gce.evaluation.knn import BACKENDS
-from gce.evaluation.pipeline import DatasetEmbedder, MetricSettings, evaluate_split
-from gce.models.backbones import BACKBONES
-from gce.outputs import check_output_file, file_argument, path_argument, refuse_input_files, refuse_inputs, write_json
-from gce.runtime import flush_denormals
-from gce.training.checkpoint import checkpoint_files, load_model
+from gce.commands.arguments import count, seed
+from gce.config.checks import LIMITS
+from gce.config.vocabulary import BACKBONE_NAMES, EVAL_BACKENDS
+from gce.outputs import file_argument, path_argument
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-def _count(minimum: int, maximum: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:  # resource-sized: memory, not a typo's traceback
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    value = _count(0)(text)
-    if value >= 2**32:
-        raise argparse.ArgumentTypeError(f"must be below 2**32, got {value}")
-    return value
+    from gce.config import ExperimentConfig
+    from gce.distributed import DistContext
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,21 +24,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=path_argument, help="a gce model.pt/best.pt/last.pt or run folder")
-    src.add_argument("--backbone", help=f"untrained reference: {', '.join(BACKBONES)}, or raw (pixels)")
+    src.add_argument("--backbone", help=f"untrained reference: {', '.join(BACKBONE_NAMES)}, or raw (pixels)")
     p.add_argument("--no-pretrained", action="store_true", help="with --backbone: random instead of ImageNet weights")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     p.add_argument("--root", type=path_argument, help="dataset root (default: the checkpoint's)")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--image-size", type=_count(8, LIMITS["data.image_size"]), help="crop size (default: the checkpoint's, else 224)")
-    p.add_argument("--test-resize", type=_count(8, LIMITS["data.test_resize"]), help="resize before the centre crop (default size*256/224)")
-    p.add_argument("--batch-size", type=_count(1, LIMITS["eval.batch_size"]), default=128)
-    p.add_argument("--workers", type=_count(0, LIMITS["data.workers"]), default=2)
+    p.add_argument("--image-size", type=count(8, LIMITS["data.image_size"]), help="crop size (default: the checkpoint's, else 224)")
+    p.add_argument("--test-resize", type=count(8, LIMITS["data.test_resize"]), help="resize before the centre crop (default size*256/224)")
+    p.add_argument("--batch-size", type=count(1, LIMITS["eval.batch_size"]), default=128)
+    p.add_argument("--workers", type=count(0, LIMITS["data.workers"]), default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--recall-ks", type=_count(1, 10_000_000), nargs="+", help="K values (default: the benchmark's)")
+    p.add_argument("--recall-ks", type=count(1, 10_000_000), nargs="+", help="K values (default: the benchmark's)")
     p.add_argument("--no-clustering", action="store_true", help="skip NMI and F1 (k-means)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--backend", choices=EVAL_BACKENDS, default="torch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
-    p.add_argument("--seed", type=_seed, default=0, help="k-means seed for NMI/F1 (0 to 2**32-1)")
+    p.add_argument("--seed", type=seed, default=0, help="k-means seed for NMI/F1 (0 to 2**32-1)")
     p.add_argument("--out", type=file_argument, help="write the metrics as JSON (checked before the evaluation)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -71,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _build_embedder(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ExperimentConfig | None]:
     from gce.models.plain import PooledTrunk, RawPixels
+    from gce.training.checkpoint import load_model
 
     if args.checkpoint is not None:
         return load_model(args.checkpoint, device=device)
@@ -91,10 +67,19 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
-def _evaluate(args: argparse.Namespace, ctx) -> int:
+def _evaluate(args: argparse.Namespace, ctx: DistContext) -> int:
+    from gce.data import load_dataset
+    from gce.data.images import ImageDataset, check_records
+    from gce.data.transforms import test_transform
     from gce.distributed.context import broadcast_module
     from gce.distributed.sharding import compute_on_main
     from gce.distributed.training import ShardedEmbedder
+    from gce.errors import DatasetError, GceError
+    from gce.evaluation import default_recall_ks
+    from gce.evaluation.pipeline import DatasetEmbedder, MetricSettings, evaluate_split
+    from gce.outputs import check_output_file, refuse_input_files, refuse_inputs, write_json
+    from gce.runtime import flush_denormals
+    from gce.training.checkpoint import checkpoint_files
 
     device = ctx.device
     flush_denormals(device)

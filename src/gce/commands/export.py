@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gce.outputs import check_output_file
-from gce.training.checkpoint import checkpoint_files
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +25,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gce.errors import GceError
+    from gce.outputs import check_output_file
     from gce.retrieval import Embedder
     from gce.retrieval.export import export_model, load_exported
+    from gce.training.checkpoint import checkpoint_files
 
     # Both files it writes are checked before the model is loaded (gce.outputs' rules).
     inputs = checkpoint_files(args.model)

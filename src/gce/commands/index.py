@@ -6,13 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from gce.commands.eval import _count
-from gce.outputs import check_output_dir
+from gce.commands.arguments import count
+from gce.config.vocabulary import INDEX_TYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from gce.retrieval import INDEX_TYPES
-
     p = sub.add_parser("index", help="build, grow or describe a search index",
                        description="Inner-product faiss indexes over the normalised embeddings of gce embed.")
     actions = p.add_subparsers(dest="action", required=True)
@@ -23,9 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("embeddings", type=Path, help="a folder written by gce embed")
     b.add_argument("--out", type=Path, required=True, help="index folder to create")
     b.add_argument("--type", choices=INDEX_TYPES, default="flat", dest="index_type")
-    b.add_argument("--nlist", type=_count(1), help="ivf/ivfpq: number of cells (default ~sqrt(N))")
-    b.add_argument("--hnsw-m", type=_count(2), help="hnsw: links per node (default 32)")
-    b.add_argument("--sample", type=_count(1), default=500, help="gallery items used as queries to measure recall")
+    b.add_argument("--nlist", type=count(1), help="ivf/ivfpq: number of cells (default ~sqrt(N))")
+    b.add_argument("--hnsw-m", type=count(2), help="hnsw: links per node (default 32)")
+    b.add_argument("--sample", type=count(1), default=500, help="gallery items used as queries to measure recall")
     b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(run=run_build)
@@ -40,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from gce.outputs import check_output_dir
     from gce.retrieval import build_index_from_store
 
     args.out = check_output_dir(args.out, what="--out", inputs=[args.embeddings])  # before any work

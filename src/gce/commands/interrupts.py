@@ -12,8 +12,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from gce.training.checkpoint import LAST, PREVIOUS
-from gce.training.trainer import EXIT_INTERRUPTED
 
 
 def report_interrupt(exc: BaseException, out: Path | None, command: list[str]) -> int:
@@ -22,6 +20,9 @@ def report_interrupt(exc: BaseException, out: Path | None, command: list[str]) -
     ``out``: the run folder of ``gce train``; ``None`` for commands that run several runs or
     resume by themselves (``gce ablate``, ``gce demo``).
     """
+    from gce.training.checkpoint import LAST, PREVIOUS
+    from gce.training.trainer import EXIT_INTERRUPTED
+
     text = " ".join(shlex.quote(str(a)) for a in command)
     if not isinstance(exc, KeyboardInterrupt):  # TrainingInterrupted: its message names the checkpoint
         print(f"{exc}\n{'resume' if out is not None else 'continue'} with: {text}", file=sys.stderr)

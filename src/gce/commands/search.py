@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from gce.commands.eval import _count
+from gce.commands.arguments import count
 from gce.errors import GceError
 
 
@@ -28,12 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=Path, help="query image files")
     p.add_argument("--index", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, required=True, help="the model the index was built with")
-    p.add_argument("--k", type=_count(1), default=10)
+    p.add_argument("--k", type=count(1), default=10)
     choose = p.add_mutually_exclusive_group()
     choose.add_argument("--learners", type=_numbers(int), help="search on these learners only, e.g. 0,3")
     choose.add_argument("--weights", type=_numbers(float), help="one weight per learner, e.g. 1,0,0.5,0")
-    p.add_argument("--nprobe", type=_count(1), help="ivf/ivfpq: cells to visit (default: chosen at build time)")
-    p.add_argument("--ef", type=_count(1), help="hnsw: efSearch (default: chosen at build time)")
+    p.add_argument("--nprobe", type=count(1), help="ivf/ivfpq: cells to visit (default: chosen at build time)")
+    p.add_argument("--ef", type=count(1), help="hnsw: efSearch (default: chosen at build time)")
     p.add_argument("--json", action="store_true", help="one JSON object per query (JSON Lines)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=run)

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from gce.commands.interrupts import report_interrupt
 from gce.config import load_config
-from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
-from gce.distributed.launch import launch_local, restarted_by_launcher
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +38,9 @@ def _one_machine(world_size: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
+    from gce.distributed.launch import launch_local, restarted_by_launcher
+
     if args.nproc is not None:
         load_config(args.config, args.overrides)  # a bad key fails here, once, before any process starts
         return launch_local(_command(args, *(["--resume"] if args.resume else [])), args.nproc, args.max_restarts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from gce.weights import install_offline_weights, weights_status
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.weights import install_offline_weights, weights_status
+
     if args.action == "install":
         for path in install_offline_weights():
             print(f"available: {path}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gce.config.vocabulary import EMOJI_PACKAGES
 from gce.data._common import check_root
 from gce.data.csvdata import splits_from_csv
 from gce.data.images import load_rgb
@@ -29,14 +30,7 @@ MANIFEST = "manifest.csv"
 META = "emoji_meta.json"
 META_FORMAT = 1
 
-#: vendor -> (npm package, version, image folder inside the package, file extension)
-PACKAGES: dict[str, tuple[str, str, str, str]] = {
-    "apple": ("emoji-datasource-apple", "16.0.0", "img/apple/64", ".png"),
-    "google": ("emoji-datasource-google", "16.0.0", "img/google/64", ".png"),
-    "twitter": ("emoji-datasource-twitter", "16.0.0", "img/twitter/64", ".png"),
-    "facebook": ("emoji-datasource-facebook", "16.0.0", "img/facebook/64", ".png"),
-    "fluent3d": ("@lobehub/fluent-emoji-3d", "1.1.0", "assets", ".webp"),
-}
+PACKAGES = EMOJI_PACKAGES
 VENDORS: tuple[str, ...] = tuple(PACKAGES)
 
 #: Fitzpatrick skin-tone modifiers: variants carrying them are the same emoji, so they are dropped.

@@ -38,16 +38,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import torch
 
+from gce.config.vocabulary import EVAL_BACKENDS, EvalBackend
 from gce.errors import GceError
 
 Metric = Literal["cosine", "euclidean"]
-Backend = Literal["torch", "faiss"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
+Backend = EvalBackend
+BACKENDS: tuple[str, ...] = EVAL_BACKENDS
 
 #: Bytes one block of scores (chunk rows x gallery size x 4) may take. Temporaries of the rank pass
 #: (boolean masks, a row subset) add at most about 1.5x this on top.

@@ -25,20 +25,16 @@ value equals the mean of the positive losses over *all* valid triplets of the ba
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, LpDistance
 from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor, nn
 
+from gce.config.vocabulary import DISTANCES, MINING_TYPES, Distance, Mining
+
 __all__ = ["MINING_TYPES", "DISTANCES", "LearnerTripletLoss", "GCELoss"]
 
-Mining = Literal["semihard", "hard", "all"]
-Distance = Literal["euclidean", "cosine"]
-MINING_TYPES: tuple[str, ...] = get_args(Mining)
-DISTANCES: tuple[str, ...] = get_args(Distance)
 Triplets = tuple[Tensor, Tensor, Tensor]
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from gce.config.vocabulary import LEARNER_DATA
 from gce.metaclass.strategies import ClassProxyStrategy, MetaClassStrategy, RandomStrategy, _to_numpy
 
 __all__ = ["LEARNER_DATA", "PerLearnerMetaClasses", "learner_seed"]
 
 #: The readings of the method (config ``metaclass.learner_data``): ``subset`` gives learner ``k`` the
 #: data of meta-class ``k``; ``all`` is the reading implemented here.
-LEARNER_DATA: tuple[str, ...] = ("subset", "all")
 
 
 def learner_seed(seed: int, learner: int) -> int:

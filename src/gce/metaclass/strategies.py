@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from gce.config.vocabulary import BALANCE_BY, STRATEGY_NAMES
 from gce.evaluation.metrics import kmeans
 from gce.metaclass.matching import match_to_previous, moved_fraction
 from gce.metaclass.proxies import class_proxies
@@ -66,8 +67,6 @@ __all__ = [
 
 Level = Literal["class", "sample"]
 ArrayLike = torch.Tensor | np.ndarray
-STRATEGY_NAMES: tuple[str, ...] = ("class_proxy", "random", "samples", "none")
-BALANCE_BY: tuple[str, ...] = ("classes", "images")
 
 # Above this many points the exact balanced assignment (an n x n Hungarian problem, O(n^3)) is too
 # slow and too big in memory; a greedy regret-ordered assignment with the same quotas is used.

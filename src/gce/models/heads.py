@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gce.config.model_checks import check_head_config
+from gce.config.vocabulary import BLOCK_KINDS, INPUT_MIXING_MODES, POOLING_MODES
 from gce.errors import ConfigError
 
 __all__ = [
@@ -29,70 +31,6 @@ __all__ = [
     "LinearSplitHead",
     "check_head_config",
 ]
-
-POOLING_MODES = ("avg", "max", "avg+max")
-INPUT_MIXING_MODES = ("grouped", "shared")
-BLOCK_KINDS = ("conv3x3", "bottleneck", "none")
-
-
-def check_head_config(
-    in_channels: int,
-    num_learners: int,
-    embedding_dim: int,
-    *,
-    pooling: str = "avg+max",
-    block_channels: int | None = None,
-    input_mixing: str | None = None,
-    block: str = "conv3x3",
-    block_residual: bool = False,
-    prefix: str = "",
-) -> None:
-    """Raise :class:`ConfigError` for an impossible head configuration.
-
-    ``prefix`` is prepended to key names in messages (``"model."`` when called from the config
-    layer), so the user sees the key to fix. ``input_mixing=None`` skips the GCE-only checks.
-    """
-    k, d = num_learners, embedding_dim
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"{prefix}num_learners={k!r} must be a positive integer")
-    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-        raise ConfigError(f"{prefix}embedding_dim={d!r} must be a positive integer")
-    if d % k:
-        raise ConfigError(f"{prefix}embedding_dim={d} is not divisible by {prefix}num_learners={k}")
-    if pooling not in POOLING_MODES:
-        raise ConfigError(f"{prefix}pooling={pooling!r} is unknown; valid: {', '.join(POOLING_MODES)}")
-    if input_mixing is None:
-        return
-    if input_mixing not in INPUT_MIXING_MODES:
-        raise ConfigError(
-            f"{prefix}input_mixing={input_mixing!r} is unknown; valid: {', '.join(INPUT_MIXING_MODES)}"
-        )
-    if input_mixing == "grouped" and in_channels % k:
-        divisors = [q for q in range(1, min(in_channels, 64) + 1) if in_channels % q == 0]
-        raise ConfigError(
-            f"{prefix}num_learners={k} does not divide the trunk's {in_channels} channels, which "
-            f"{prefix}input_mixing='grouped' splits between the learners; use num_learners in "
-            f"{divisors} or input_mixing='shared'"
-        )
-    if block not in BLOCK_KINDS:
-        raise ConfigError(f"{prefix}block={block!r} is unknown; valid: {', '.join(BLOCK_KINDS)}")
-    if block_residual:
-        if block == "none":
-            raise ConfigError(f"{prefix}block_residual=true needs a block; {prefix}block is 'none'")
-        if input_mixing != "grouped" or (block_channels is not None and block_channels != in_channels):
-            raise ConfigError(
-                f"{prefix}block_residual=true adds the trunk features to the block's output, so it needs "
-                f"{prefix}input_mixing='grouped' and {prefix}block_channels unset or {in_channels} "
-                f"(got {input_mixing!r}, {block_channels})"
-            )
-    if block_channels is not None:
-        if not isinstance(block_channels, int) or isinstance(block_channels, bool) or block_channels < 1:
-            raise ConfigError(f"{prefix}block_channels={block_channels!r} must be a positive integer")
-        if block_channels % k:
-            raise ConfigError(
-                f"{prefix}block_channels={block_channels} is not divisible by {prefix}num_learners={k}"
-            )
-
 
 class GlobalPool(nn.Module):
     """Global pooling ``B x C x h x w -> B x C``: average, max, or their sum (``"avg+max"``).

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from gce.config.vocabulary import INDEX_TYPES
 from gce.errors import DatasetError, GceError
 from gce.outputs import sha256_file
 from gce.retrieval.embedder import normalize_learners, slices_from_json
@@ -50,7 +51,6 @@ from gce.retrieval.items import ItemTable
 
 __all__ = ["INDEX_TYPES", "BuildReport", "SearchHit", "SearchIndex", "build_index", "query_vectors"]
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 MANIFEST = "manifest.json"
 FORMAT = "gce-index-1"
 #: Recall@10 (against exact search) that the build-time tuning aims for.

@@ -1,6 +1,6 @@
 """Edge checks of a whole experiment config that pydantic's per-field bounds do not express.
 
-Called from :class:`gce.config.ExperimentConfig`'s validator, so every way a config is made (YAML,
+Called from :class:`gce.config.schema.ExperimentConfig`'s validator, so every way a config is made (YAML,
 ``key=value`` overrides, an ablation variant, a checkpoint's saved config) gets them. Each problem
 is a ``ValueError`` whose message names the key and the value, turned into one ``gce: error:``
 line by the config loader:
@@ -22,7 +22,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gce.config import ExperimentConfig
+    from gce.config.schema import ExperimentConfig
 
 #: Seeds are accepted in [0, SEED_LIMIT).
 SEED_LIMIT = 2**32

@@ -1,28 +1,35 @@
-"""Typed experiment configuration, loaded from YAML with ``key.sub=value`` overrides.
+"""The typed experiment configuration: one pydantic section per part of a run.
 
 Every option of a run lives here; nothing is read from global argument objects. Validation
-happens before any work starts and every error is one line naming the offending key.
+happens when a config is made, before any work starts, and every error is one line naming the
+offending key. Importing this module loads no torch.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gce.errors import ConfigError
-from gce.evaluation.knn import BACKENDS
-from gce.losses.triplet import DISTANCES, MINING_TYPES
-from gce.metaclass.relabel import LEARNER_DATA
-from gce.metaclass.strategies import BALANCE_BY, STRATEGY_NAMES
-from gce.models.backbones import BACKBONES
-from gce.models.embedding_model import HEADS, check_model_config
-from gce.models.heads import BLOCK_KINDS, INPUT_MIXING_MODES, POOLING_MODES
+from gce.config.checks import check_experiment
+from gce.config.model_checks import check_model_config
+from gce.config.vocabulary import (
+    BACKBONE_NAMES,
+    BALANCE_BY,
+    BLOCK_KINDS,
+    DISTANCES,
+    EVAL_BACKENDS,
+    HEADS,
+    INPUT_MIXING_MODES,
+    LEARNER_DATA,
+    MINING_TYPES,
+    OPTIMIZERS,
+    POOLING_MODES,
+    SCHEDULERS,
+    STRATEGY_NAMES,
+)
 
-# Each vocabulary is defined once, by the module that implements it; ``Literal[names]`` turns its
+# Each vocabulary is defined once, in gce.config.vocabulary (torch-free); ``Literal[names]`` turns its
 # tuple into the type pydantic validates against (an unknown value is a one-line error naming them).
 
 
@@ -47,7 +54,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal[tuple(BACKBONES)] = "resnet50"
+    backbone: Literal[BACKBONE_NAMES] = "resnet50"
     head: Literal[HEADS] = "gce"
     num_learners: int = Field(4, ge=1)
     embedding_dim: int = Field(512, ge=1)
@@ -98,12 +105,12 @@ class SamplerConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    name: Literal[OPTIMIZERS] = "adam"
     lr: float = Field(1e-4, gt=0.0, description="head learning rate")
     backbone_lr: float | None = Field(None, gt=0.0, description="default: same as lr")
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0)
-    scheduler: Literal["none", "cosine", "step"] = "none"
+    scheduler: Literal[SCHEDULERS] = "none"
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0.0)
     grad_clip: float | None = Field(None, gt=0.0)
@@ -130,7 +137,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     recall_ks: list[Annotated[int, Field(ge=1)]] | None = None
     clustering: bool = True
-    backend: Literal[BACKENDS] = "torch"
+    backend: Literal[EVAL_BACKENDS] = "torch"
 
 
 class ExperimentConfig(_Section):
@@ -169,122 +176,8 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check_edges(self) -> "ExperimentConfig":
-        from gce.config_checks import check_experiment  # seeds, limits, sizes: see that module
-
-        check_experiment(self)
+        check_experiment(self)  # seeds, limits, sizes: see gce.config.checks
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"unknown config key '{key}'"
-    if first["type"] == "missing":
-        return f"missing config key '{key}'"
-    if not key:  # a cross-field check: its message already names the keys
-        return msg
-    return f"bad value for '{key}': {msg} (got {first.get('input')!r})"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b=value`` into (["a", "b"], value); the value is parsed as YAML (1e-4, true, [1, 2])."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
-    return parts, value
-
-
-def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{'.'.join(parts)}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
-    try:
-        return ExperimentConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's message on one line: the problem and where (its own text spans several lines)."""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (empty file: ``{}``); one-line errors naming the
-    file for a missing path, a folder, a non-UTF-8 or binary file and invalid YAML (a tab ...)."""
-    path = Path(os.path.expanduser(os.fspath(path)))
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder; expected a YAML {what}")
-    if not path.exists():
-        raise ConfigError(f"{what} not found: {path}")
-    if not path.is_file():  # a FIFO would block the read, /dev/zero never end it
-        raise ConfigError(f"{path}: not a regular file (a pipe, socket or device); expected a YAML {what}")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return loaded or {}
-
-
-def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config; ``extends: other.yaml`` (relative to the file) is merged underneath."""
-    path = Path(os.path.expanduser(os.fspath(path)))
-    if path.resolve() in _seen:
-        raise ConfigError(f"{path}: 'extends' forms a cycle")
-    tree = read_yaml_mapping(path, "config file")
-    parent = tree.pop("extends", None)
-    if parent is not None:
-        base = read_config_tree(path.parent / str(parent), _seen + (path.resolve(),))
-        tree = _merge(base, tree)
-    return tree
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Load a YAML config file, apply ``key=value`` overrides, validate everything."""
-    tree: dict[str, Any] = read_config_tree(path) if path is not None else {}
-    for text in overrides:
-        apply_override(tree, *parse_override(text))
-    return config_from_dict(tree)
-
-
-def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    from gce.outputs import write_text  # atomic: a kill never leaves a half-written config.yaml
-
-    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False), what="config")

@@ -1,0 +1,108 @@
+"""Checks of a model's shape values (learner slices, block channels, grouped input), without torch.
+
+One validation path: the config's ``model`` section runs :func:`check_model_config` when it loads,
+and the heads run :func:`check_head_config` when built directly. Errors are one-line
+:class:`~gce.errors.ConfigError` messages naming the key to fix.
+"""
+
+from __future__ import annotations
+
+from gce.config.vocabulary import BACKBONE_CHANNELS, BACKBONE_NAMES, BLOCK_KINDS, HEADS, INPUT_MIXING_MODES, POOLING_MODES
+from gce.errors import ConfigError
+
+__all__ = ["check_head_config", "check_model_config"]
+
+
+def check_head_config(
+    in_channels: int,
+    num_learners: int,
+    embedding_dim: int,
+    *,
+    pooling: str = "avg+max",
+    block_channels: int | None = None,
+    input_mixing: str | None = None,
+    block: str = "conv3x3",
+    block_residual: bool = False,
+    prefix: str = "",
+) -> None:
+    """Raise :class:`ConfigError` for an impossible head configuration.
+
+    ``prefix`` is prepended to key names in messages (``"model."`` when called from the config
+    layer), so the user sees the key to fix. ``input_mixing=None`` skips the GCE-only checks.
+    """
+    k, d = num_learners, embedding_dim
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"{prefix}num_learners={k!r} must be a positive integer")
+    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+        raise ConfigError(f"{prefix}embedding_dim={d!r} must be a positive integer")
+    if d % k:
+        raise ConfigError(f"{prefix}embedding_dim={d} is not divisible by {prefix}num_learners={k}")
+    if pooling not in POOLING_MODES:
+        raise ConfigError(f"{prefix}pooling={pooling!r} is unknown; valid: {', '.join(POOLING_MODES)}")
+    if input_mixing is None:
+        return
+    if input_mixing not in INPUT_MIXING_MODES:
+        raise ConfigError(
+            f"{prefix}input_mixing={input_mixing!r} is unknown; valid: {', '.join(INPUT_MIXING_MODES)}"
+        )
+    if input_mixing == "grouped" and in_channels % k:
+        divisors = [q for q in range(1, min(in_channels, 64) + 1) if in_channels % q == 0]
+        raise ConfigError(
+            f"{prefix}num_learners={k} does not divide the trunk's {in_channels} channels, which "
+            f"{prefix}input_mixing='grouped' splits between the learners; use num_learners in "
+            f"{divisors} or input_mixing='shared'"
+        )
+    if block not in BLOCK_KINDS:
+        raise ConfigError(f"{prefix}block={block!r} is unknown; valid: {', '.join(BLOCK_KINDS)}")
+    if block_residual:
+        if block == "none":
+            raise ConfigError(f"{prefix}block_residual=true needs a block; {prefix}block is 'none'")
+        if input_mixing != "grouped" or (block_channels is not None and block_channels != in_channels):
+            raise ConfigError(
+                f"{prefix}block_residual=true adds the trunk features to the block's output, so it needs "
+                f"{prefix}input_mixing='grouped' and {prefix}block_channels unset or {in_channels} "
+                f"(got {input_mixing!r}, {block_channels})"
+            )
+    if block_channels is not None:
+        if not isinstance(block_channels, int) or isinstance(block_channels, bool) or block_channels < 1:
+            raise ConfigError(f"{prefix}block_channels={block_channels!r} must be a positive integer")
+        if block_channels % k:
+            raise ConfigError(
+                f"{prefix}block_channels={block_channels} is not divisible by {prefix}num_learners={k}"
+            )
+
+
+def check_model_config(
+    backbone: str,
+    head: str,
+    num_learners: int,
+    embedding_dim: int,
+    pooling: str,
+    block_channels: int | None,
+    input_mixing: str,
+    block: str = "conv3x3",
+    block_residual: bool = False,
+    grouped_trunk_layers: int = 0,
+) -> None:
+    """Validate all values before anything is built or loaded; errors name the ``model.`` key."""
+    if backbone not in BACKBONE_CHANNELS:
+        raise ConfigError(f"model.backbone={backbone!r} is unknown; valid backbones: {', '.join(BACKBONE_NAMES)}")
+    if head not in HEADS:
+        raise ConfigError(f"model.head={head!r} is unknown; valid heads: {', '.join(HEADS)}")
+    check_head_config(
+        BACKBONE_CHANNELS[backbone],
+        num_learners,
+        embedding_dim,
+        pooling=pooling,
+        block_channels=block_channels if head == "gce" else None,
+        input_mixing=input_mixing if head == "gce" else None,
+        block=block if head == "gce" else "conv3x3",
+        block_residual=block_residual if head == "gce" else False,
+        prefix="model.",
+    )
+    if grouped_trunk_layers and (head != "gce" or input_mixing != "grouped"):
+        raise ConfigError(
+            f"model.grouped_trunk_layers={grouped_trunk_layers} gives each learner its own trunk channels, "
+            f"which only model.head='gce' with model.input_mixing='grouped' keeps apart "
+            f"(got head={head!r}, input_mixing={input_mixing!r})"
+        )
