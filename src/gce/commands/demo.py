@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 
 from gce.commands.interrupts import report_interrupt
-from gce.config import load_config
+from gce.config.bundled import resolve_config_path
 from gce.outputs import check_output_dir, path_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a config, compare it with its untrained backbone, draw figures")
-    p.add_argument("config")
+    p.add_argument("config", help="experiment YAML, or a bundled config's name (gce config list)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--out", type=path_argument, default=Path("runs/demo"), help="folder for the table and PNGs")
     p.add_argument("--quiet", action="store_true")
@@ -20,9 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.config import load_config
     from gce.demo import run_demo
     from gce.training.trainer import TrainingInterrupted
 
+    args.config = resolve_config_path(args.config)
     cfg = load_config(args.config, args.overrides)
     check_output_dir(args.out, what="--out", inputs=[cfg.data.root])  # before training, not after
     try:

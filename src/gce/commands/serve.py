@@ -52,6 +52,9 @@ def _url_host(host: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.extras import require_extra
+
+    require_extra("serve")
     import uvicorn
     from pydantic import ValidationError
 

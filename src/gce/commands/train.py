@@ -11,14 +11,14 @@ import os
 from pathlib import Path
 
 from gce.commands.interrupts import report_interrupt
-from gce.config import load_config
+from gce.config.bundled import resolve_config_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an embedding model from a YAML config",
                        description="Train from CONFIG.yaml; key=value arguments override config keys "
                                    "(e.g. train.epochs=5 model.num_learners=4).")
-    p.add_argument("config", help="experiment YAML")
+    p.add_argument("config", help="experiment YAML, or a bundled config's name (gce config list)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -38,9 +38,11 @@ def _one_machine(world_size: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.config import load_config
     from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
     from gce.distributed.launch import launch_local, restarted_by_launcher
 
+    args.config = resolve_config_path(args.config)
     if args.nproc is not None:
         load_config(args.config, args.overrides)  # a bad key fails here, once, before any process starts
         return launch_local(_command(args, *(["--resume"] if args.resume else [])), args.nproc, args.max_restarts)

@@ -324,7 +324,7 @@ def _faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, metric: Metric,
     try:
         import faiss
     except ImportError as exc:  # an optional dependency: say how to get it
-        raise GceError("backend 'faiss' needs faiss: pip install faiss-cpu (or gce[faiss])") from exc
+        raise GceError("backend 'faiss' needs faiss: pip install faiss-cpu (a dependency of gce-dml)") from exc
     if k == 0:
         return KnnResult(indices=torch.empty(len(q), 0, dtype=torch.int64), scores=torch.empty(len(q), 0))
     index = faiss.IndexFlatIP(g.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(g.shape[1])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gce.errors import GceError
+from gce.extras import require_extra
 from gce.retrieval.embedder import Embedder
 from gce.retrieval.files import commit_file, write_json_atomic
 
@@ -67,10 +68,8 @@ def export_model(embedder: Embedder, out: str | os.PathLike, fmt: str = "onnx", 
 
 
 def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any], opset: int | None) -> None:
-    try:
-        import onnx
-    except ImportError:
-        raise GceError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'gce[export]'") from None
+    require_extra("export")
+    import onnx
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs = {"opset_version": opset} if opset else {}
     with warnings.catch_warnings():
@@ -120,6 +119,7 @@ def load_exported(path: str | os.PathLike, threads: int | None = None):
     """A callable ``images (N x 3 x S x S float32 numpy) -> N x D numpy`` for an exported file."""
     path = Path(path)
     if path.suffix == ".onnx":
+        require_extra("export")
         import onnxruntime as ort
 
         options = ort.SessionOptions()

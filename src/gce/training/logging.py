@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(log_dir=str(self._tensorboard_dir))
-            except ImportError:  # tensorboard is optional at run time
+            except ImportError:  # the 'tensorboard' extra is optional: metrics.jsonl has every record
+                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only"
+                              " (pip install 'gce-dml[tensorboard]' for TensorBoard event files)", stacklevel=2)
                 self._tensorboard_dir = None
         return self._writer
 

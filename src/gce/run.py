@@ -1,0 +1,30 @@
+"""Train from a config in this Python process: the library's counterpart of ``gce train``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gce.config import ExperimentConfig
+    from gce.evaluation import EvalResult
+
+__all__ = ["train"]
+
+
+def train(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> EvalResult:
+    """Train ``cfg`` in this process (``train.out_dir`` gets the run folder) and return the final test metrics.
+
+    Under ``torchrun`` each process joins the process group, exactly as ``gce train`` does;
+    ``resume=True`` continues the run in ``train.out_dir`` from its last checkpoint.
+    """
+    from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
+    from gce.distributed.training import build_run
+
+    ctx = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    try:
+        with distributed_errors(ctx):
+            return build_run(cfg, ctx, resume=resume, progress=progress, log=log).run()
+    finally:
+        shutdown_distributed()
