@@ -129,7 +129,7 @@ def _run(argv: list[str], cwd: Path, timeout: float = 600) -> str:
     return done.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.wheel
 def test_the_wheel_installs_in_a_clean_venv_and_runs_train_to_search(tmp_path):
     """Builds sdist + wheel with `python -m build`, installs the wheel (and the torch pair of this
     machine's disk) in a new venv, then from a folder outside the checkout: --version, config,
