@@ -43,7 +43,7 @@ from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
 from gce.training.trainer import Trainer, build_optimizer, build_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learner_diagnostics import nearest_neighbours  # noqa: E402  (benchmarks/ is not a package)
+from learner_diagnostics import nearest_neighbours  # benchmarks/ is not a package
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 

@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = """\

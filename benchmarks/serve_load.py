@@ -261,7 +261,7 @@ def main() -> None:
     for result in results:
         first, last = result["memory_first_mib"], result["memory_last_mib"]
         print(f"{result['max_batch']:>9} {first:>11.1f} MiB {last:>10.1f} MiB {last - first:>+6.1f} MiB "
-              f"{str(result['server_alive']):>6}")
+              f"{result['server_alive']!s:>6}")
     if args.out:
         args.out.write_text(json.dumps({"clients": args.clients, "items": args.items, "warmup": args.warmup,
                                         "runs": results}, indent=2))

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import make_emoji_cache
-from gce.data import emoji
-from gce.data import build_emoji_dataset, load_dataset
+from gce.data import build_emoji_dataset, emoji, load_dataset
 from gce.errors import ConfigError, DatasetError, GceError
 
 # Six classes drawn by >= 4 of the 5 vendors once skin tones and fe0f are handled:

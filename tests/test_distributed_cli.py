@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gce.distributed.launch import torchrun_command
-from process_signals import signal_group_in_epoch_1
 from gce.errors import ConfigError
 from gce.training.checkpoint import load_checkpoint
+from process_signals import signal_group_in_epoch_1
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = """\
@@ -58,9 +58,8 @@ def test_a_collective_timeout_is_one_line_naming_the_key():
     with pytest.raises(CollectiveTimeout, match=r"rank 1: .*train.dist_timeout_s=5 s; another rank hung or died"):
         with distributed_errors(ctx):
             raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms")
-    with pytest.raises(CollectiveTimeout, match="lost the connection"):
-        with distributed_errors(ctx):
-            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+    with pytest.raises(CollectiveTimeout, match="lost the connection"), distributed_errors(ctx):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
     with pytest.raises(ValueError):  # other errors pass through unchanged
         with distributed_errors(ctx):
             raise ValueError("not a collective")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from learner_isolation import learner_backward, other_rows
 from torch import nn
 
 from gce.errors import ConfigError, GceError
@@ -21,6 +20,7 @@ from gce.models import (
     build_trunk,
     freeze_batchnorm,
 )
+from learner_isolation import learner_backward, other_rows
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 

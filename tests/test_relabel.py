@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.test_training import run_train, write_config
 
 from gce.config import load_config
 from gce.errors import ConfigError
@@ -14,7 +15,6 @@ from gce.losses.triplet import GCELoss, LearnerTripletLoss
 from gce.metaclass import ClassProxyStrategy, RandomStrategy, SampleKMeansStrategy
 from gce.metaclass.relabel import PerLearnerMetaClasses, learner_seed
 from gce.training.checkpoint import load_checkpoint
-from tests.test_training import run_train, write_config
 
 SLICES = [slice(0, 4), slice(4, 8), slice(8, 12)]
 

@@ -35,7 +35,7 @@ CASE_TIMEOUT_S = 20
 @pytest.fixture(autouse=True)
 def no_hang():
     """Fail (instead of hanging the suite) if a case blocks, e.g. reading a pipe or /dev/zero."""
-    def on_alarm(signum, frame):  # noqa: ARG001
+    def on_alarm(signum, frame):  # signal handler signature
         raise TimeoutError(f"no result after {CASE_TIMEOUT_S} s: a hang")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)

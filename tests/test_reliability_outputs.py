@@ -203,10 +203,9 @@ def test_atomic_write_replaces_a_regular_file_follows_links_and_cleans_up(tmp_pa
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise Boom
+    with pytest.raises(Boom), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise Boom
     assert json.loads(target.read_text())["b"] == [1.0, None]  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "t.json"]
 

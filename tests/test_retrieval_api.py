@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pytest
-from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 from gce.data import load_folder
 from gce.data.images import load_rgb
@@ -20,6 +18,7 @@ from gce.retrieval import (
     build_index,
     build_index_from_images,
 )
+from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 faiss = pytest.importorskip("faiss")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from retrieval_fixtures import make_checkpoint
 
 from gce.cli import main
+from retrieval_fixtures import make_checkpoint
 
 pytest.importorskip("faiss")
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from retrieval_fixtures import make_checkpoint
 
 from gce.cli import main
 from gce.data import load_folder
@@ -15,6 +14,7 @@ from gce.data.images import load_rgb
 from gce.errors import GceError
 from gce.retrieval import Embedder
 from gce.retrieval.export import export_model, load_exported, read_export_metadata
+from retrieval_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 from gce.data import load_folder
 from gce.errors import BadImageError, DatasetError, GceError
@@ -20,6 +19,7 @@ from gce.retrieval import (
     embed_to_store,
     read_store,
 )
+from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 pytest.importorskip("faiss")
 

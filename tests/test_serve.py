@@ -25,16 +25,16 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from gce.data.images import load_rgb  # noqa: E402
-from gce.errors import GceError  # noqa: E402
-from gce.retrieval import SearchIndex  # noqa: E402
-from gce.serve import SearchService, ServeSettings, create_app, load_service  # noqa: E402
-from gce.serve.batching import MicroBatcher  # noqa: E402
-from malformed import make_malformed_cases, png_bytes  # noqa: E402
-from retrieval_fixtures import make_checkpoint  # noqa: E402
-from serve_fixtures import make_serve_index  # noqa: E402
+from gce.data.images import load_rgb
+from gce.errors import GceError
+from gce.retrieval import SearchIndex
+from gce.serve import SearchService, ServeSettings, create_app, load_service
+from gce.serve.batching import MicroBatcher
+from malformed import make_malformed_cases, png_bytes
+from retrieval_fixtures import make_checkpoint
+from serve_fixtures import make_serve_index
 
 MAX_UPLOAD = 2_000_000
 MAX_PIXELS = 1_000_000

@@ -11,8 +11,7 @@ import torch
 from gce.cli import main
 from gce.config import load_config
 from gce.errors import GceError
-from gce.training.checkpoint import load_checkpoint
-from gce.training.checkpoint import load_model
+from gce.training.checkpoint import load_checkpoint, load_model
 from gce.training.trainer import Trainer
 
 CONFIG = """

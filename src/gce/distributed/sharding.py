@@ -9,7 +9,8 @@ the same machine (same kernels, same thread count), in dataset order.
 from __future__ import annotations
 
 import math
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -18,7 +19,7 @@ from gce.distributed.collectives import all_gather_rows
 from gce.distributed.context import DistContext, broadcast_object
 from gce.evaluation import extract_embeddings
 
-__all__ = ["shard_batches", "extract_embeddings_sharded", "compute_on_main"]
+__all__ = ["compute_on_main", "extract_embeddings_sharded", "shard_batches"]
 
 T = TypeVar("T")
 

@@ -167,7 +167,7 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
         recall=recall, nmi=nmi, f1=f1,
         map_at_r=M.map_at_r(neighbor_labels, q_lab, relevant),
         r_precision=M.r_precision(neighbor_labels, q_lab, relevant),
-        num_queries=len(q_lab) - excluded, num_classes=int(len(np.unique(y))), excluded_queries=excluded,
+        num_queries=len(q_lab) - excluded, num_classes=len(np.unique(y)), excluded_queries=excluded,
     )
 
 

@@ -409,7 +409,7 @@ def knn_with_first_positive(query: torch.Tensor | np.ndarray, query_labels: np.n
                      first_positive_rank=torch.cat(out_r) if out_r else torch.empty(0, dtype=torch.int64))
 
 
-def _symmetric_with_rank(x: torch.Tensor, labels: np.ndarray, k: int, members: "_ClassMembers",
+def _symmetric_with_rank(x: torch.Tensor, labels: np.ndarray, k: int, members: _ClassMembers,
                          has_positive: np.ndarray, count_beyond_list: bool, chunk_size: int | None,
                          memory_budget: int, progress: bool, desc: str) -> KnnResult:
     values, indices = symmetric_topk(x, k, tile=chunk_size, memory_budget=memory_budget, progress=progress,

@@ -33,7 +33,7 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor, nn
 
-__all__ = ["MINING_TYPES", "DISTANCES", "LearnerTripletLoss", "GCELoss"]
+__all__ = ["DISTANCES", "MINING_TYPES", "GCELoss", "LearnerTripletLoss"]
 
 Mining = Literal["semihard", "hard", "all"]
 Distance = Literal["euclidean", "cosine"]

@@ -51,17 +51,17 @@ from gce.metaclass.proxies import class_proxies
 
 __all__ = [
     "STRATEGY_NAMES",
+    "AssignmentStats",
+    "ClassProxyStrategy",
     "Level",
     "MetaClassStrategy",
-    "ClassProxyStrategy",
+    "NoneStrategy",
     "RandomStrategy",
     "SampleKMeansStrategy",
-    "NoneStrategy",
-    "build_strategy",
-    "AssignmentStats",
     "assignment_stats",
-    "group_of_sample",
+    "build_strategy",
     "cluster_points",
+    "group_of_sample",
 ]
 
 Level = Literal["class", "sample"]

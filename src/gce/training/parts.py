@@ -8,9 +8,9 @@ the model (``train_model``), the loss, the embedder (sharded extraction and gath
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
