@@ -113,9 +113,11 @@ def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
         return t
 
     images = torch.randn(2, 3, args.size, args.size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(images)
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+    ):
+        model(images)
     return sum(storages.values()) / 2
 
 

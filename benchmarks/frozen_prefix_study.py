@@ -32,6 +32,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def _prefix_features(prefix: nn.Module, dataset, mirrored: bool, batch: int = 25
 class FrozenPrefixTrainer(Trainer):
     """A :class:`Trainer` whose model starts at the cached output of a frozen trunk prefix."""
 
-    cache: dict[str, torch.Tensor] = {}  # shared by every run of the process (same prefix weights)
+    cache: ClassVar[dict[str, torch.Tensor]] = {}  # shared by every run of the process (same prefix weights)
 
     def __init__(self, *args, frozen_layers: int, cache_file: Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -140,7 +140,7 @@ def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> 
     torch.set_flush_denormal(flush)  # this thread and (below) torch's OpenMP workers, as gce train does
     set_flush_denormal_in_openmp_workers(flush)
     images, labels = batch(args)
-    options = dict(device=args.device, amp=args.amp, channels_last=args.channels_last)
+    options = {"device": args.device, "amp": args.amp, "channels_last": args.channels_last}
     gce = Stepper(build(args.backbone, "gce", k, args.dim, pretrained), images, labels, k, **options)
     single = Stepper(build(args.backbone, args.single_head, 1, args.dim, pretrained), images, labels, 1, **options)
     times: dict[str, list[float]] = {"gce": [], "single": []}

@@ -246,7 +246,7 @@ def main() -> None:
         return
     if "flat" not in args.types:
         raise SystemExit("--types must include flat (the exact ground truth)")
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="gce-search-bench-") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()

@@ -97,7 +97,7 @@ def _cut(data: bytes, cut: int | float) -> bytes:
 
 def _cut_name(cut: int | float) -> str:
     if isinstance(cut, float):
-        return f"{int(round(cut * 100))}pct"
+        return f"{round(cut * 100)}pct"
     return f"first{cut}" if cut > 0 else f"minus{-cut}"
 
 

@@ -77,9 +77,11 @@ def test_folder_empty_class_folder(tmp_path):
     (root / "dog" / "readme.txt").write_text("x")
     with pytest.raises(DatasetError, match=r"1 class folders contain no images: .*dog"):
         load_folder(root)
-    with pytest.warns(UserWarning, match=r"skipped 1 class folders without images: .*dog"):
-        with pytest.warns(UserWarning, match="ignored 1 files"):
-            splits = load_folder(root, skip_bad=True)
+    with (
+        pytest.warns(UserWarning, match=r"skipped 1 class folders without images: .*dog"),
+        pytest.warns(UserWarning, match="ignored 1 files"),
+    ):
+        splits = load_folder(root, skip_bad=True)
     assert "dog" not in splits.train.class_names + splits.test.class_names
 
 

@@ -103,7 +103,7 @@ def test_sharded_extraction_and_metrics_equal_one_process_exactly(runs):
 def test_global_batchnorm_equals_one_process(runs):
     single, ranks = runs
     _, outs, grads, w_grad, mean, var, _ = single["bn"]
-    for rank, (replaced, r_outs, r_grads, r_w_grad, r_mean, r_var, name) in enumerate(r["bn"] for r in ranks):
+    for rank, (replaced, r_outs, r_grads, _r_w_grad, r_mean, r_var, name) in enumerate(r["bn"] for r in ranks):
         assert replaced == 1 and name == GlobalBatchNorm.__name__
         rows = slice(rank * 3, rank * 3 + 3)
         for a, b in zip(r_outs, outs):

@@ -264,7 +264,7 @@ def test_none_strategy() -> None:
 
 
 def test_unknown_strategy_lists_valid_names() -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="kmeans") as info:
         build_strategy("kmeans", 2)
     for name in STRATEGY_NAMES:
         assert name in str(info.value)

@@ -67,7 +67,7 @@ def test_trunk_returns_feature_map(name: str) -> None:
 
 
 def test_unknown_backbone_lists_valid_names() -> None:
-    with pytest.raises(ConfigError, match="resnet18.*resnet50.*googlenet.*mobilenet_v2"):
+    with pytest.raises(ConfigError, match=r"resnet18.*resnet50.*googlenet.*mobilenet_v2"):
         build_trunk("vgg16", pretrained=False)
 
 

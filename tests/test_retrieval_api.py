@@ -82,7 +82,7 @@ def test_model_id_names_the_weights_not_the_file(checkpoint, tmp_path):
 def test_embed_paths_names_a_bad_file(checkpoint, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(BadImageError, match="broken.png"):
+    with pytest.raises(BadImageError, match=r"broken\.png"):
         Embedder.from_checkpoint(checkpoint).embed_paths([bad])
 
 
@@ -178,7 +178,7 @@ def test_bad_queries_and_weights_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_build_reports_recall_that_is_true(tmp_path, index_type):
     x, _ = clustered_embeddings(3000, dim=32, num_learners=4, clusters=60, noise=0.5)
-    index, report = build_index(x, [str(i) for i in range(3000)], None, tmp_path / "idx", model_meta(),
+    _index, report = build_index(x, [str(i) for i in range(3000)], None, tmp_path / "idx", model_meta(),
                                 index_type=index_type, sample=200)
     assert report.rows and report.sample == 200 and report.index_bytes > 0
     chosen = next(r for r in report.rows if r["setting"] == report.chosen["setting"])

@@ -138,7 +138,7 @@ def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: lis
 
 
 def read_run(folder: Path) -> dict[str, Any]:
-    records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "final": json.loads((folder / "final_metrics.json").read_text()),
         "test": [r for r in records if r["event"] == "test"],

@@ -38,7 +38,7 @@ import math
 import os
 import stat
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +138,8 @@ def _probe(folder: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     os.close(fd)
-    try:
+    with suppress(OSError):
         os.unlink(probe)
-    except OSError:
-        pass
     return None
 
 
@@ -324,10 +322,8 @@ def _remove_stale_temporaries(path: Path) -> None:
     for name in names:
         pid = name[len(prefix):] if name.startswith(prefix) else ""
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            try:
+            with suppress(OSError):
                 os.unlink(path.parent / name)
-            except OSError:
-                pass
 
 
 @contextmanager

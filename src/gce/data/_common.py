@@ -100,8 +100,8 @@ def drop_missing(entries: list[Entry], dataset: str, skip_bad: bool) -> list[Ent
     if not missing:
         return entries
     if not skip_bad:
-        lines = [f"{dataset}: {len(missing)} of {len(entries)} listed images not found"
-                 f" (set skip_bad to leave them out):"]
+        lines = [(f"{dataset}: {len(missing)} of {len(entries)} listed images not found"
+                 f" (set skip_bad to leave them out):")]
         lines += [f"  {e.where}: {e.path} (file not found)" for e in missing[:MAX_LISTED]]
         if len(missing) > MAX_LISTED:
             lines.append(f"  ... and {len(missing) - MAX_LISTED} more")
@@ -155,7 +155,7 @@ def split_classes(keys: Iterable[Hashable], test_fraction: float, seed: int, dat
         raise DatasetError(
             f"{dataset}: found {len(classes)} class(es); a class-disjoint train/test split needs at least 2"
         )
-    n_test = min(max(int(round(len(classes) * test_fraction)), 1), len(classes) - 1)
+    n_test = min(max(round(len(classes) * test_fraction), 1), len(classes) - 1)
     order = np.random.default_rng(seed).permutation(len(classes))
     return {classes[i] for i in order[:n_test]}
 

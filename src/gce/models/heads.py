@@ -276,7 +276,7 @@ class GroupChannelwiseHead(EmbeddingHead):
         # Grouped conv weights are laid out (out_channels, in_channels/groups, kh, kw): the rows of
         # output group k are learner k's. BN's per-channel parameters follow the same rows.
         owned = [(f"block.{name}", p) for name, p in self.block.named_parameters()]
-        return owned + [("embed.weight", self.embed.weight), ("embed.bias", self.embed.bias)]
+        return [*owned, ("embed.weight", self.embed.weight), ("embed.bias", self.embed.bias)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.mix(features) if self.mix is not None else features

@@ -27,6 +27,7 @@ are deleted afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -87,8 +88,8 @@ class BuildReport:
     chosen: dict[str, Any]
 
     def format_table(self) -> str:
-        lines = [f"{self.index_type} index: {self.size:,} vectors, built in {self.build_seconds:.1f} s,"
-                 f" {self.index_bytes / 2**20:.1f} MiB"]
+        lines = [(f"{self.index_type} index: {self.size:,} vectors, built in {self.build_seconds:.1f} s,"
+                 f" {self.index_bytes / 2**20:.1f} MiB")]
         if self.rows:
             lines.append(f"recall@{self.k} against exact search on {self.sample} gallery items as queries"
                          f" (each one's own id left out); queries/s: one batch of them, fastest of 3:")
@@ -161,7 +162,7 @@ def _make_index(index_type: str, dim: int, n: int, slices: Sequence[slice], para
         index.hnsw.efConstruction = int(params.get("ef_construction", 80))
         return index, {"hnsw_m": m, "ef_construction": index.hnsw.efConstruction}
     # IVF types: about sqrt(N) cells, capped so that each trains on >= 39 points (faiss' minimum advice)
-    nlist = int(params.get("nlist") or max(1, min(int(round(math.sqrt(n))), n // 39 or 1)))
+    nlist = int(params.get("nlist") or max(1, min(round(math.sqrt(n)), n // 39 or 1)))
     quantizer = faiss.IndexFlatIP(dim)
     if index_type == "ivf":
         return faiss.IndexIVFFlat(quantizer, dim, nlist, ip), {"nlist": nlist}
@@ -365,10 +366,8 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[s
                 "model": {key: model[key] for key in ("model_id", "embedding_dim", "num_learners", "learner_slices")},
                 "sources": list(sources or []), "generation": -1}
     if overwrite and (out / MANIFEST).exists():
-        try:
+        with contextlib.suppress(DatasetError):
             manifest["generation"] = int(read_manifest(out / MANIFEST, "gce index", FORMAT).get("generation", -1))
-        except DatasetError:
-            pass
     _write_generation(out, index, items, manifest)
     report = BuildReport(index_type, int(index.ntotal), build_seconds,
                          int((out / _current_files(out)["index"]).stat().st_size), n_sample, 10, rows,

@@ -230,7 +230,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
+        log.error("internal error", exc_info=exc)
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 

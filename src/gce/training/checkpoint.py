@@ -12,6 +12,7 @@ is then checked against what gce writes (types and keys) before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -108,10 +109,8 @@ def _remove_stale_temporaries(folder: Path) -> None:
         pid = name[len(prefix):]
         if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue  # another live process is writing (it should not be, but leave its file alone)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(folder / name)
-        except OSError:
-            pass
 
 
 def _read_verified(path: Path) -> dict[str, Any]:

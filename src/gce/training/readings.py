@@ -170,7 +170,7 @@ def build_reading(cfg: ExperimentConfig, learner_slices: list[slice], labels: np
     strategy = build_strategy(mc.strategy, num_metaclasses=mc.num_metaclasses if relabel else num_learners,
                               balanced=mc.balanced, balance_by=mc.balance_by, redraw=mc.redraw,
                               warm_start=mc.warm_start)
-    common = dict(update_every=mc.update_every, seed=cfg.train.seed)
+    common = {"update_every": mc.update_every, "seed": cfg.train.seed}
     if relabel:
         return AllDataReading(PerLearnerMetaClasses(strategy, num_learners), learner_slices, labels, num_classes,
                               device=device, **common)
