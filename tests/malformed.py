@@ -115,7 +115,7 @@ def _pixels(size: tuple[int, int], where: dict[tuple[int, int], tuple[int, int, 
         _size(*size)(image)
         for xy, rgb in where.items():
             got = image.getpixel(xy)
-            assert all(abs(int(a) - int(b)) <= tol for a, b in zip(got, rgb)), f"{xy}: {got} != {rgb}"
+            assert all(abs(int(a) - int(b)) <= tol for a, b in zip(got, rgb, strict=True)), f"{xy}: {got} != {rgb}"
 
     return check
 

@@ -29,7 +29,7 @@ def test_folder_seeded_class_split(tmp_path):
     assert (len(splits.train), len(splits.test)) == (6, 6)
     assert_disjoint_and_contiguous(splits)
     for records in (splits.train, splits.test):
-        for path, label in zip(records.paths, records.labels):
+        for path, label in zip(records.paths, records.labels, strict=True):
             assert os.path.basename(os.path.dirname(path)) == records.class_names[label]
     again = load_folder(root)
     assert again.test.class_names == splits.test.class_names  # same seed, same split

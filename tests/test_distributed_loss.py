@@ -138,7 +138,7 @@ def test_a_batch_split_unevenly_gives_the_same_loss(runs):
     single = runs[0]["losses"]
     for rank, run in enumerate(runs[1]):
         rows = slice(sum(UNEVEN[:rank]), sum(UNEVEN[:rank + 1]))
-        for (parts, grad, _total), (r_parts, r_grad, _r_total) in zip(single, run["uneven"]):
+        for (parts, grad, _total), (r_parts, r_grad, _r_total) in zip(single, run["uneven"], strict=True):
             assert r_parts["loss"] == pytest.approx(parts["loss"], abs=1e-6)
             assert r_parts["triplets"] == parts["triplets"]
             torch.testing.assert_close(r_grad / WORLD, grad[rows], atol=1e-6, rtol=0)
@@ -156,5 +156,5 @@ def test_ddp_parameter_gradients_equal_single_process(runs):
     _single_total, single_grads, single_parts = runs[0]["ddp"]
     for _total, grads, parts in (r["ddp"] for r in runs[1]):
         assert parts["loss"] == pytest.approx(single_parts["loss"], abs=1e-6)
-        for g, s in zip(grads, single_grads):
+        for g, s in zip(grads, single_grads, strict=True):
             torch.testing.assert_close(g, s, atol=1e-6, rtol=0)

@@ -233,7 +233,7 @@ def test_freeze_batchnorm_hook_guards_a_bare_module() -> None:
     trunk.train()
     before = [bn.running_var.clone() for bn in frozen]
     trunk(_images(2, 32))
-    assert all(torch.equal(bn.running_var, b) for bn, b in zip(frozen, before))
+    assert all(torch.equal(bn.running_var, b) for bn, b in zip(frozen, before, strict=True))
     assert len(frozen[0]._forward_pre_hooks) == 1  # idempotent: one hook, not one per call
     pickle.loads(pickle.dumps(frozen[0]))  # the hook is a plain function: checkpoints pickle
 

@@ -41,7 +41,7 @@ def brute_force(queries, gallery, slices, weights, k):
         scores = []
         for j, g in enumerate(gallery):
             s = 0.0
-            for wk, sl in zip(w, slices):
+            for wk, sl in zip(w, slices, strict=True):
                 a, b = q[sl], g[sl]
                 s += wk * float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
             scores.append((s, j))
@@ -106,7 +106,7 @@ def test_flat_search_equals_brute_force_for_learner_subsets_and_weights(tmp_path
         w = weights if weights is not None else (
             [1.0] * 4 if learners is None else [1.0 if k in learners else 0.0 for k in range(4)])
         expected = brute_force(q, x, slices, w, 6)
-        for got, want in zip(hits, expected):
+        for got, want in zip(hits, expected, strict=True):
             np.testing.assert_allclose([h.score for h in got], [s for s, _ in want], atol=1e-5)
             assert [h.id for h in got] == [j for _, j in want]
             assert all(h.path == paths[h.id] for h in got)
@@ -192,7 +192,7 @@ def test_approximate_build_reports_recall_that_is_true(tmp_path, index_type):
     exact.add(x / 2)
     _, truth = exact.search(x[own] / 2, 11)
     _, found = loaded.search_arrays(x[own], 11)
-    hits = sum(len(set(t[t != o][:10]) & set(f[f != o][:10])) for t, f, o in zip(truth, found, own))
+    hits = sum(len(set(t[t != o][:10]) & set(f[f != o][:10])) for t, f, o in zip(truth, found, own, strict=True))
     assert hits / 2000 == pytest.approx(chosen["recall"], abs=0.01)
     assert "recall@10" in report.format_table()
 

@@ -204,7 +204,7 @@ def check_one_file_one_image(name: str, train: ImageRecords, test: ImageRecords)
     first: dict[tuple, tuple[str, str, str]] = {}
     kinds = {"in both train and test": [], "in two classes": [], "listed twice": []}
     for split, records in (("train", train), ("test", test)):
-        for path, label in zip(records.paths, records.labels):
+        for path, label in zip(records.paths, records.labels, strict=True):
             here = (split, records.class_names[label], path)
             seen = first.setdefault(file_identity(path), here)
             if seen is here:

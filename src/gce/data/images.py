@@ -204,7 +204,7 @@ def scan_images(
             reasons = list(_tick(map(check_image, paths), bar))
     finally:
         bar.close()
-    return [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
+    return [(str(p), r) for p, r in zip(paths, reasons, strict=True) if r is not None]
 
 
 def _tick(results: Iterable, bar: tqdm) -> Iterable:

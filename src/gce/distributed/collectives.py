@@ -132,4 +132,4 @@ def all_gather_rows(tensor: Tensor) -> list[Tensor]:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return [part[:size] for part, size in zip(parts, sizes)]
+    return [part[:size] for part, size in zip(parts, sizes, strict=True)]

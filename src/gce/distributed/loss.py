@@ -126,7 +126,7 @@ class DistributedGCELoss(GCELoss):
             names = [name for name in ("learner_loss", "full_loss", "loss") if name in parts]
             summed = all_reduce_sum(torch.tensor([parts[n] for n in names], dtype=torch.float64,
                                                  device=embeddings.device))
-            parts.update({n: float(v) / world for n, v in zip(names, summed.tolist())})
+            parts.update({n: float(v) / world for n, v in zip(names, summed.tolist(), strict=True)})
             # The value becomes the global loss (the same on every rank: logging and the finite-loss
             # check agree); the gradient stays this rank's share.
             total = total + (parts["loss"] - total.detach())

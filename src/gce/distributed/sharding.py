@@ -52,7 +52,7 @@ def extract_embeddings_sharded(model: torch.nn.Module, dataset: Dataset, ctx: Di
     label_parts = all_gather_rows(labels.to(ctx.device))
     out = torch.empty(size, parts[0].shape[1], dtype=parts[0].dtype)
     out_labels = torch.empty(size, dtype=torch.int64)
-    for rank, (part, part_labels) in enumerate(zip(parts, label_parts)):
+    for rank, (part, part_labels) in enumerate(zip(parts, label_parts, strict=True)):
         rows = torch.as_tensor(shard_batches(size, batch_size, rank, ctx.world_size), dtype=torch.int64)
         out[rows] = part.cpu()
         out_labels[rows] = part_labels.cpu()

@@ -143,7 +143,7 @@ class GCELoss(nn.Module):
             parts["full_triplets"] = float(full_triplets)
         values["loss"] = total
         # One device-to-host copy for all the values (on a GPU each float() would wait for it).
-        parts.update(zip(values, torch.stack([v.detach() for v in values.values()]).tolist()))
+        parts.update(zip(values, torch.stack([v.detach() for v in values.values()]).tolist(), strict=True))
         return total, parts
 
     def all_learners(self, embeddings: Tensor, labels: Tensor, learner_slices: list[slice],
@@ -159,7 +159,7 @@ class GCELoss(nn.Module):
             raise ValueError(f"need one label vector per learner slice, got {len(learner_slices)} slices "
                              f"and {len(learner_labels)} label vectors")
         losses, mined = [], 0
-        for part, meta in zip(learner_slices, learner_labels):
+        for part, meta in zip(learner_slices, learner_labels, strict=True):
             loss, count = self.triplet.compute(embeddings, meta, part)
             losses.append(loss)
             mined += count

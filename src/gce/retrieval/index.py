@@ -145,7 +145,7 @@ def query_vectors(queries: np.ndarray, slices: Sequence[slice], learners: Sequen
         raise GceError("queries contain NaN or infinite values")
     w = learner_weights(len(slices), learners, weights)
     q = normalize_learners(q, slices)
-    for s, wk in zip(slices, w):
+    for s, wk in zip(slices, w, strict=True):
         q[:, s] *= np.float32(wk * math.sqrt(len(slices)))
     return q
 
@@ -198,7 +198,7 @@ def apply_search_params(index, params: dict[str, Any]) -> None:
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth))
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth, strict=True))
     return hits / max(1, int((truth >= 0).sum()))
 
 
@@ -489,8 +489,8 @@ class SearchIndex:
         """The top-``k`` hits of each query (``N x D`` learner-normalised embeddings), best first."""
         scores, ids = self.search_arrays(queries, k, learners, weights)
         paths, labels = self._items.paths, self._items.labels
-        return [[SearchHit(int(i), float(s), paths[i], labels[i]) for s, i in zip(srow, irow) if i >= 0]
-                for srow, irow in zip(scores, ids)]
+        return [[SearchHit(int(i), float(s), paths[i], labels[i]) for s, i in zip(srow, irow, strict=True) if i >= 0]
+                for srow, irow in zip(scores, ids, strict=True)]
 
     def item(self, id: int) -> SearchHit:
         i = int(id)

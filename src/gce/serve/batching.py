@@ -88,7 +88,7 @@ class MicroBatcher(Generic[T, R]):
                 for job in batch:
                     job.error = exc
             else:
-                for job, result in zip(batch, results):
+                for job, result in zip(batch, results, strict=True):
                     job.result = result
             self.batches += 1
             self.items += len(batch)

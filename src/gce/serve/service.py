@@ -189,7 +189,7 @@ class SearchService:
             with self._index_lock:
                 hits = self.index.search(queries, k, learners=list(learners) if learners is not None else None,
                                          weights=list(weights) if weights is not None else None)
-            for n, found in zip(members, hits):
+            for n, found in zip(members, hits, strict=True):
                 results[n] = found[:jobs[n].k]
         return results
 

@@ -135,7 +135,7 @@ class AllDataReading(_Refreshed):
                                       previous=self.assignment, seed=self.seed + epoch)
         previous = self.assignment if self.assignment is not None else [None] * len(new)
         rows = [assignment_stats(row, self.labels, self.num_classes, previous=old,
-                                 num_metaclasses=self.per_learner.num_metaclasses) for row, old in zip(new, previous)]
+                                 num_metaclasses=self.per_learner.num_metaclasses) for row, old in zip(new, previous, strict=True)]
         self.restore(new)
         moved = float(np.mean([r.moved_fraction for r in rows]))
         # Every learner sees every class; the sizes that matter are its meta-classes'.
