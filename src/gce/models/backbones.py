@@ -68,6 +68,9 @@ class GoogLeNetInputTransform(nn.Module):
     exactly what the trained model computed (the transform has no parameters to save).
     """
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         # Per channel: x_new = x * std / 0.5 + (mean - 0.5) / 0.5, with ImageNet mean/std.
