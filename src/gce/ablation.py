@@ -16,7 +16,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,7 +48,7 @@ class AblationConfig(BaseModel):
     variants: dict[str, list[str]] = Field(min_length=1, description="variant name -> key=value overrides")
 
 
-def load_ablation(path: str | Path, extra_overrides: list[str] = ()) -> tuple[AblationConfig, dict[str, Any]]:
+def load_ablation(path: str | Path, extra_overrides: Sequence[str] = ()) -> tuple[AblationConfig, dict[str, Any]]:
     path = user_path(path, "ablation file")
     tree = read_yaml_mapping(path, "ablation file")
     try:
@@ -108,7 +108,7 @@ def run_lock(folder: Path) -> Iterator[bool]:
     yield False
 
 
-def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: list[str] | None = None,
+def run_ablation(path: str | Path, extra_overrides: Sequence[str] = (), *, only: list[str] | None = None,
                  progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run every unfinished (variant, seed), then write the summary; returns the summary path."""
     from gce.training.trainer import Trainer

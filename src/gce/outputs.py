@@ -174,10 +174,10 @@ def refuse_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
     :func:`refuse_input_files` instead (it only stats them when the output already exists).
     """
     path = Path(path)
-    inputs = [p for p in inputs if p is not None]
-    refuse_input_files(path, inputs, what)
+    given = [p for p in inputs if p is not None]
+    refuse_input_files(path, given, what)
     real = os.path.realpath(path)
-    for p in inputs:
+    for p in given:
         folder = os.path.expanduser(os.fspath(p))
         if os.path.isdir(folder):
             real_folder = os.path.realpath(folder)

@@ -452,6 +452,7 @@ class RandomStrategy:
             for k, chunk in enumerate(np.array_split(perm, self.num_metaclasses)):
                 groups[chunk] = k
             return groups
+        assert sizes is not None  # balance_by="images" has labels (see _class_sizes)
         load = np.zeros(self.num_metaclasses, dtype=np.int64)
         for c in perm:  # least-loaded first: greedy number partitioning in random order
             k = int(np.argmin(load))

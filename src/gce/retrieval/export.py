@@ -72,7 +72,7 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta
     except ImportError:
         raise GceError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'gce[export]'") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
-    kwargs = {"opset_version": opset} if opset else {}
+    kwargs: dict[str, Any] = {"opset_version": opset} if opset else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],

@@ -358,7 +358,7 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[s
     build_seconds = time.perf_counter() - start
     rows, n_sample = measure_settings(index, index_type, x, slices, sample=sample, seed=seed)
     chosen = _choose(rows, target_recall)
-    search_params = {key: chosen[key] for key in ("nprobe", "ef_search") if key in chosen}
+    search_params: dict[str, Any] = {key: chosen[key] for key in ("nprobe", "ef_search") if key in chosen}
     apply_search_params(index, search_params)
     items = ItemTable()
     items.extend(paths, labels)

@@ -110,13 +110,15 @@ class SubsetReading(_Refreshed):
         self.assignment = np.asarray(assignment, dtype=np.int64)
 
     def configure_sampler(self, sampler: SubsetBalancedBatchSampler) -> None:
+        assert self.assignment is not None, "update() or restore() comes first"
         groups = group_of_sample(self.assignment, self.labels, self.strategy.level)
         sampler.set_assignment(groups, num_groups=len(self.learner_slices))
 
     def batch_loss(self, loss: GCELoss, embeddings: Tensor, labels: Tensor, learner: int | None) -> LossParts:
         # One learner owns the whole embedding: its loss is the full loss (not counted twice).
-        whole = learner is None or len(self.learner_slices) == 1
-        return loss(embeddings, labels, None if whole else self.learner_slices[learner])
+        if learner is None or len(self.learner_slices) == 1:
+            return loss(embeddings, labels, None)
+        return loss(embeddings, labels, self.learner_slices[learner])
 
 
 class AllDataReading(_Refreshed):
@@ -156,6 +158,7 @@ class AllDataReading(_Refreshed):
     def batch_loss(self, loss: GCELoss, embeddings: Tensor, labels: Tensor, learner: int | None) -> LossParts:
         if learner is None:
             return loss(embeddings, labels, None)
+        assert self.meta_labels is not None, "update() or restore() comes first"
         return loss.all_learners(embeddings, labels, self.learner_slices, [row[labels] for row in self.meta_labels])
 
 

@@ -261,6 +261,7 @@ class Trainer:
 
     def _validate(self, epoch: int) -> str:
         p = self.parts
+        assert p.val_set is not None  # called only for runs with a validation split
         val = self.evaluate(p.val_set, f"epoch {epoch}: validation", clustering=False)
         p.writer.log("val", epoch, val.to_dict())
         r1 = val.recall[min(val.recall)]
