@@ -2,7 +2,8 @@
 
 One training step = forward + triplet loss + backward + Adam, on a P x M batch of random images,
 one thread. For each setting the GCE model (K learners) and the single-metric model (K = 1, same
-trunk, the baseline's ``linear_split`` head unless ``--single-head gce``) take turns step by step (so machine load hits both alike) and the table gives
+trunk, the baseline's ``linear_split`` head unless ``--single-head gce``) take turns step by step
+(so machine load hits both alike) and the table gives
 the median step times and their ratio, measured in the same run, next to the ratio of their forward
 FLOPs per image and the GCE head's extra parameters: the grouped 3x3 block is real arithmetic (at
 64 px on MobileNetV2 with K=4 it adds ~60 % to the trunk's FLOPs), so a time ratio at or below the

@@ -536,7 +536,8 @@ def format_report(summary: dict[str, object]) -> str:
     outcome: Outcome = summary["outcome"]  # type: ignore[assignment]
     comparison: dict = summary["comparison"]  # type: ignore[assignment]
     lines = [
-        f"launcher {summary['launcher']}, {summary['epochs']} epochs x {summary['batches']} batches, seed {summary['seed']}",
+        (f"launcher {summary['launcher']}, {summary['epochs']} epochs x {summary['batches']} batches,"
+         f" seed {summary['seed']}"),
         "",
         "| # | signal | aimed at | at (s after start) | phase when it landed | exit | next attempt |",
         "|---|---|---|---|---|---|---|",
@@ -556,7 +557,8 @@ def format_report(summary: dict[str, object]) -> str:
         f"{ok(comparison['last.pt counters equal'] and comparison['last.pt python rng equal'])}"),
         f"model.pt: {comparison['model.pt tensors']} tensors, differing: {len(comparison['model.pt differing'])}",
         (f"metrics.jsonl: {comparison['metrics.jsonl records']} records, equal except 'seconds': "
-        f"{ok(comparison['metrics.jsonl equal'])}; final_metrics.json equal: {ok(comparison['final_metrics.json equal'])}"),
+        f"{ok(comparison['metrics.jsonl equal'])}; "
+        f"final_metrics.json equal: {ok(comparison['final_metrics.json equal'])}"),
         f"EQUAL: {ok(comparison['equal'])}",
     ]
     for name in ("last.pt differing", "model.pt differing"):

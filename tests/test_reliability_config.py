@@ -77,8 +77,8 @@ BAD_OVERRIDES = [
     (["model.num_learners=4"], ("model.num_learners=4 needs at least 8 training classes (2 per learner); "
                                "the training split has 6")),
     (["sampler.classes_per_batch=4"],
-     ("sampler.classes_per_batch=4 is larger than the 3 classes of the smallest learner subset (6 training classes "
-     "split evenly over model.num_learners=2)")),
+     ("sampler.classes_per_batch=4 is larger than the 3 classes of the smallest learner subset "
+      "(6 training classes split evenly over model.num_learners=2)")),
     (["sampler.classes_per_batch=4", "metaclass.strategy=random"], "sampler.classes_per_batch=4 is larger than the 3"),
     # Edge values that gave tracebacks before (issue 10): seeds, crop vs resize, resource sizes.
     (["train.seed=-1"], "bad value for 'train.seed': a seed must be from 0 to 2**32-1"),
