@@ -8,7 +8,7 @@ DATA   ?= data
 RUNS   ?= runs
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test test-wheel e2e demo demo-eval bench clean
+.PHONY: install test test-wheel lint e2e demo demo-eval bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: install
 # The built wheel in a clean venv, from outside the checkout: train -> eval -> embed -> index -> search.
 test-wheel: install
 	$(PY) -m pytest -q -m wheel tests/test_packaging.py
+
+# Static checks (settings in pyproject.toml: [tool.ruff], [tool.mypy]); ruff and mypy come with the
+# "test" extra.
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 # The search page of `gce serve` in a real headless Chromium (Debian/Ubuntu: Chromium and its driver
 # from apt, as root or with sudo; elsewhere install them and set GCE_CHROMIUM / GCE_CHROMEDRIVER).

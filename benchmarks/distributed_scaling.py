@@ -98,7 +98,7 @@ def two_processes(args: argparse.Namespace, communicate: bool) -> list[float]:
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_rank_main, args=(2, port, args, communicate, folder), nprocs=2, join=True)
         per_rank = [torch.load(os.path.join(folder, f"{r}.pt")) for r in range(2)]
-    return [max(pair) for pair in zip(*per_rank)]
+    return [max(pair) for pair in zip(*per_rank, strict=True)]
 
 
 def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
@@ -113,9 +113,11 @@ def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
         return t
 
     images = torch.randn(2, 3, args.size, args.size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(images)
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+    ):
+        model(images)
     return sum(storages.values()) / 2
 
 

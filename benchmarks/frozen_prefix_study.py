@@ -32,6 +32,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
 from gce.training.trainer import Trainer, build_optimizer, build_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learner_diagnostics import nearest_neighbours  # noqa: E402  (benchmarks/ is not a package)
+from learner_diagnostics import nearest_neighbours  # benchmarks/ is not a package
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
@@ -93,7 +94,7 @@ def _prefix_features(prefix: nn.Module, dataset, mirrored: bool, batch: int = 25
 class FrozenPrefixTrainer(Trainer):
     """A :class:`Trainer` whose model starts at the cached output of a frozen trunk prefix."""
 
-    cache: dict[str, torch.Tensor] = {}  # shared by every run of the process (same prefix weights)
+    cache: ClassVar[dict[str, torch.Tensor]] = {}  # shared by every run of the process (same prefix weights)
 
     def __init__(self, *args, frozen_layers: int, cache_file: Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)

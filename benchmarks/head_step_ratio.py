@@ -2,7 +2,8 @@
 
 One training step = forward + triplet loss + backward + Adam, on a P x M batch of random images,
 one thread. For each setting the GCE model (K learners) and the single-metric model (K = 1, same
-trunk, the baseline's ``linear_split`` head unless ``--single-head gce``) take turns step by step (so machine load hits both alike) and the table gives
+trunk, the baseline's ``linear_split`` head unless ``--single-head gce``) take turns step by step
+(so machine load hits both alike) and the table gives
 the median step times and their ratio, measured in the same run, next to the ratio of their forward
 FLOPs per image and the GCE head's extra parameters: the grouped 3x3 block is real arithmetic (at
 64 px on MobileNetV2 with K=4 it adds ~60 % to the trunk's FLOPs), so a time ratio at or below the
@@ -140,7 +141,7 @@ def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> 
     torch.set_flush_denormal(flush)  # this thread and (below) torch's OpenMP workers, as gce train does
     set_flush_denormal_in_openmp_workers(flush)
     images, labels = batch(args)
-    options = dict(device=args.device, amp=args.amp, channels_last=args.channels_last)
+    options = {"device": args.device, "amp": args.amp, "channels_last": args.channels_last}
     gce = Stepper(build(args.backbone, "gce", k, args.dim, pretrained), images, labels, k, **options)
     single = Stepper(build(args.backbone, args.single_head, 1, args.dim, pretrained), images, labels, 1, **options)
     times: dict[str, list[float]] = {"gce": [], "single": []}

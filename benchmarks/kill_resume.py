@@ -29,6 +29,7 @@ Exit status: 0 when everything is equal, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -42,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import ClassVar
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,10 +119,8 @@ class Attempt:
             return None
 
     def signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 class Launcher:
@@ -376,7 +375,7 @@ def _resumed_at(text: str) -> str:
 class ModeBags:
     """Draws stop modes so that each one turns up: a shuffled round of all of them, then another."""
 
-    MODES = {"no-progress": ["startup", "training", "checkpoint", "training", "checkpoint"],
+    MODES: ClassVar[dict[str, list[str]]] = {"no-progress": ["startup", "training", "checkpoint", "training", "checkpoint"],
              "progress": ["after-checkpoint", "training-2"]}
 
     def __init__(self) -> None:
@@ -537,7 +536,8 @@ def format_report(summary: dict[str, object]) -> str:
     outcome: Outcome = summary["outcome"]  # type: ignore[assignment]
     comparison: dict = summary["comparison"]  # type: ignore[assignment]
     lines = [
-        f"launcher {summary['launcher']}, {summary['epochs']} epochs x {summary['batches']} batches, seed {summary['seed']}",
+        (f"launcher {summary['launcher']}, {summary['epochs']} epochs x {summary['batches']} batches,"
+         f" seed {summary['seed']}"),
         "",
         "| # | signal | aimed at | at (s after start) | phase when it landed | exit | next attempt |",
         "|---|---|---|---|---|---|---|",
@@ -549,15 +549,16 @@ def format_report(summary: dict[str, object]) -> str:
     ok = lambda v: "yes" if v else "NO"  # noqa: E731
     lines += [
         "",
-        f"kills: {kills}, SIGINTs: {sigints}, attempts: {outcome.attempts} "
-        f"({outcome.resumes} with --resume, {outcome.fresh_restarts} fresh restarts: no checkpoint yet)",
+        (f"kills: {kills}, SIGINTs: {sigints}, attempts: {outcome.attempts} "
+        f"({outcome.resumes} with --resume, {outcome.fresh_restarts} fresh restarts: no checkpoint yet)"),
         f"time: reference {outcome.reference_seconds:.1f} s, interrupted run {outcome.seconds:.1f} s",
-        f"last.pt: {comparison['last.pt tensors']} tensors (model, optimiser, scheduler, RNG), "
+        (f"last.pt: {comparison['last.pt tensors']} tensors (model, optimiser, scheduler, RNG), "
         f"differing: {len(comparison['last.pt differing'])}; counters/RNG equal: "
-        f"{ok(comparison['last.pt counters equal'] and comparison['last.pt python rng equal'])}",
+        f"{ok(comparison['last.pt counters equal'] and comparison['last.pt python rng equal'])}"),
         f"model.pt: {comparison['model.pt tensors']} tensors, differing: {len(comparison['model.pt differing'])}",
-        f"metrics.jsonl: {comparison['metrics.jsonl records']} records, equal except 'seconds': "
-        f"{ok(comparison['metrics.jsonl equal'])}; final_metrics.json equal: {ok(comparison['final_metrics.json equal'])}",
+        (f"metrics.jsonl: {comparison['metrics.jsonl records']} records, equal except 'seconds': "
+        f"{ok(comparison['metrics.jsonl equal'])}; "
+        f"final_metrics.json equal: {ok(comparison['final_metrics.json equal'])}"),
         f"EQUAL: {ok(comparison['equal'])}",
     ]
     for name in ("last.pt differing", "model.pt differing"):

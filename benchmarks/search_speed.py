@@ -111,7 +111,7 @@ def side_by_side(plain, gce, plain_queries: np.ndarray, queries: np.ndarray, lim
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f[:K]) & set(t[:K])) / K for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f[:K]) & set(t[:K])) / K for f, t in zip(found, truth, strict=True)]))
 
 
 def worker(index_type: str, folder: Path, args: argparse.Namespace) -> dict:
@@ -246,7 +246,7 @@ def main() -> None:
         return
     if "flat" not in args.types:
         raise SystemExit("--types must include flat (the exact ground truth)")
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="gce-search-bench-") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()

@@ -119,7 +119,8 @@ def start_server(index: Path, checkpoint: Path, port: int, threads: int | None, 
                "--host", HOST, "--port", str(port), "--log-level", "warning", "--max-batch", str(max_batch)]
     if threads:
         command += ["--threads", str(threads)]
-    process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    with open(log, "w") as log_file:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # bounded: the server has two minutes to come up
         if process.poll() is not None:
@@ -261,7 +262,7 @@ def main() -> None:
     for result in results:
         first, last = result["memory_first_mib"], result["memory_last_mib"]
         print(f"{result['max_batch']:>9} {first:>11.1f} MiB {last:>10.1f} MiB {last - first:>+6.1f} MiB "
-              f"{str(result['server_alive']):>6}")
+              f"{result['server_alive']!s:>6}")
     if args.out:
         args.out.write_text(json.dumps({"clients": args.clients, "items": args.items, "warmup": args.warmup,
                                         "runs": results}, indent=2))

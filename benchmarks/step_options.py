@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from head_step_ratio import Stepper, batch, build  # noqa: E402
-
-from gce.runtime import flush_denormals  # noqa: E402
+from gce.runtime import flush_denormals
+from head_step_ratio import Stepper, batch, build  # benchmarks/ is not a package
 
 
 def options(device: str) -> dict[str, dict[str, bool]]:
@@ -64,7 +62,7 @@ def main() -> None:
     chosen = {n: o for n, o in options(args.device).items() if not args.only or n in args.only}
     steppers = {name: Stepper(build(args.backbone, "gce", args.k, args.dim, args.pretrained), images, labels,
                               args.k, device=args.device, **opts) for name, opts in chosen.items()}
-    warmup: dict[str, float] = {n: 0.0 for n in steppers}
+    warmup: dict[str, float] = dict.fromkeys(steppers, 0.0)
     times: dict[str, list[float]] = {n: [] for n in steppers}
     for i in range(args.warmup + args.steps):
         for name, stepper in steppers.items():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gce.data.synthetic import make_pattern_folder as make_shape_folder  # noqa: F401 (re-exported for tests)
+from gce.data.synthetic import make_pattern_folder as make_shape_folder
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def make_cars(root: Path, class_ids=(1, 2, 98, 99, 196), per_class: int = 2) -> 
             records.append((relative, 1, 2, 7, 7, class_id, k % 2))
     annotations = np.zeros((1, len(records)), dtype=[(f, object) for f in fields])
     for i, record in enumerate(records):
-        for field, value in zip(fields, record):
+        for field, value in zip(fields, record, strict=True):
             annotations[0, i][field] = np.array([[value]], dtype=np.uint8) if field != "relative_im_path" else value
     names = np.empty((1, 196), dtype=object)
     for class_id in range(1, 197):

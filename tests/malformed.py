@@ -97,7 +97,7 @@ def _cut(data: bytes, cut: int | float) -> bytes:
 
 def _cut_name(cut: int | float) -> str:
     if isinstance(cut, float):
-        return f"{int(round(cut * 100))}pct"
+        return f"{round(cut * 100)}pct"
     return f"first{cut}" if cut > 0 else f"minus{-cut}"
 
 
@@ -115,7 +115,7 @@ def _pixels(size: tuple[int, int], where: dict[tuple[int, int], tuple[int, int, 
         _size(*size)(image)
         for xy, rgb in where.items():
             got = image.getpixel(xy)
-            assert all(abs(int(a) - int(b)) <= tol for a, b in zip(got, rgb)), f"{xy}: {got} != {rgb}"
+            assert all(abs(int(a) - int(b)) <= tol for a, b in zip(got, rgb, strict=True)), f"{xy}: {got} != {rgb}"
 
     return check
 
@@ -466,7 +466,7 @@ def _dataset_cases(base: Path) -> list[Case]:
     add("folder_train_val_layout", "folder", root, None, warning=re.escape("as the test split"))
     root = fresh("folder_train_val_test_layout")
     for split, names in (("train", ("ant", "bee")), ("val", ("cat", "dog")), ("test", ("eel", "fox"))):
-        _class_folders(root / split, {n: 2 for n in names})
+        _class_folders(root / split, dict.fromkeys(names, 2))
     add("folder_train_val_test_layout", "folder", root, None, warning=re.escape("val/ not used"))
     root = fresh("folder_split_folders_beside_classes")  # before: the extra classes were ignored
     _class_folders(root / "train", {"ant": 2, "bee": 2})
@@ -478,7 +478,7 @@ def _dataset_cases(base: Path) -> list[Case]:
     add("folder_lone_train_folder_among_classes", "folder", root, re.escape("looks like a split folder, not a class"))
     root = fresh("folder_train_query_gallery_layout")
     for split, names in (("train", ("ant", "bee")), ("query", ("cat", "dog")), ("gallery", ("cat", "dog"))):
-        _class_folders(root / split, {n: 2 for n in names})
+        _class_folders(root / split, dict.fromkeys(names, 2))
     add("folder_train_query_gallery_layout", "folder", root, re.escape("looks like a query/gallery split"))
     root = fresh("folder_only_a_train_folder")
     _class_folders(root / "train", {"ant": 2, "bee": 2})

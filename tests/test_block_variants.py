@@ -12,12 +12,12 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from learner_isolation import learner_backward
 
 from gce.config import load_config
 from gce.errors import ConfigError
 from gce.models import GroupChannelwiseHead, build_model, build_trunk
 from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
+from learner_isolation import learner_backward
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 

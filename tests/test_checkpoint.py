@@ -56,7 +56,7 @@ def test_no_checkpoint_and_all_damaged(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path)
     (tmp_path / LAST).write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="no checksum file last.pt.sha256 beside it, so it cannot be verified"):
+    with pytest.raises(CheckpointError, match=r"no checksum file last\.pt\.sha256 beside it, so it cannot be verified"):
         load_checkpoint(tmp_path)
     write_checksum(tmp_path / LAST)  # garbage that matches its checksum: not a loadable checkpoint
     with pytest.raises(CheckpointError, match="cannot be read"):

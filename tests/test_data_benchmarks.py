@@ -58,9 +58,11 @@ def test_cub_listed_image_missing(tmp_path):
     message = str(info.value)
     assert "1 of 10 listed images not found" in message.splitlines()[0]
     assert "images.txt, line 4" in message and "Bird_2_0001.jpg (file not found)" in message
-    with pytest.warns(UserWarning, match="skipped 1 listed images"):
-        with pytest.warns(UserWarning, match="1 of 3 training classes have a single image"):
-            splits = load_cub(root, skip_bad=True)
+    with (
+        pytest.warns(UserWarning, match="skipped 1 listed images"),
+        pytest.warns(UserWarning, match="1 of 3 training classes have a single image"),
+    ):
+        splits = load_cub(root, skip_bad=True)
     assert len(splits.train) == 5
 
 

@@ -29,7 +29,7 @@ def test_folder_seeded_class_split(tmp_path):
     assert (len(splits.train), len(splits.test)) == (6, 6)
     assert_disjoint_and_contiguous(splits)
     for records in (splits.train, splits.test):
-        for path, label in zip(records.paths, records.labels):
+        for path, label in zip(records.paths, records.labels, strict=True):
             assert os.path.basename(os.path.dirname(path)) == records.class_names[label]
     again = load_folder(root)
     assert again.test.class_names == splits.test.class_names  # same seed, same split
@@ -77,9 +77,11 @@ def test_folder_empty_class_folder(tmp_path):
     (root / "dog" / "readme.txt").write_text("x")
     with pytest.raises(DatasetError, match=r"1 class folders contain no images: .*dog"):
         load_folder(root)
-    with pytest.warns(UserWarning, match=r"skipped 1 class folders without images: .*dog"):
-        with pytest.warns(UserWarning, match="ignored 1 files"):
-            splits = load_folder(root, skip_bad=True)
+    with (
+        pytest.warns(UserWarning, match=r"skipped 1 class folders without images: .*dog"),
+        pytest.warns(UserWarning, match="ignored 1 files"),
+    ):
+        splits = load_folder(root, skip_bad=True)
     assert "dog" not in splits.train.class_names + splits.test.class_names
 
 

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import make_emoji_cache
-from gce.data import emoji
-from gce.data import build_emoji_dataset, load_dataset
+from gce.data import build_emoji_dataset, emoji, load_dataset
 from gce.errors import ConfigError, DatasetError, GceError
 
 # Six classes drawn by >= 4 of the 5 vendors once skin tones and fe0f are handled:
@@ -19,11 +18,11 @@ from gce.errors import ConfigError, DatasetError, GceError
 # 1f431 by 4 vendors; 1f98a is drawn by 3 vendors only, 1f44d-1f3fb is a skin-tone variant.
 COMMON = ["1f600", "2764-FE0F", "1f44d", "1f44d-1f3fb", "0023-fe0f-20e3", "1f680", "1f431"]
 TABLE = {
-    "apple": COMMON + ["1f98a"],
-    "google": COMMON + ["1f98a"],
-    "twitter": COMMON + ["1f98a"],
+    "apple": [*COMMON, "1f98a"],
+    "google": [*COMMON, "1f98a"],
+    "twitter": [*COMMON, "1f98a"],
     "facebook": COMMON,
-    "fluent3d": COMMON[:-1] + ["2764"],  # both 2764 and 2764-fe0f: one drawing is kept
+    "fluent3d": [*COMMON[:-1], "2764"],  # both 2764 and 2764-fe0f: one drawing is kept
 }
 KEYS = ["0023-20e3", "1f431", "1f44d", "1f600", "1f680", "2764"]
 

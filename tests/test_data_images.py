@@ -232,7 +232,10 @@ def test_check_records_rejects_empty_split():
 def test_check_records_rejects_split_with_only_bad_files(tmp_path):
     (tmp_path / "a.jpg").touch()
     records = ImageRecords([str(tmp_path / "a.jpg")], [0], ["a"])
-    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no readable images"):
+    with (
+        pytest.warns(UserWarning, match="skipped 1 unreadable images"),
+        pytest.raises(DatasetError, match="no readable images"),
+    ):
         check_records(records, skip_bad=True, progress=False)
 
 

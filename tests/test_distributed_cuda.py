@@ -71,7 +71,7 @@ def test_bf16_autocast_forward_keeps_the_loss_in_fp32():
     model = _model().cuda().train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(images.cuda())
-    loss, parts = GCELoss(margin=0.3, mining="all")(out.float(), labels.cuda(), slice(0, 8))
+    loss, _parts = GCELoss(margin=0.3, mining="all")(out.float(), labels.cuda(), slice(0, 8))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

@@ -23,7 +23,7 @@ WORLD = 2
 # positive on rank 1; rows 0-1 are a positive pair on rank 0.
 LABELS = torch.tensor([0, 0, 1, 2, 3, 1, 2, 4, 4, 3])
 UNEVEN = (6, 4)
-SETTINGS = [dict(mining=m, distance=d, full_embedding_weight=w, margin=0.3)
+SETTINGS = [{"mining": m, "distance": d, "full_embedding_weight": w, "margin": 0.3}
             for m, d, w in itertools.product(("semihard", "hard", "all"), ("euclidean", "cosine"), (0.0, 0.5))]
 
 
@@ -138,7 +138,7 @@ def test_a_batch_split_unevenly_gives_the_same_loss(runs):
     single = runs[0]["losses"]
     for rank, run in enumerate(runs[1]):
         rows = slice(sum(UNEVEN[:rank]), sum(UNEVEN[:rank + 1]))
-        for (parts, grad, total), (r_parts, r_grad, r_total) in zip(single, run["uneven"]):
+        for (parts, grad, _total), (r_parts, r_grad, _r_total) in zip(single, run["uneven"], strict=True):
             assert r_parts["loss"] == pytest.approx(parts["loss"], abs=1e-6)
             assert r_parts["triplets"] == parts["triplets"]
             torch.testing.assert_close(r_grad / WORLD, grad[rows], atol=1e-6, rtol=0)
@@ -146,15 +146,15 @@ def test_a_batch_split_unevenly_gives_the_same_loss(runs):
 
 def test_cross_rank_positives_are_mined(results):
     single, ranks = results
-    hard_all = [i for i, s in enumerate(SETTINGS) if s["mining"] == "all"][0] * 3
+    hard_all = next(i for i, s in enumerate(SETTINGS) if s["mining"] == "all") * 3
     assert ranks[0][hard_all][0]["triplets"] == single[hard_all][0]["triplets"] > 0
     # Row 2's only positive (row 5) is on rank 1: its gradient is non-zero only if mining crossed ranks.
     assert ranks[0][hard_all][1][2].abs().sum() > 0
 
 
 def test_ddp_parameter_gradients_equal_single_process(runs):
-    single_total, single_grads, single_parts = runs[0]["ddp"]
-    for total, grads, parts in (r["ddp"] for r in runs[1]):
+    _single_total, single_grads, single_parts = runs[0]["ddp"]
+    for _total, grads, parts in (r["ddp"] for r in runs[1]):
         assert parts["loss"] == pytest.approx(single_parts["loss"], abs=1e-6)
-        for g, s in zip(grads, single_grads):
+        for g, s in zip(grads, single_grads, strict=True):
             torch.testing.assert_close(g, s, atol=1e-6, rtol=0)

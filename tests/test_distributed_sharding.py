@@ -103,12 +103,12 @@ def test_sharded_extraction_and_metrics_equal_one_process_exactly(runs):
 def test_global_batchnorm_equals_one_process(runs):
     single, ranks = runs
     _, outs, grads, w_grad, mean, var, _ = single["bn"]
-    for rank, (replaced, r_outs, r_grads, r_w_grad, r_mean, r_var, name) in enumerate(r["bn"] for r in ranks):
+    for rank, (replaced, r_outs, r_grads, _r_w_grad, r_mean, r_var, name) in enumerate(r["bn"] for r in ranks):
         assert replaced == 1 and name == GlobalBatchNorm.__name__
         rows = slice(rank * 3, rank * 3 + 3)
-        for a, b in zip(r_outs, outs):
+        for a, b in zip(r_outs, outs, strict=True):
             torch.testing.assert_close(a, b[rows], atol=1e-6, rtol=0)
-        for a, b in zip(r_grads, grads):  # each rank's own rows get the full gradient
+        for a, b in zip(r_grads, grads, strict=True):  # each rank's own rows get the full gradient
             torch.testing.assert_close(a, b[rows], atol=1e-5, rtol=0)
         torch.testing.assert_close(r_mean, mean, atol=1e-6, rtol=0)
         torch.testing.assert_close(r_var, var, atol=1e-6, rtol=0)

@@ -118,11 +118,11 @@ def test_two_processes_train_like_one(runs):
     assert [r["type"] for r in ranks] == [DistributedTrainer.__name__] * WORLD
     one, two = records(folder / "single"), records(folder / "ddp")
     assert [(r["event"], r["epoch"]) for r in one] == [(r["event"], r["epoch"]) for r in two]
-    losses = [(a["loss"], b["loss"]) for a, b in zip(one, two) if a["event"] == "train"]
+    losses = [(a["loss"], b["loss"]) for a, b in zip(one, two, strict=True) if a["event"] == "train"]
     assert len(losses) == 2 and all(a > 0 for a, _ in losses)
     for a, b in losses:
         assert b == pytest.approx(a, abs=1e-6)
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         if a["event"] == "train":
             assert a["triplets_per_step"] == b["triplets_per_step"]
     reference = weights(folder / "single")

@@ -26,9 +26,9 @@ def brute_scores(q: np.ndarray, g: np.ndarray, metric: str) -> list[list[float]]
         row = []
         for b in g.tolist():
             if metric == "cosine":
-                row.append(sum(x * y for x, y in zip(a, b)))
+                row.append(sum(x * y for x, y in zip(a, b, strict=True)))
             else:
-                row.append(-sum((x - y) ** 2 for x, y in zip(a, b)))
+                row.append(-sum((x - y) ** 2 for x, y in zip(a, b, strict=True)))
         rows.append(row)
     return rows
 

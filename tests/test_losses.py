@@ -73,7 +73,7 @@ def test_mining_selects_brute_force_triplets(mining: str) -> None:
     x, y = batch(2, classes=5, per_class=3, dim=6)
     loss = LearnerTripletLoss(margin=0.2, mining=mining)
     a, p, q = loss.mine(x, y)
-    got = set(zip(a.tolist(), p.tolist(), q.tolist()))
+    got = set(zip(a.tolist(), p.tolist(), q.tolist(), strict=True))
     expected = brute_force_mined(x, y, 0.2, mining)
     assert got == expected
     assert expected, "the batch must contain triplets of this kind for the test to mean anything"

@@ -46,7 +46,7 @@ def clustered_data(
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """True when a and b group the items identically (ids may differ)."""
-    pairs = set(zip(a.tolist(), b.tolist()))
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
@@ -103,8 +103,8 @@ def test_moved_fraction_brute_force() -> None:
     rng = np.random.default_rng(3)
     old, new = rng.integers(0, 3, size=25), rng.integers(0, 3, size=25)
     w = rng.random(25)
-    assert moved_fraction(old, new) == pytest.approx(sum(o != n for o, n in zip(old, new)) / 25)
-    expected = sum(wi for o, n, wi in zip(old, new, w) if o != n) / w.sum()
+    assert moved_fraction(old, new) == pytest.approx(sum(o != n for o, n in zip(old, new, strict=True)) / 25)
+    expected = sum(wi for o, n, wi in zip(old, new, w, strict=True) if o != n) / w.sum()
     assert moved_fraction(old, new, w) == pytest.approx(expected)
     assert moved_fraction(old, old) == 0.0
 
@@ -264,7 +264,7 @@ def test_none_strategy() -> None:
 
 
 def test_unknown_strategy_lists_valid_names() -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="kmeans") as info:
         build_strategy("kmeans", 2)
     for name in STRATEGY_NAMES:
         assert name in str(info.value)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from learner_isolation import learner_backward, other_rows
 from torch import nn
 
 from gce.errors import ConfigError, GceError
@@ -21,6 +20,7 @@ from gce.models import (
     build_trunk,
     freeze_batchnorm,
 )
+from learner_isolation import learner_backward, other_rows
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 
@@ -67,7 +67,7 @@ def test_trunk_returns_feature_map(name: str) -> None:
 
 
 def test_unknown_backbone_lists_valid_names() -> None:
-    with pytest.raises(ConfigError, match="resnet18.*resnet50.*googlenet.*mobilenet_v2"):
+    with pytest.raises(ConfigError, match=r"resnet18.*resnet50.*googlenet.*mobilenet_v2"):
         build_trunk("vgg16", pretrained=False)
 
 
@@ -233,7 +233,7 @@ def test_freeze_batchnorm_hook_guards_a_bare_module() -> None:
     trunk.train()
     before = [bn.running_var.clone() for bn in frozen]
     trunk(_images(2, 32))
-    assert all(torch.equal(bn.running_var, b) for bn, b in zip(frozen, before))
+    assert all(torch.equal(bn.running_var, b) for bn, b in zip(frozen, before, strict=True))
     assert len(frozen[0]._forward_pre_hooks) == 1  # idempotent: one hook, not one per call
     pickle.loads(pickle.dumps(frozen[0]))  # the hook is a plain function: checkpoints pickle
 

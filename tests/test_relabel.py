@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.test_training import run_train, write_config
 
 from gce.config import load_config
 from gce.errors import ConfigError
@@ -14,7 +15,6 @@ from gce.losses.triplet import GCELoss, LearnerTripletLoss
 from gce.metaclass import ClassProxyStrategy, RandomStrategy, SampleKMeansStrategy
 from gce.metaclass.relabel import PerLearnerMetaClasses, learner_seed
 from gce.training.checkpoint import load_checkpoint
-from tests.test_training import run_train, write_config
 
 SLICES = [slice(0, 4), slice(4, 8), slice(8, 12)]
 
@@ -82,7 +82,7 @@ def test_all_learners_loss_is_mean_of_learner_losses_plus_weighted_full_loss():
     loss_fn = GCELoss(margin=0.2, mining="all", full_embedding_weight=0.5)
     total, parts = loss_fn.all_learners(emb, labels, SLICES, [m[labels] for m in meta])
     single = LearnerTripletLoss(margin=0.2, mining="all")
-    expected = sum(single(emb, m[labels], s) for m, s in zip(meta, SLICES)) / 3 + 0.5 * single(emb, labels)
+    expected = sum(single(emb, m[labels], s) for m, s in zip(meta, SLICES, strict=True)) / 3 + 0.5 * single(emb, labels)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert parts["loss"] == pytest.approx(total.item()) and "full_loss" in parts
     total.backward()

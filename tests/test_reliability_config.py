@@ -74,11 +74,11 @@ BAD_OVERRIDES = [
     (["data.dataset=imagenet"], "unknown dataset 'imagenet'; valid names: cub"),
     (["data.options.tst_fraction=0.5"], "dataset 'folder' has no option 'tst_fraction'"),
     (["data.root=/nonexistent/gce-data"], "dataset root /nonexistent/gce-data does not exist"),
-    (["model.num_learners=4"], "model.num_learners=4 needs at least 8 training classes (2 per learner); "
-                               "the training split has 6"),
+    (["model.num_learners=4"], ("model.num_learners=4 needs at least 8 training classes (2 per learner); "
+                               "the training split has 6")),
     (["sampler.classes_per_batch=4"],
-     "sampler.classes_per_batch=4 is larger than the 3 classes of the smallest learner subset (6 training classes "
-     "split evenly over model.num_learners=2)"),
+     ("sampler.classes_per_batch=4 is larger than the 3 classes of the smallest learner subset "
+      "(6 training classes split evenly over model.num_learners=2)")),
     (["sampler.classes_per_batch=4", "metaclass.strategy=random"], "sampler.classes_per_batch=4 is larger than the 3"),
     # Edge values that gave tracebacks before (issue 10): seeds, crop vs resize, resource sizes.
     (["train.seed=-1"], "bad value for 'train.seed': a seed must be from 0 to 2**32-1"),
@@ -406,7 +406,7 @@ ABLATION = "base: tiny.yaml\nout_dir: {out}\nseeds: {seeds}\nvariants: {variants
 ])
 def test_ablate_on_broken_files_is_one_line_before_any_training(config, tmp_path, capsys, content, message):
     path = tmp_path / "ablation.yaml"
-    good = dict(out=tmp_path / "ab", seeds="[0]", variants="{a: []}")
+    good = {"out": tmp_path / "ab", "seeds": "[0]", "variants": "{a: []}"}
     if content == "tab":
         path.write_text("base: tiny.yaml\nvariants:\n\ta: []\n")
     elif content == "binary":

@@ -35,7 +35,7 @@ CASE_TIMEOUT_S = 20
 @pytest.fixture(autouse=True)
 def no_hang():
     """Fail (instead of hanging the suite) if a case blocks, e.g. reading a pipe or /dev/zero."""
-    def on_alarm(signum, frame):  # noqa: ARG001
+    def on_alarm(signum, frame):  # signal handler signature
         raise TimeoutError(f"no result after {CASE_TIMEOUT_S} s: a hang")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -240,7 +240,8 @@ def test_cli_subprocess_truncated_image_one_error_line_no_traceback(tmp_path):
     assert process.returncode == 1
     assert "Traceback" not in process.stderr
     lines = process.stderr.splitlines()
-    assert lines[0] == "gce: error: 2 of 6 images in the train split cannot be read (fix or delete them, or set skip_bad to leave them out):"
+    assert lines[0] == ("gce: error: 2 of 6 images in the train split cannot be read"
+                        " (fix or delete them, or set skip_bad to leave them out):")
     assert len(lines) == 3 and all(line.startswith("  ") for line in lines[1:]), process.stderr
     assert re.search(r"ünïcødé broken\.jpg: truncated or corrupt image \(", lines[1])
     assert re.search(r"broken\.png: truncated or corrupt image \(", lines[2])

@@ -183,7 +183,7 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_bitwise(tmp_path, shap
                 break
         time.sleep(0.3)
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
+        _stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
@@ -294,8 +294,8 @@ def test_damaged_last_pt_without_its_checksum_falls_back_to_prev_pt(tmp_path, sh
     capsys.readouterr()
     assert main(["train", str(config), "--quiet", "--resume", "train.epochs=3", "train.eval_test_every=0"]) == 0
     printed = capsys.readouterr().out
-    assert f"{out / LAST}: no checksum file last.pt.sha256 beside it, so it cannot be verified;" \
-           f" falling back to {out / PREVIOUS}" in printed
+    assert (f"{out / LAST}: no checksum file last.pt.sha256 beside it, so it cannot be verified;"
+            f" falling back to {out / PREVIOUS}") in printed
     assert f"resumed from {out / PREVIOUS} at epoch 1" in printed
     for name in (LAST, PREVIOUS):  # the damaged file was never promoted to prev.pt
         state, _ = load_checkpoint(out / name)
@@ -327,7 +327,7 @@ def test_ctrl_c_in_the_final_epoch_stops_with_a_checkpoint_like_mid_run(tmp_path
     cfg = load_config(write_config(tmp_path, shape_folder, out, epochs=2, batches=2), ["train.eval_test_every=0"])
     parts = build_parts(cfg, progress=False)
     parts.loss = SigintAt(parts.loss, at=4, sig=sig)  # the last step of the last epoch
-    with pytest.raises(TrainingInterrupted, match="interrupted: checkpoint written to .*training is complete"):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted: checkpoint written to .*training is complete"):
         Trainer(parts, log=lambda _: None).run()
     assert load_checkpoint(out)[0]["epoch"] == 2
     assert not (out / "model.pt").exists() and not (out / "final_metrics.json").exists()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pytest
-from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 from gce.data import load_folder
 from gce.data.images import load_rgb
@@ -20,6 +18,7 @@ from gce.retrieval import (
     build_index,
     build_index_from_images,
 )
+from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 faiss = pytest.importorskip("faiss")
 
@@ -42,7 +41,7 @@ def brute_force(queries, gallery, slices, weights, k):
         scores = []
         for j, g in enumerate(gallery):
             s = 0.0
-            for wk, sl in zip(w, slices):
+            for wk, sl in zip(w, slices, strict=True):
                 a, b = q[sl], g[sl]
                 s += wk * float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
             scores.append((s, j))
@@ -83,7 +82,7 @@ def test_model_id_names_the_weights_not_the_file(checkpoint, tmp_path):
 def test_embed_paths_names_a_bad_file(checkpoint, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(BadImageError, match="broken.png"):
+    with pytest.raises(BadImageError, match=r"broken\.png"):
         Embedder.from_checkpoint(checkpoint).embed_paths([bad])
 
 
@@ -107,7 +106,7 @@ def test_flat_search_equals_brute_force_for_learner_subsets_and_weights(tmp_path
         w = weights if weights is not None else (
             [1.0] * 4 if learners is None else [1.0 if k in learners else 0.0 for k in range(4)])
         expected = brute_force(q, x, slices, w, 6)
-        for got, want in zip(hits, expected):
+        for got, want in zip(hits, expected, strict=True):
             np.testing.assert_allclose([h.score for h in got], [s for s, _ in want], atol=1e-5)
             assert [h.id for h in got] == [j for _, j in want]
             assert all(h.path == paths[h.id] for h in got)
@@ -179,7 +178,7 @@ def test_bad_queries_and_weights_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_build_reports_recall_that_is_true(tmp_path, index_type):
     x, _ = clustered_embeddings(3000, dim=32, num_learners=4, clusters=60, noise=0.5)
-    index, report = build_index(x, [str(i) for i in range(3000)], None, tmp_path / "idx", model_meta(),
+    _index, report = build_index(x, [str(i) for i in range(3000)], None, tmp_path / "idx", model_meta(),
                                 index_type=index_type, sample=200)
     assert report.rows and report.sample == 200 and report.index_bytes > 0
     chosen = next(r for r in report.rows if r["setting"] == report.chosen["setting"])
@@ -193,7 +192,7 @@ def test_approximate_build_reports_recall_that_is_true(tmp_path, index_type):
     exact.add(x / 2)
     _, truth = exact.search(x[own] / 2, 11)
     _, found = loaded.search_arrays(x[own], 11)
-    hits = sum(len(set(t[t != o][:10]) & set(f[f != o][:10])) for t, f, o in zip(truth, found, own))
+    hits = sum(len(set(t[t != o][:10]) & set(f[f != o][:10])) for t, f, o in zip(truth, found, own, strict=True))
     assert hits / 2000 == pytest.approx(chosen["recall"], abs=0.01)
     assert "recall@10" in report.format_table()
 

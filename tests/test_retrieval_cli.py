@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from retrieval_fixtures import make_checkpoint
 
 from gce.cli import main
+from retrieval_fixtures import make_checkpoint
 
 pytest.importorskip("faiss")
 
@@ -47,7 +47,7 @@ def test_search_json_finds_each_query_first(built, checkpoint, shape_folder, cap
                  "--k", "4", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
-    for query, line in zip(queries, lines):
+    for query, line in zip(queries, lines, strict=True):
         answer = json.loads(line)
         assert answer["query"] == query and len(answer["results"]) == 4
         top = answer["results"][0]

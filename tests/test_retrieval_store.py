@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 from gce.data import load_folder
 from gce.errors import BadImageError, DatasetError, GceError
@@ -20,6 +19,7 @@ from gce.retrieval import (
     embed_to_store,
     read_store,
 )
+from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 pytest.importorskip("faiss")
 
@@ -98,11 +98,11 @@ def test_resume_refuses_another_model_or_input(embedder, catalogue, tmp_path):
 
 
 def test_bad_images_fail_naming_the_file_or_are_skipped_and_counted(embedder, catalogue, tmp_path):
-    paths, labels = catalogue
+    paths, _labels = catalogue
     bad = tmp_path / "not-an-image.png"
     bad.write_text("hello")
-    mixed = paths[:4] + [str(bad)] + paths[4:8]
-    with pytest.raises(BadImageError, match="not-an-image.png: not an image file"):
+    mixed = [*paths[:4], str(bad), *paths[4:8]]
+    with pytest.raises(BadImageError, match=r"not-an-image\.png: not an image file"):
         embed_to_store(embedder, mixed, None, tmp_path / "e1", progress=False)
     info = embed_to_store(embedder, mixed, None, tmp_path / "e2", skip_bad=True, shard_size=3, progress=False)
     assert (info.embedded, info.skipped, info.bad) == (8, 1, [(str(bad), "not an image file")])
@@ -118,7 +118,7 @@ def test_damaged_shard_is_refused(embedder, catalogue, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(DatasetError, match="shard-00001.npz: checksum mismatch"):
+    with pytest.raises(DatasetError, match=r"shard-00001\.npz: checksum mismatch"):
         read_store(tmp_path / "e")
 
 
@@ -135,7 +135,7 @@ def test_index_from_store_and_add_check_model_and_dimension(embedder, catalogue,
         add_store_to_index(tmp_path / "idx", tmp_path / "c")
     wide = Embedder.from_checkpoint(make_checkpoint(tmp_path / "w.pt", embedding_dim=32))
     embed_to_store(wide, paths[:3], None, tmp_path / "d", progress=False)
-    with pytest.raises(GceError, match="dimension 32, the index .* holds 16"):
+    with pytest.raises(GceError, match=r"dimension 32, the index .* holds 16"):
         add_store_to_index(tmp_path / "idx", tmp_path / "d")
     with pytest.raises(GceError, match="already holds an index"):
         build_index_from_store(tmp_path / "a", tmp_path / "idx")

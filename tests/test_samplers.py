@@ -26,7 +26,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def make(labels: np.ndarray, groups: np.ndarray | None, **kw) -> SubsetBalancedBatchSampler:
-    opts = dict(classes_per_batch=P, samples_per_class=M, batches_per_epoch=12, seed=3)
+    opts = {"classes_per_batch": P, "samples_per_class": M, "batches_per_epoch": 12, "seed": 3}
     opts.update(kw)
     return SubsetBalancedBatchSampler(labels, groups, **opts)
 
@@ -51,7 +51,7 @@ def test_small_classes_are_sampled_with_replacement(data) -> None:
     small_seen = False
     for _, indices in make(labels, groups, batches_per_epoch=30).plan_epoch(1):
         for c, count in Counter(labels[indices].tolist()).items():
-            distinct = len(set(i for i in indices if labels[i] == c))
+            distinct = len({i for i in indices if labels[i] == c})
             assert count == M
             if sizes[c] >= M:
                 assert distinct == M  # without replacement when the class is big enough

@@ -25,16 +25,16 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from gce.data.images import load_rgb  # noqa: E402
-from gce.errors import GceError  # noqa: E402
-from gce.retrieval import SearchIndex  # noqa: E402
-from gce.serve import SearchService, ServeSettings, create_app, load_service  # noqa: E402
-from gce.serve.batching import MicroBatcher  # noqa: E402
-from malformed import make_malformed_cases, png_bytes  # noqa: E402
-from retrieval_fixtures import make_checkpoint  # noqa: E402
-from serve_fixtures import make_serve_index  # noqa: E402
+from gce.data.images import load_rgb
+from gce.errors import GceError
+from gce.retrieval import SearchIndex
+from gce.serve import SearchService, ServeSettings, create_app, load_service
+from gce.serve.batching import MicroBatcher
+from malformed import make_malformed_cases, png_bytes
+from retrieval_fixtures import make_checkpoint
+from serve_fixtures import make_serve_index
 
 MAX_UPLOAD = 2_000_000
 MAX_PIXELS = 1_000_000
@@ -131,7 +131,7 @@ def test_upload_search_matches_brute_force(served, reference):
 
 
 def test_default_k_and_an_image_that_is_not_indexed(served, reference):
-    fixture, service, client = served
+    _fixture, service, client = served
     image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8))
     body = upload(client, png(image)).json()
     assert len(body["results"]) == 5
@@ -164,7 +164,7 @@ def test_a_learner_subset_changes_the_answer(served):
 
 
 def test_search_by_item_id_leaves_the_item_out(served, reference):
-    fixture, service, client = served
+    _fixture, service, client = served
     response = client.post("/search", data={"id": "4", "k": "6", "learners": "1,2"})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -180,7 +180,7 @@ def test_search_by_item_id_leaves_the_item_out(served, reference):
 
 
 def test_thumbnail_is_the_indexed_image(served):
-    fixture, service, client = served
+    fixture, _service, client = served
     response = client.get("/items/9/thumbnail")
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(response.content))
@@ -189,7 +189,7 @@ def test_thumbnail_is_the_indexed_image(served):
 
 
 def test_large_images_get_a_bounded_thumbnail(tmp_path, served):
-    fixture, service, _ = served
+    _fixture, service, _ = served
     big = tmp_path / "big.png"
     Image.fromarray(np.full((300, 500, 3), 90, dtype=np.uint8)).save(big)
 
@@ -403,7 +403,7 @@ def test_concurrent_requests_get_the_sequential_answers(served):
 
 def test_queued_queries_share_one_model_call_and_one_scan(served, reference):
     """Requests that arrive while the worker is busy are answered together, each with its own answer."""
-    fixture, service, _ = served
+    _fixture, service, _ = served
     gate = threading.Event()
     original = service._search._fn
     sizes = []
@@ -429,7 +429,7 @@ def test_queued_queries_share_one_model_call_and_one_scan(served, reference):
     finally:
         service._search._fn = original
     assert sizes == [1, 5]  # the five queued queries went in one batch (three index scans)
-    for n, (learners, weights) in enumerate([(None, None)] + settings):
+    for n, (learners, weights) in enumerate([(None, None), *settings]):
         item, k = (0, 3) if n == 0 else (n, n + 1)
         truth = [i for i, _ in brute_force(reference[item], reference, service.index.learner_slices, learners, weights)
                  if i != item][:k]

@@ -11,8 +11,7 @@ import torch
 from gce.cli import main
 from gce.config import load_config
 from gce.errors import GceError
-from gce.training.checkpoint import load_checkpoint
-from gce.training.checkpoint import load_model
+from gce.training.checkpoint import load_checkpoint, load_model
 from gce.training.trainer import Trainer
 
 CONFIG = """
@@ -64,7 +63,7 @@ def test_train_resume_and_eval_end_to_end(tmp_path, shape_folder, capsys):
     for key, tensor in state["model"].items():
         assert torch.equal(tensor, state_resumed["model"][key]), key
     full_log = [r for r in records if r["event"] in ("train", "test")]
-    resumed_log = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     resumed_log = [r for r in resumed_log if r["event"] in ("train", "test")]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(resumed_log) == strip(full_log)

@@ -16,9 +16,10 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -47,7 +48,7 @@ class AblationConfig(BaseModel):
     variants: dict[str, list[str]] = Field(min_length=1, description="variant name -> key=value overrides")
 
 
-def load_ablation(path: str | Path, extra_overrides: list[str] = ()) -> tuple[AblationConfig, dict[str, Any]]:
+def load_ablation(path: str | Path, extra_overrides: Sequence[str] = ()) -> tuple[AblationConfig, dict[str, Any]]:
     path = user_path(path, "ablation file")
     tree = read_yaml_mapping(path, "ablation file")
     try:
@@ -107,7 +108,7 @@ def run_lock(folder: Path) -> Iterator[bool]:
     yield False
 
 
-def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: list[str] | None = None,
+def run_ablation(path: str | Path, extra_overrides: Sequence[str] = (), *, only: list[str] | None = None,
                  progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run every unfinished (variant, seed), then write the summary; returns the summary path."""
     from gce.training.trainer import Trainer
@@ -137,7 +138,7 @@ def run_ablation(path: str | Path, extra_overrides: list[str] = (), *, only: lis
 
 
 def read_run(folder: Path) -> dict[str, Any]:
-    records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "final": json.loads((folder / "final_metrics.json").read_text()),
         "test": [r for r in records if r["event"] == "test"],

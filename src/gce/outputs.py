@@ -38,7 +38,7 @@ import math
 import os
 import stat
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,8 @@ __all__ = [
     "fsync_dir",
     "path_argument",
     "refuse_input_files",
-    "replace_file",
     "refuse_inputs",
+    "replace_file",
     "sha256_file",
     "sha256_of",
     "strict_json",
@@ -138,10 +138,8 @@ def _probe(folder: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     os.close(fd)
-    try:
+    with suppress(OSError):
         os.unlink(probe)
-    except OSError:
-        pass
     return None
 
 
@@ -176,10 +174,10 @@ def refuse_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
     :func:`refuse_input_files` instead (it only stats them when the output already exists).
     """
     path = Path(path)
-    inputs = [p for p in inputs if p is not None]
-    refuse_input_files(path, inputs, what)
+    given = [p for p in inputs if p is not None]
+    refuse_input_files(path, given, what)
     real = os.path.realpath(path)
-    for p in inputs:
+    for p in given:
         folder = os.path.expanduser(os.fspath(p))
         if os.path.isdir(folder):
             real_folder = os.path.realpath(folder)
@@ -324,10 +322,8 @@ def _remove_stale_temporaries(path: Path) -> None:
     for name in names:
         pid = name[len(prefix):] if name.startswith(prefix) else ""
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            try:
+            with suppress(OSError):
                 os.unlink(path.parent / name)
-            except OSError:
-                pass
 
 
 @contextmanager

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def _save(fig, path: Path) -> Path:
@@ -46,7 +47,7 @@ def plot_training_curve(records: list[dict[str, Any]], path: Path, title: str = 
     for key, label in (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("nmi", "NMI")):
         xy = [(x, 100 * r[key]) for x, r in points if r.get(key) is not None]
         if xy:
-            ax_metric.plot(*zip(*xy), marker="o", label=label)
+            ax_metric.plot(*zip(*xy, strict=True), marker="o", label=label)
     if reference is not None:
         ax_metric.axhline(100 * reference[1], color="grey", linestyle="--", label=f"{reference[0]} (Recall@1)")
     ax_metric.set(xlabel="epochs trained (0: before training)", ylabel="%", title=metric_title)
@@ -92,7 +93,7 @@ def plot_metaclass_sizes(results: dict[str, list[dict[str, Any]]], path: Path) -
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
-    for ax, (variant, updates) in zip(axes.flat, shown.items()):
+    for ax, (variant, updates) in zip(axes.flat, shown.items(), strict=False):
         sizes = np.array([u["classes_per_learner"] for u in updates])
         epochs = [u["epoch"] for u in updates]
         for k in range(sizes.shape[1]):

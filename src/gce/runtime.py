@@ -91,7 +91,7 @@ def set_flush_denormal_in_openmp_workers(on: bool) -> None:
     gomp.GOMP_parallel(body, None, 0, 0)
 
 
-def loader_worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001 (worker_init_fn signature)
+def loader_worker_ignores_sigterm(worker_id: int) -> None:  # worker_id: worker_init_fn signature
     """``worker_init_fn`` of the trainer's loaders: a SIGTERM to the whole process group (a
     scheduler's preemption, ``kill -TERM -PGID``) must reach only the trainer, which finishes its
     step and writes a checkpoint; a worker killed by it makes the DataLoader raise inside that step.
@@ -101,7 +101,7 @@ def loader_worker_ignores_sigterm(worker_id: int) -> None:  # noqa: ARG001 (work
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    np.random.seed(seed % (2**32))  # noqa: NPY002 - seeds the global RNG that third-party code draws from
     torch.manual_seed(seed)
 
 

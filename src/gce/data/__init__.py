@@ -44,4 +44,5 @@ __all__ = [
     "scan_images",
     "test_transform",
     "to_rgb",
+    "train_transform",
 ]

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -17,12 +18,16 @@ from gce.errors import ConfigError, DatasetError
 MAX_LISTED = 5
 
 
+#: A class key: a benchmark's numeric class id or a class name (both sort, for label order).
+K = TypeVar("K", int, str)
+
+
 @dataclass(frozen=True)
-class Entry:
+class Entry(Generic[K]):
     """One image listed by an index: its path, class key, and where it was listed."""
 
     path: str
-    key: Hashable
+    key: K
     where: str  # "images.txt, line 7" — used in error messages
 
 
@@ -100,8 +105,8 @@ def drop_missing(entries: list[Entry], dataset: str, skip_bad: bool) -> list[Ent
     if not missing:
         return entries
     if not skip_bad:
-        lines = [f"{dataset}: {len(missing)} of {len(entries)} listed images not found"
-                 f" (set skip_bad to leave them out):"]
+        lines = [(f"{dataset}: {len(missing)} of {len(entries)} listed images not found"
+                 f" (set skip_bad to leave them out):")]
         lines += [f"  {e.where}: {e.path} (file not found)" for e in missing[:MAX_LISTED]]
         if len(missing) > MAX_LISTED:
             lines.append(f"  ... and {len(missing) - MAX_LISTED} more")
@@ -116,9 +121,12 @@ def drop_missing(entries: list[Entry], dataset: str, skip_bad: bool) -> list[Ent
 
 
 def records_from_entries(
-    entries: Sequence[Entry],
-    class_name: Callable[[Hashable], str] = str,
-    **masks: np.ndarray | None,
+    entries: Sequence[Entry[K]],
+    class_name: Callable[[K], str] = str,
+    /,
+    *,
+    is_query: np.ndarray | None = None,
+    is_gallery: np.ndarray | None = None,
 ) -> ImageRecords:
     """Records with labels ``0..C-1`` assigned in sorted class-key order.
 
@@ -131,7 +139,8 @@ def records_from_entries(
         paths=[e.path for e in entries],
         labels=np.array([label_of[e.key] for e in entries], dtype=np.int64),
         class_names=[class_name(k) for k in keys],
-        **masks,
+        is_query=is_query,
+        is_gallery=is_gallery,
     )
 
 
@@ -155,7 +164,7 @@ def split_classes(keys: Iterable[Hashable], test_fraction: float, seed: int, dat
         raise DatasetError(
             f"{dataset}: found {len(classes)} class(es); a class-disjoint train/test split needs at least 2"
         )
-    n_test = min(max(int(round(len(classes) * test_fraction)), 1), len(classes) - 1)
+    n_test = min(max(round(len(classes) * test_fraction), 1), len(classes) - 1)
     order = np.random.default_rng(seed).permutation(len(classes))
     return {classes[i] for i in order[:n_test]}
 
@@ -202,9 +211,10 @@ def check_one_file_one_image(name: str, train: ImageRecords, test: ImageRecords)
     Files are compared by :func:`file_identity`, so a symlink or hard link to a listed file counts.
     """
     first: dict[tuple, tuple[str, str, str]] = {}
-    kinds = {"in both train and test": [], "in two classes": [], "listed twice": []}
+    kinds: dict[str, list[tuple[tuple[str, str, str], tuple[str, str, str]]]] = {
+        "in both train and test": [], "in two classes": [], "listed twice": []}
     for split, records in (("train", train), ("test", test)):
-        for path, label in zip(records.paths, records.labels):
+        for path, label in zip(records.paths, records.labels, strict=True):
             here = (split, records.class_names[label], path)
             seen = first.setdefault(file_identity(path), here)
             if seen is here:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
@@ -65,7 +66,7 @@ def _variables(mat: dict) -> list[str]:
     return sorted(k for k in mat if not k.startswith("__"))
 
 
-def _scalar(value: object) -> object:
+def _scalar(value: object) -> Any:
     """MATLAB cells and structs nest every value in 1x1 arrays; unwrap to a Python scalar."""
     array = np.asarray(value)
     while array.dtype == object and array.size == 1:

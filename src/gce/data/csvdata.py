@@ -123,7 +123,7 @@ def _parse_row(values: list[str], header: list[str], columns: set[str], path: Pa
     location = f"{path}, line {line}"
     if len(values) != len(header):
         raise DatasetError(f"{location}: expected {len(header)} columns, found {len(values)}")
-    fields = {h: v.strip() for h, v in zip(header, values)}
+    fields = {h: v.strip() for h, v in zip(header, values, strict=True)}
     for column in REQUIRED:
         if not fields[column]:
             raise DatasetError(f"{location}: empty {column!r}")

@@ -77,7 +77,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _composite_on_white(rgba: Image.Image) -> Image.Image:
-    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
@@ -204,7 +204,7 @@ def scan_images(
             reasons = list(_tick(map(check_image, paths), bar))
     finally:
         bar.close()
-    return [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
+    return [(str(p), r) for p, r in zip(paths, reasons, strict=True) if r is not None]
 
 
 def _tick(results: Iterable, bar: tqdm) -> Iterable:
@@ -248,8 +248,8 @@ def check_records(
 
 def bad_images_message(bad: Sequence[tuple[str, str]], total: int, split: str) -> str:
     """A summary line, then one ``path: reason`` line for each of the first few bad images."""
-    lines = [f"{len(bad)} of {total} images in the {split} split cannot be read"
-             f" (fix or delete them, or set skip_bad to leave them out):"]
+    lines = [(f"{len(bad)} of {total} images in the {split} split cannot be read"
+             f" (fix or delete them, or set skip_bad to leave them out):")]
     lines += [f"  {path}: {reason}" for path, reason in bad[:MAX_LISTED]]
     if len(bad) > MAX_LISTED:
         lines.append(f"  ... and {len(bad) - MAX_LISTED} more")

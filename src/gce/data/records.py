@@ -43,7 +43,7 @@ class ImageRecords:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def subset(self, indices: np.ndarray) -> "ImageRecords":
+    def subset(self, indices: np.ndarray) -> ImageRecords:
         """Records for ``indices``, labels re-numbered to stay contiguous."""
         indices = np.asarray(indices, dtype=np.int64)
         old = self.labels[indices]
@@ -57,7 +57,7 @@ class ImageRecords:
         )
 
     @classmethod
-    def from_named_labels(cls, paths: list[str], names: list[str], **masks) -> "ImageRecords":
+    def from_named_labels(cls, paths: list[str], names: list[str], **masks) -> ImageRecords:
         """Build records from per-image class names (classes ordered by sorted name)."""
         class_names, labels = np.unique(np.asarray(names, dtype=object).astype(str), return_inverse=True)
         return cls(paths=list(paths), labels=labels, class_names=[str(c) for c in class_names], **masks)

@@ -21,7 +21,7 @@ def split_validation(records: ImageRecords, fraction: float, seed: int) -> tuple
         return records, None
     rng = np.random.default_rng(seed)
     classes = rng.permutation(records.num_classes)
-    num_val = max(2, int(round(fraction * records.num_classes)))
+    num_val = max(2, round(fraction * records.num_classes))
     if records.num_classes - num_val < 2:
         raise ConfigError(
             f"data.val_fraction={fraction} leaves fewer than 2 training classes of {records.num_classes}"

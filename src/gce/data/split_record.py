@@ -20,7 +20,7 @@ _FORMAT = 1
 
 
 def _digest(records: ImageRecords) -> str:
-    rows = sorted(f"{path}\t{records.class_names[label]}" for path, label in zip(records.paths, records.labels))
+    rows = sorted(f"{path}\t{records.class_names[label]}" for path, label in zip(records.paths, records.labels, strict=True))
     return hashlib.sha256("\n".join(rows).encode("utf-8", "surrogateescape")).hexdigest()
 
 

@@ -49,4 +49,5 @@ def test_transform(image_size: int, *, resize_to: int | None = None) -> T.Compos
     return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize()])
 
 
-test_transform.__test__ = False  # its name would make pytest collect it wherever it is imported
+# Its name would make pytest collect it wherever it is imported. (mypy does not model function attributes.)
+test_transform.__test__ = False  # type: ignore[attr-defined]

@@ -64,6 +64,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             if self.momentum is None:  # cumulative moving average, as in torch's BatchNorm
                 factor = 1.0 / float(self.num_batches_tracked)
         unbiased = var * (count / max(count - 1.0, 1.0))
+        assert self.running_mean is not None and self.running_var is not None  # called with track_running_stats
         self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 

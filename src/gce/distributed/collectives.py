@@ -47,7 +47,7 @@ class _AllGatherRows(Function):
     longest for the collective. Backward: the summed gradient of the own rows."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: Tensor, sizes: list[int]) -> Tensor:
         rank, world = _world()
         longest = max(sizes)
         ctx.sizes, ctx.rank, ctx.longest = sizes, rank, longest
@@ -61,7 +61,7 @@ class _AllGatherRows(Function):
         return torch.cat([out[r * longest:r * longest + size] for r, size in enumerate(sizes)])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         sizes, rank, longest = ctx.sizes, ctx.rank, ctx.longest
         grad = grad.contiguous()
         offset = sum(sizes[:rank])
@@ -81,13 +81,13 @@ class _AllGatherRows(Function):
 
 class _AllReduceSum(Function):
     @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: Tensor) -> Tensor:
         out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         # d(sum of all ranks' losses)/d(my input) = sum over ranks of d(loss_r)/d(the reduced value).
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -132,4 +132,4 @@ def all_gather_rows(tensor: Tensor) -> list[Tensor]:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return [part[:size] for part, size in zip(parts, sizes)]
+    return [part[:size] for part, size in zip(parts, sizes, strict=True)]

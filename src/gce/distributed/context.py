@@ -27,9 +27,9 @@ from gce.errors import ConfigError, GceError
 from gce.runtime import resolve_device
 
 __all__ = [
+    "SINGLE",
     "CollectiveTimeout",
     "DistContext",
-    "SINGLE",
     "broadcast_module",
     "broadcast_object",
     "distributed_errors",

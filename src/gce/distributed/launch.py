@@ -2,7 +2,8 @@
 
 It runs what ``python -m torch.distributed.run --standalone --nproc-per-node N [--max-restarts R] -m gce
 train CONFIG ...`` runs (torch's elastic launcher, the module behind ``torchrun``; ``--standalone``
-picks a free local port), in this process, so that its end is one line instead of a traceback. Several machines: call ``torchrun`` directly, see docs/scale.md.
+picks a free local port), in this process, so that its end is one line instead of a traceback.
+Several machines: call ``torchrun`` directly, see docs/scale.md.
 A worker restarted by ``--max-restarts`` continues from the run's last checkpoint on its own
 (:func:`restarted_by_launcher`).
 """

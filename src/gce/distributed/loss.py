@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from gce.distributed.collectives import all_gather_with_grad, all_reduce_sum, gather_sizes
 from gce.losses.triplet import GCELoss, LearnerTripletLoss
 
-__all__ = ["ShardedTripletLoss", "DistributedGCELoss"]
+__all__ = ["DistributedGCELoss", "ShardedTripletLoss"]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -58,7 +58,7 @@ class ShardedTripletLoss(LearnerTripletLoss):
                                            reducer=DoNothingReducer())
 
     @classmethod
-    def like(cls, base: LearnerTripletLoss) -> "ShardedTripletLoss":
+    def like(cls, base: LearnerTripletLoss) -> ShardedTripletLoss:
         """The sharded version of ``base``, with ``base``'s own miner and loss."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -109,7 +109,7 @@ class DistributedGCELoss(GCELoss):
         self.triplet = ShardedTripletLoss.like(self.triplet)
 
     @classmethod
-    def like(cls, base: GCELoss) -> "DistributedGCELoss":
+    def like(cls, base: GCELoss) -> DistributedGCELoss:
         """The distributed version of ``base`` (same miner, loss and full-embedding weight)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -126,7 +126,7 @@ class DistributedGCELoss(GCELoss):
             names = [name for name in ("learner_loss", "full_loss", "loss") if name in parts]
             summed = all_reduce_sum(torch.tensor([parts[n] for n in names], dtype=torch.float64,
                                                  device=embeddings.device))
-            parts.update({n: float(v) / world for n, v in zip(names, summed.tolist())})
+            parts.update({n: float(v) / world for n, v in zip(names, summed.tolist(), strict=True)})
             # The value becomes the global loss (the same on every rank: logging and the finite-loss
             # check agree); the gradient stays this rank's share.
             total = total + (parts["loss"] - total.detach())

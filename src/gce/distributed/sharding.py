@@ -9,7 +9,8 @@ the same machine (same kernels, same thread count), in dataset order.
 from __future__ import annotations
 
 import math
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -18,7 +19,7 @@ from gce.distributed.collectives import all_gather_rows
 from gce.distributed.context import DistContext, broadcast_object
 from gce.evaluation import extract_embeddings
 
-__all__ = ["shard_batches", "extract_embeddings_sharded", "compute_on_main"]
+__all__ = ["compute_on_main", "extract_embeddings_sharded", "shard_batches"]
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ def extract_embeddings_sharded(model: torch.nn.Module, dataset: Dataset, ctx: Di
     label_parts = all_gather_rows(labels.to(ctx.device))
     out = torch.empty(size, parts[0].shape[1], dtype=parts[0].dtype)
     out_labels = torch.empty(size, dtype=torch.int64)
-    for rank, (part, part_labels) in enumerate(zip(parts, label_parts)):
+    for rank, (part, part_labels) in enumerate(zip(parts, label_parts, strict=True)):
         rows = torch.as_tensor(shard_batches(size, batch_size, rank, ctx.world_size), dtype=torch.int64)
         out[rows] = part.cpu()
         out_labels[rows] = part_labels.cpu()

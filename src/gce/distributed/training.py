@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import inspect
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,7 +148,7 @@ def ddp_without_buffer_sync(model: nn.Module, device: torch.device) -> nn.parall
     """``model`` in ``DistributedDataParallel`` without the buffer sync at every forward: BatchNorm
     statistics are global (the same on every rank) here. torch 2.14 renamed ``broadcast_buffers``
     to ``forward_sync_buffers`` (the old name warns); either is used, whichever the torch has."""
-    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+    sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
         nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **sync)
@@ -164,6 +165,7 @@ def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
     if cfg.train.sync_bn:
         synchronise_batchnorm(model.trunk, ctx.device)
     train_model = ddp_without_buffer_sync(model, ctx.device)
+    assert isinstance(parts.embed, DatasetEmbedder)  # build_parts' embedder; its settings are sharded
     writer = parts.writer
     if not ctx.is_main:
         writer.close()

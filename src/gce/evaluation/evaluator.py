@@ -73,7 +73,7 @@ class EvalResult:
 
     def format_table(self) -> str:
         """Readable two-column table, scores in percent with one decimal."""
-        rows = [(f"Recall@{k}", v) for k, v in sorted(self.recall.items())]
+        rows: list[tuple[str, float | None]] = [(f"Recall@{k}", v) for k, v in sorted(self.recall.items())]
         rows += [("NMI", self.nmi), ("F1", self.f1)] if self.nmi is not None else []
         rows += [("MAP@R", self.map_at_r), ("R-Precision", self.r_precision)]
         width = max(len(name) for name, _ in rows)
@@ -156,7 +156,7 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
         q_rows, g_rows, self_index = split
         q, q_lab, g, g_lab = x[q_rows], y[q_rows], x[g_rows], y[g_rows]
         relevant = M.num_relevant(q_lab, g_lab, query_in_gallery=self_index >= 0)
-    neighbor_labels, recall = _retrieve(q, q_lab, y if g is None else g, y if g_lab is None else g_lab, self_index,
+    neighbor_labels, recall = _retrieve(q, q_lab, g, y if g_lab is None else g_lab, self_index,
                                         ks, relevant, backend, chunk_size, progress, same_set=g is None)
     nmi = f1 = None
     if clustering:  # the gallery (all images in leave-one-out mode)
@@ -167,7 +167,7 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
         recall=recall, nmi=nmi, f1=f1,
         map_at_r=M.map_at_r(neighbor_labels, q_lab, relevant),
         r_precision=M.r_precision(neighbor_labels, q_lab, relevant),
-        num_queries=len(q_lab) - excluded, num_classes=int(len(np.unique(y))), excluded_queries=excluded,
+        num_queries=len(q_lab) - excluded, num_classes=len(np.unique(y)), excluded_queries=excluded,
     )
 
 
@@ -185,7 +185,7 @@ def _checked_inputs(embeddings: torch.Tensor | np.ndarray, labels: Any, backend:
     return x, y
 
 
-def _retrieve(q: torch.Tensor, q_lab: np.ndarray, g: torch.Tensor, g_lab: np.ndarray, self_index: np.ndarray | None,
+def _retrieve(q: torch.Tensor, q_lab: np.ndarray, g: torch.Tensor | None, g_lab: np.ndarray, self_index: np.ndarray | None,
               ks: tuple[int, ...], relevant: np.ndarray, backend: str, chunk_size: int | None, progress: bool,
               *, same_set: bool) -> tuple[np.ndarray, dict[int, float]]:
     """Neighbour labels (``max R`` or more per query) and Recall@K (see :func:`evaluate_embeddings`)."""
@@ -195,6 +195,7 @@ def _retrieve(q: torch.Tensor, q_lab: np.ndarray, g: torch.Tensor, g_lab: np.nda
     if backend == "torch":
         found = knn_with_first_positive(q, q_lab, gallery, gallery_labels, k=max_r, self_index=self_index,
                                         max_rank=ks[-1], chunk_size=chunk_size, progress=progress, desc="retrieval")
+        assert found.first_positive_rank is not None  # always set by knn_with_first_positive
         return g_lab[found.indices.numpy()], M.recall_at_k_from_ranks(found.first_positive_rank, ks, relevant)
     found = exact_knn(q, gallery, k=max(ks[-1], max_r), backend="faiss", self_index=self_index)
     neighbor_labels = g_lab[found.indices.numpy()]

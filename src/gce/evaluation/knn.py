@@ -36,7 +36,7 @@ same-class item) is all that Recall@K needs, so Recall@1000 on SOP costs no top-
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,7 +105,7 @@ def _prepare(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarra
     _check_metric(metric)
     q = as_float_tensor(query, "query embeddings")
     same_set = gallery is None
-    g = q if same_set else as_float_tensor(gallery, "gallery embeddings")
+    g = q if gallery is None else as_float_tensor(gallery, "gallery embeddings")
     if q.shape[1] != g.shape[1]:
         raise GceError(f"query dimension {q.shape[1]} != gallery dimension {g.shape[1]}")
     own = _self_index(len(q), len(g), self_index, same_set)
@@ -330,9 +330,10 @@ def _faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, metric: Metric,
     index = faiss.IndexFlatIP(g.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(g.shape[1])
     index.add(g.numpy())
     extra = 1 if own is not None and bool((own >= 0).any()) else 0
-    dist, idx = index.search(q.numpy(), k + extra)  # k + extra <= gallery size (k was capped)
-    dist, idx = torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32)), torch.from_numpy(idx.astype(np.int64))
-    if extra:
+    found_dist, found_idx = index.search(q.numpy(), k + extra)  # k + extra <= gallery size (k was capped)
+    dist = torch.from_numpy(np.ascontiguousarray(found_dist, dtype=np.float32))
+    idx = torch.from_numpy(found_idx.astype(np.int64))
+    if own is not None and extra:
         dist, idx = _drop_self(dist, idx, own, k)
     # faiss' order among equal scores is unspecified; impose (-score, index) within the list.
     key = dist if metric == "cosine" else -dist
@@ -410,7 +411,7 @@ def knn_with_first_positive(query: torch.Tensor | np.ndarray, query_labels: np.n
                      first_positive_rank=torch.cat(out_r) if out_r else torch.empty(0, dtype=torch.int64))
 
 
-def _symmetric_with_rank(x: torch.Tensor, labels: np.ndarray, k: int, members: "_ClassMembers",
+def _symmetric_with_rank(x: torch.Tensor, labels: np.ndarray, k: int, members: _ClassMembers,
                          has_positive: np.ndarray, count_beyond_list: bool, chunk_size: int | None,
                          memory_budget: int, progress: bool, desc: str) -> KnnResult:
     values, indices = symmetric_topk(x, k, tile=chunk_size, memory_budget=memory_budget, progress=progress,
@@ -430,7 +431,7 @@ def _symmetric_with_rank(x: torch.Tensor, labels: np.ndarray, k: int, members: "
 
 # The bookkeeping below is numpy: on CPU it is 10-100x faster than torch for these small integer
 # operations (unique, argsort, boolean counts), and the block is shared with torch without a copy.
-def _labels(labels: np.ndarray | torch.Tensor | None) -> np.ndarray:
+def _labels(labels: np.ndarray | torch.Tensor | Sequence[int] | None) -> np.ndarray:
     if labels is None:
         raise GceError("gallery_labels are needed with a gallery")
     t = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
@@ -448,8 +449,8 @@ def _is_own_class(own: torch.Tensor | None, q_lab: np.ndarray, g_lab: np.ndarray
     return same
 
 
-def first_positive_rank(neighbor_labels: np.ndarray | torch.Tensor, query_labels: np.ndarray | torch.Tensor
-                        ) -> np.ndarray:
+def first_positive_rank(neighbor_labels: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
+                        query_labels: np.ndarray | torch.Tensor | Sequence[int]) -> np.ndarray:
     """1-based position of the first same-class item in each list, :data:`NO_POSITIVE` if none.
 
     >>> first_positive_rank(np.array([[3, 0, 0], [2, 2, 2]]), np.array([0, 1])).tolist()[0]

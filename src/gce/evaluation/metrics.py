@@ -59,7 +59,7 @@ def num_relevant(query_labels: ArrayLike, gallery_labels: ArrayLike | None = Non
     """
     q = _np(query_labels).astype(np.int64)
     same_set = gallery_labels is None
-    g = q if same_set else _np(gallery_labels).astype(np.int64)
+    g = q if gallery_labels is None else _np(gallery_labels).astype(np.int64)
     classes, counts = np.unique(g, return_counts=True)
     slot = np.clip(np.searchsorted(classes, q), 0, max(len(classes) - 1, 0))
     found = (classes[slot] == q) if len(classes) else np.zeros(len(q), dtype=bool)
@@ -90,7 +90,8 @@ def recall_at_k_from_ranks(first_positive_ranks: ArrayLike, ks: Iterable[int],
     return {int(k): _mean_over_retrievable((ranks <= k).astype(np.float64), r) for k in sorted(set(ks))}
 
 
-def recall_at_k(neighbor_labels: ArrayLike, query_labels: ArrayLike, ks: Iterable[int],
+def recall_at_k(neighbor_labels: np.ndarray | torch.Tensor | Sequence[Sequence[int]], query_labels: ArrayLike,
+                ks: Iterable[int],
                 num_relevant: ArrayLike) -> dict[int, float]:
     """Recall@K for every K in ``ks`` from neighbour lists (see :func:`recall_at_k_from_ranks`).
 
@@ -189,6 +190,7 @@ def _faiss_kmeans(x: np.ndarray, n_clusters: int, seed: int, n_init: int) -> tup
     km = faiss.Kmeans(x.shape[1], n_clusters, niter=20, nredo=n_init, seed=seed, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=1 << 30)
     km.train(x)
+    assert km.centroids is not None  # set by train()
     return km.index.search(x, 1)[1][:, 0].astype(np.int64), km.centroids
 
 

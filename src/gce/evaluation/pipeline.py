@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gce.evaluation.evaluator import EvalResult, default_recall_ks, evaluate_embeddings, extract_embeddings
+from gce.evaluation.knn import Backend
 
 if TYPE_CHECKING:
     from gce.config import ExperimentConfig
@@ -58,7 +59,7 @@ class MetricSettings:
 
     recall_ks: tuple[int, ...]
     clustering: bool = True
-    backend: str = "torch"
+    backend: Backend = "torch"
     seed: int = 0
 
     @classmethod

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from gce.config.vocabulary import DISTANCES, MINING_TYPES, Distance, Mining
 
-__all__ = ["MINING_TYPES", "DISTANCES", "LearnerTripletLoss", "GCELoss"]
+__all__ = ["DISTANCES", "MINING_TYPES", "GCELoss", "LearnerTripletLoss"]
 
 Triplets = tuple[Tensor, Tensor, Tensor]
 
@@ -139,7 +139,7 @@ class GCELoss(nn.Module):
             parts["full_triplets"] = float(full_triplets)
         values["loss"] = total
         # One device-to-host copy for all the values (on a GPU each float() would wait for it).
-        parts.update(zip(values, torch.stack([v.detach() for v in values.values()]).tolist()))
+        parts.update(zip(values, torch.stack([v.detach() for v in values.values()]).tolist(), strict=True))
         return total, parts
 
     def all_learners(self, embeddings: Tensor, labels: Tensor, learner_slices: list[slice],
@@ -155,7 +155,7 @@ class GCELoss(nn.Module):
             raise ValueError(f"need one label vector per learner slice, got {len(learner_slices)} slices "
                              f"and {len(learner_labels)} label vectors")
         losses, mined = [], 0
-        for part, meta in zip(learner_slices, learner_labels):
+        for part, meta in zip(learner_slices, learner_labels, strict=True):
             loss, count = self.triplet.compute(embeddings, meta, part)
             losses.append(loss)
             mined += count

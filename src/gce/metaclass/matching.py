@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["overlap_matrix", "match_to_previous", "moved_fraction"]
+__all__ = ["match_to_previous", "moved_fraction", "overlap_matrix"]
 
 
 def _as_groups(name: str, assignment: np.ndarray, num_groups: int) -> np.ndarray:

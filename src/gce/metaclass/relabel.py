@@ -20,10 +20,9 @@ the same strategies as the subsets:
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from gce.config.vocabulary import LEARNER_DATA
-from gce.metaclass.strategies import ClassProxyStrategy, MetaClassStrategy, RandomStrategy, _to_numpy
+from gce.metaclass.strategies import ArrayLike, ClassProxyStrategy, MetaClassStrategy, RandomStrategy, _to_numpy
 
 __all__ = ["LEARNER_DATA", "PerLearnerMetaClasses", "learner_seed"]
 

@@ -52,17 +52,17 @@ from gce.metaclass.proxies import class_proxies
 
 __all__ = [
     "STRATEGY_NAMES",
+    "AssignmentStats",
+    "ClassProxyStrategy",
     "Level",
     "MetaClassStrategy",
-    "ClassProxyStrategy",
+    "NoneStrategy",
     "RandomStrategy",
     "SampleKMeansStrategy",
-    "NoneStrategy",
-    "build_strategy",
-    "AssignmentStats",
     "assignment_stats",
-    "group_of_sample",
+    "build_strategy",
     "cluster_points",
+    "group_of_sample",
 ]
 
 Level = Literal["class", "sample"]
@@ -451,6 +451,7 @@ class RandomStrategy:
             for k, chunk in enumerate(np.array_split(perm, self.num_metaclasses)):
                 groups[chunk] = k
             return groups
+        assert sizes is not None  # balance_by="images" has labels (see _class_sizes)
         load = np.zeros(self.num_metaclasses, dtype=np.int64)
         for c in perm:  # least-loaded first: greedy number partitioning in random order
             k = int(np.argmin(load))

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -67,6 +68,9 @@ class GoogLeNetInputTransform(nn.Module):
     is pretrained, so that a model rebuilt with ``pretrained=False`` to load a checkpoint computes
     exactly what the trained model computed (the transform has no parameters to save).
     """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ followed by the grouped head (only the parameter layout differs). Depth starts a
 from __future__ import annotations
 
 import copy
+from typing import TypeGuard, cast
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ def trunk_layers(trunk: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _is_conv_bn_act(layer: nn.Module) -> bool:
+def _is_conv_bn_act(layer: nn.Module) -> TypeGuard[nn.Sequential]:
     children = list(layer.children())
     return (
         isinstance(layer, nn.Sequential)
@@ -61,23 +62,33 @@ def _is_conv_bn_act(layer: nn.Module) -> bool:
 def _keep_output_channels(layer: nn.Sequential, rows: slice) -> nn.Sequential:
     """A ``conv -> BN -> act`` layer reduced to output channels ``rows``, weights and statistics kept."""
     conv, bn, act = layer.children()
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)  # checked by _is_conv_bn_act
     keep = range(conv.out_channels)[rows]
-    new_conv = nn.Conv2d(conv.in_channels, len(keep), conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, bias=conv.bias is not None)
+    # torch annotates a conv's geometry as tuple[int, ...]; a Conv2d's are the pairs its constructor takes.
+    kernel_size, stride, dilation = (cast("tuple[int, int]", v) for v in (conv.kernel_size, conv.stride, conv.dilation))
+    padding = cast("str | tuple[int, int]", conv.padding)
+    new_conv = nn.Conv2d(
+        conv.in_channels, len(keep), kernel_size, stride, padding, dilation, bias=conv.bias is not None
+    )
     new_bn = nn.BatchNorm2d(len(keep), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                             track_running_stats=bn.track_running_stats)
     with torch.no_grad():
-        new_conv.weight.copy_(conv.weight[rows])
-        if conv.bias is not None:
-            new_conv.bias.copy_(conv.bias[rows])
-        if bn.affine:
-            new_bn.weight.copy_(bn.weight[rows])
-            new_bn.bias.copy_(bn.bias[rows])
-        if bn.track_running_stats:
-            new_bn.running_mean.copy_(bn.running_mean[rows])
-            new_bn.running_var.copy_(bn.running_var[rows])
-            new_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+        _copy_rows(new_conv.weight, conv.weight, rows)
+        _copy_rows(new_conv.bias, conv.bias, rows)  # both absent without a bias
+        _copy_rows(new_bn.weight, bn.weight, rows)  # both absent unless affine
+        _copy_rows(new_bn.bias, bn.bias, rows)
+        _copy_rows(new_bn.running_mean, bn.running_mean, rows)  # both absent unless track_running_stats
+        _copy_rows(new_bn.running_var, bn.running_var, rows)
+        _copy_rows(new_bn.num_batches_tracked, bn.num_batches_tracked, None)
     return nn.Sequential(new_conv, new_bn, copy.deepcopy(act))
+
+
+def _copy_rows(dst: torch.Tensor | None, src: torch.Tensor | None, rows: slice | None) -> None:
+    """``dst <- src[rows]`` (all of ``src`` for ``rows=None``); nothing when the layers have no such tensor."""
+    if dst is None or src is None:
+        assert dst is None and src is None, "layers built with the same options have the same tensors"
+        return
+    dst.copy_(src if rows is None else src[rows])
 
 
 class _SelectChannels(nn.Module):

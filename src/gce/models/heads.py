@@ -82,7 +82,7 @@ class EmbeddingHead(nn.Module):
             raise IndexError(f"learner {k} out of range for {self.num_learners} learners")
         return {name: _group_rows(p.shape[0], self.num_learners, k) for name, p in self._owned_parameters()}
 
-    def _owned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+    def _owned_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """Parameters whose dim 0 is split evenly between the learners, in learner order."""
         raise NotImplementedError
 
@@ -203,18 +203,22 @@ class GroupChannelwiseHead(EmbeddingHead):
         if self.block_residual:
             # ResNet's zero-gamma: the residual branch starts at 0, so the head starts as the
             # identity on the (non-negative) trunk features, as the Dirac-initialised block does.
-            nn.init.zeros_(self.block[-1].weight)
+            last_bn = self.block[-1]
+            assert isinstance(last_bn, nn.BatchNorm2d)  # built with final_relu=False: the block ends in its BN
+            nn.init.zeros_(last_bn.weight)
         # One orthonormal-row block per learner: a distance-preserving random projection.
         with torch.no_grad():
             for rows in self.embed.weight.view(k, self.learner_dim, -1):
                 nn.init.orthogonal_(rows)
+        assert self.embed.bias is not None  # nn.Conv2d's default bias=True
         nn.init.zeros_(self.embed.bias)
 
-    def _owned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+    def _owned_parameters(self) -> list[tuple[str, torch.Tensor]]:
         # Grouped conv weights are laid out (out_channels, in_channels/groups, kh, kw): the rows of
         # output group k are learner k's. BN's per-channel parameters follow the same rows.
-        owned = [(f"block.{name}", p) for name, p in self.block.named_parameters()]
-        return owned + [("embed.weight", self.embed.weight), ("embed.bias", self.embed.bias)]
+        owned: list[tuple[str, torch.Tensor]] = [(f"block.{name}", p) for name, p in self.block.named_parameters()]
+        assert self.embed.bias is not None
+        return [*owned, ("embed.weight", self.embed.weight), ("embed.bias", self.embed.bias)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.mix(features) if self.mix is not None else features
@@ -269,7 +273,7 @@ class LinearSplitHead(EmbeddingHead):
         nn.init.orthogonal_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def _owned_parameters(self) -> list[tuple[str, nn.Parameter]]:
+    def _owned_parameters(self) -> list[tuple[str, torch.Tensor]]:
         return [("linear.weight", self.linear.weight), ("linear.bias", self.linear.bias)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

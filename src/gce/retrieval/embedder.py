@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from gce.data.transforms import (
     test_transform,
 )
 from gce.errors import GceError
+
+if TYPE_CHECKING:
+    from gce.models import EmbeddingModel
 
 __all__ = ["Embedder", "model_fingerprint", "normalize_learners", "slices_from_json", "slices_to_json"]
 
@@ -66,7 +69,7 @@ class Embedder:
     (:attr:`learner_slices`) has unit length, as the model was trained.
     """
 
-    def __init__(self, model: torch.nn.Module, *, image_size: int, resize_to: int | None = None,
+    def __init__(self, model: EmbeddingModel, *, image_size: int, resize_to: int | None = None,
                  device: str | torch.device = "cpu", batch_size: int = 64, source: str | None = None,
                  model_config: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)

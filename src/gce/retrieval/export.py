@@ -71,7 +71,7 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta
     require_extra("export")
     import onnx
     batch = torch.export.Dim("batch", min=1, max=4096)
-    kwargs = {"opset_version": opset} if opset else {}
+    kwargs: dict[str, Any] = {"opset_version": opset} if opset else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],

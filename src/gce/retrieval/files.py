@@ -9,6 +9,7 @@ from typing import Any
 from gce.errors import DatasetError
 from gce.outputs import replace_file, sha256_file, write_json
 
+
 def commit_file(tmp: Path, final: Path) -> None:
     """Flush ``tmp`` to disk and rename it to ``final``: readers see the old file or the whole new one.
     A directory, FIFO, socket or device at ``final`` is refused (gce.outputs' rules)."""

@@ -27,6 +27,7 @@ are deleted afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -87,8 +88,8 @@ class BuildReport:
     chosen: dict[str, Any]
 
     def format_table(self) -> str:
-        lines = [f"{self.index_type} index: {self.size:,} vectors, built in {self.build_seconds:.1f} s,"
-                 f" {self.index_bytes / 2**20:.1f} MiB"]
+        lines = [(f"{self.index_type} index: {self.size:,} vectors, built in {self.build_seconds:.1f} s,"
+                 f" {self.index_bytes / 2**20:.1f} MiB")]
         if self.rows:
             lines.append(f"recall@{self.k} against exact search on {self.sample} gallery items as queries"
                          f" (each one's own id left out); queries/s: one batch of them, fastest of 3:")
@@ -144,7 +145,7 @@ def query_vectors(queries: np.ndarray, slices: Sequence[slice], learners: Sequen
         raise GceError("queries contain NaN or infinite values")
     w = learner_weights(len(slices), learners, weights)
     q = normalize_learners(q, slices)
-    for s, wk in zip(slices, w):
+    for s, wk in zip(slices, w, strict=True):
         q[:, s] *= np.float32(wk * math.sqrt(len(slices)))
     return q
 
@@ -161,7 +162,7 @@ def _make_index(index_type: str, dim: int, n: int, slices: Sequence[slice], para
         index.hnsw.efConstruction = int(params.get("ef_construction", 80))
         return index, {"hnsw_m": m, "ef_construction": index.hnsw.efConstruction}
     # IVF types: about sqrt(N) cells, capped so that each trains on >= 39 points (faiss' minimum advice)
-    nlist = int(params.get("nlist") or max(1, min(int(round(math.sqrt(n))), n // 39 or 1)))
+    nlist = int(params.get("nlist") or max(1, min(round(math.sqrt(n)), n // 39 or 1)))
     quantizer = faiss.IndexFlatIP(dim)
     if index_type == "ivf":
         return faiss.IndexIVFFlat(quantizer, dim, nlist, ip), {"nlist": nlist}
@@ -197,7 +198,7 @@ def apply_search_params(index, params: dict[str, Any]) -> None:
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth))
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth, strict=True))
     return hits / max(1, int((truth >= 0).sum()))
 
 
@@ -357,7 +358,7 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[s
     build_seconds = time.perf_counter() - start
     rows, n_sample = measure_settings(index, index_type, x, slices, sample=sample, seed=seed)
     chosen = _choose(rows, target_recall)
-    search_params = {key: chosen[key] for key in ("nprobe", "ef_search") if key in chosen}
+    search_params: dict[str, Any] = {key: chosen[key] for key in ("nprobe", "ef_search") if key in chosen}
     apply_search_params(index, search_params)
     items = ItemTable()
     items.extend(paths, labels)
@@ -365,10 +366,8 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[s
                 "model": {key: model[key] for key in ("model_id", "embedding_dim", "num_learners", "learner_slices")},
                 "sources": list(sources or []), "generation": -1}
     if overwrite and (out / MANIFEST).exists():
-        try:
+        with contextlib.suppress(DatasetError):
             manifest["generation"] = int(read_manifest(out / MANIFEST, "gce index", FORMAT).get("generation", -1))
-        except DatasetError:
-            pass
     _write_generation(out, index, items, manifest)
     report = BuildReport(index_type, int(index.ntotal), build_seconds,
                          int((out / _current_files(out)["index"]).stat().st_size), n_sample, 10, rows,
@@ -490,8 +489,8 @@ class SearchIndex:
         """The top-``k`` hits of each query (``N x D`` learner-normalised embeddings), best first."""
         scores, ids = self.search_arrays(queries, k, learners, weights)
         paths, labels = self._items.paths, self._items.labels
-        return [[SearchHit(int(i), float(s), paths[i], labels[i]) for s, i in zip(srow, irow) if i >= 0]
-                for srow, irow in zip(scores, ids)]
+        return [[SearchHit(int(i), float(s), paths[i], labels[i]) for s, i in zip(srow, irow, strict=True) if i >= 0]
+                for srow, irow in zip(scores, ids, strict=True)]
 
     def item(self, id: int) -> SearchHit:
         i = int(id)

@@ -66,7 +66,7 @@ class StoreInfo:
 
 def _items_digest(paths: Sequence[str], labels: Sequence[str | None]) -> str:
     digest = hashlib.sha256()
-    for p, label in zip(paths, labels):
+    for p, label in zip(paths, labels, strict=False):
         digest.update(f"{p}\0{'' if label is None else label}\n".encode())
     return digest.hexdigest()
 
@@ -190,7 +190,7 @@ def _embed_range(embedder, paths, start, stop, batch_size, workers, skip_bad, ba
     chunks, ids, bad = [], [], []
     for images, positions, errors in loader:
         ok = np.array([not e for e in errors], dtype=bool)
-        for pos, error in zip(positions.tolist(), errors):
+        for pos, error in zip(positions.tolist(), errors, strict=True):
             if error:
                 bad.append((paths[start + pos], error))
         if ok.any():

@@ -193,6 +193,7 @@ def create_app(service: SearchService) -> FastAPI:
             raise RequestError(400, "give exactly one of the form fields 'image' (a file) or 'id' (an item id)")
         if id is not None:
             return service.search_item(id, k, subset, weight_list)
+        assert image is not None  # exactly one of the two was given
         check_content_type(image.content_type)
         data = image.file.read(settings.max_upload_bytes + 1)  # in memory already: bounded by BodyLimit
         return service.search_upload(data, k, subset, weight_list)
@@ -230,7 +231,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
+        log.error("internal error", exc_info=exc)
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 

@@ -18,7 +18,7 @@ R = TypeVar("R")
 
 
 class _Job(Generic[T, R]):
-    __slots__ = ("item", "result", "error", "done")
+    __slots__ = ("done", "error", "item", "result")
 
     def __init__(self, item: T) -> None:
         self.item = item
@@ -84,11 +84,11 @@ class MicroBatcher(Generic[T, R]):
                 results = list(self._fn([job.item for job in batch]))
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
-            except BaseException as exc:  # noqa: BLE001 - handed to the callers, the worker lives on
+            except BaseException as exc:  # handed to the callers, the worker lives on
                 for job in batch:
                     job.error = exc
             else:
-                for job, result in zip(batch, results):
+                for job, result in zip(batch, results, strict=True):
                     job.result = result
             self.batches += 1
             self.items += len(batch)

@@ -133,7 +133,7 @@ class SearchService:
 
     def search_upload(self, data: bytes, k: int | None, learners: list[int] | None,
                       weights: list[float] | None) -> dict[str, Any]:
-        if self.embedder is None:
+        if self.embedder is None or self._embed is None:  # (both are set, or neither)
             raise RequestError(409, "this service was started without a checkpoint: search by item id only")
         k = self.check_k(k)
         started = time.perf_counter()
@@ -175,6 +175,7 @@ class SearchService:
         n = len(tensors)
         size = min(1 << (n - 1).bit_length(), max(n, self.settings.max_batch))
         batch = torch.stack(tensors + [tensors[-1]] * (size - n))
+        assert self.embedder is not None  # this batcher exists only with an embedder
         return list(np.asarray(self.embedder.embed_tensors(batch)[:n], dtype=np.float32))
 
     def _search_batch(self, jobs: list[_SearchJob]) -> list[list]:
@@ -189,7 +190,7 @@ class SearchService:
             with self._index_lock:
                 hits = self.index.search(queries, k, learners=list(learners) if learners is not None else None,
                                          weights=list(weights) if weights is not None else None)
-            for n, found in zip(members, hits):
+            for n, found in zip(members, hits, strict=True):
                 results[n] = found[:jobs[n].k]
         return results
 

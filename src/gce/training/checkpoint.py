@@ -12,6 +12,7 @@ is then checked against what gce writes (types and keys) before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -108,10 +109,8 @@ def _remove_stale_temporaries(folder: Path) -> None:
         pid = name[len(prefix):]
         if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue  # another live process is writing (it should not be, but leave its file alone)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(folder / name)
-        except OSError:
-            pass
 
 
 def _read_verified(path: Path) -> dict[str, Any]:
@@ -148,7 +147,7 @@ def _load_problem(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def load_checkpoint(path_or_folder: str | Path, *, warn=print) -> tuple[dict[str, Any], Path]:
+def load_checkpoint(path_or_folder: str | os.PathLike, *, warn=print) -> tuple[dict[str, Any], Path]:
     """Load a checkpoint file, or the newest good one in a run folder.
 
     For a folder, ``last.pt`` is tried first and ``prev.pt`` if it fails its check (with a
@@ -178,7 +177,7 @@ def load_checkpoint(path_or_folder: str | Path, *, warn=print) -> tuple[dict[str
 
 
 # ------------------------------------------------------------- model files
-def save_model_only(model: EmbeddingModel, cfg: ExperimentConfig, path: Path) -> None:
+def save_model_only(model: torch.nn.Module, cfg: ExperimentConfig, path: Path) -> None:
     """An export for evaluation and search: weights plus the model config, no optimiser state."""
     save_export({"config": cfg.to_dict(), "model": model.state_dict()}, path)
 
@@ -207,7 +206,7 @@ _EXPECTED: dict[str, tuple[Any, str]] = {
 }
 
 
-def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> None:
+def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | os.PathLike) -> None:
     """Fail with one line unless ``state`` holds ``keys`` with the kinds of values gce writes there.
 
     The file passed its checksum, so a mismatch here means it was not written by this version of
@@ -267,7 +266,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     return changes
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
     """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
     from gce.config import config_from_dict
     from gce.models import model_from_config

@@ -8,9 +8,9 @@ the model (``train_model``), the loss, the embedder (sharded extraction and gath
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -98,7 +98,8 @@ def check_sampler_feasible(cfg: ExperimentConfig, train: ImageRecords) -> None:
     s, k, classes = cfg.sampler, cfg.model.num_learners, train.num_classes
     if classes < 2 * k:
         raise ConfigError(
-            f"model.num_learners={k} needs at least {2 * k} training classes (2 per learner); the training split has {classes}"
+            f"model.num_learners={k} needs at least {2 * k} training classes (2 per learner);"
+            f" the training split has {classes}"
         )
     if s.classes_per_batch > classes:
         raise ConfigError(f"sampler.classes_per_batch={s.classes_per_batch} is larger than the {classes} training classes")
@@ -106,7 +107,8 @@ def check_sampler_feasible(cfg: ExperimentConfig, train: ImageRecords) -> None:
     if m.learner_data == "all" and k > 1:  # batches come from all data
         if m.num_metaclasses * 2 > classes:
             raise ConfigError(f"metaclass.num_metaclasses={m.num_metaclasses} needs at least "
-                              f"{2 * m.num_metaclasses} training classes (2 per meta-class); the training split has {classes}")
+                              f"{2 * m.num_metaclasses} training classes (2 per meta-class);"
+                              f" the training split has {classes}")
         return
     _check_smallest_subset(cfg, classes)
 

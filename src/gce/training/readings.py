@@ -110,13 +110,15 @@ class SubsetReading(_Refreshed):
         self.assignment = np.asarray(assignment, dtype=np.int64)
 
     def configure_sampler(self, sampler: SubsetBalancedBatchSampler) -> None:
+        assert self.assignment is not None, "update() or restore() comes first"
         groups = group_of_sample(self.assignment, self.labels, self.strategy.level)
         sampler.set_assignment(groups, num_groups=len(self.learner_slices))
 
     def batch_loss(self, loss: GCELoss, embeddings: Tensor, labels: Tensor, learner: int | None) -> LossParts:
         # One learner owns the whole embedding: its loss is the full loss (not counted twice).
-        whole = learner is None or len(self.learner_slices) == 1
-        return loss(embeddings, labels, None if whole else self.learner_slices[learner])
+        if learner is None or len(self.learner_slices) == 1:
+            return loss(embeddings, labels, None)
+        return loss(embeddings, labels, self.learner_slices[learner])
 
 
 class AllDataReading(_Refreshed):
@@ -135,7 +137,7 @@ class AllDataReading(_Refreshed):
                                       previous=self.assignment, seed=self.seed + epoch)
         previous = self.assignment if self.assignment is not None else [None] * len(new)
         rows = [assignment_stats(row, self.labels, self.num_classes, previous=old,
-                                 num_metaclasses=self.per_learner.num_metaclasses) for row, old in zip(new, previous)]
+                                 num_metaclasses=self.per_learner.num_metaclasses) for row, old in zip(new, previous, strict=True)]
         self.restore(new)
         moved = float(np.mean([r.moved_fraction for r in rows]))
         # Every learner sees every class; the sizes that matter are its meta-classes'.
@@ -156,6 +158,7 @@ class AllDataReading(_Refreshed):
     def batch_loss(self, loss: GCELoss, embeddings: Tensor, labels: Tensor, learner: int | None) -> LossParts:
         if learner is None:
             return loss(embeddings, labels, None)
+        assert self.meta_labels is not None, "update() or restore() comes first"
         return loss.all_learners(embeddings, labels, self.learner_slices, [row[labels] for row in self.meta_labels])
 
 
@@ -170,7 +173,7 @@ def build_reading(cfg: ExperimentConfig, learner_slices: list[slice], labels: np
     strategy = build_strategy(mc.strategy, num_metaclasses=mc.num_metaclasses if relabel else num_learners,
                               balanced=mc.balanced, balance_by=mc.balance_by, redraw=mc.redraw,
                               warm_start=mc.warm_start)
-    common = dict(update_every=mc.update_every, seed=cfg.train.seed)
+    common = {"update_every": mc.update_every, "seed": cfg.train.seed}
     if relabel:
         return AllDataReading(PerLearnerMetaClasses(strategy, num_learners), learner_slices, labels, num_classes,
                               device=device, **common)

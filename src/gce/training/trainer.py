@@ -15,10 +15,10 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -261,6 +261,7 @@ class Trainer:
 
     def _validate(self, epoch: int) -> str:
         p = self.parts
+        assert p.val_set is not None  # called only for runs with a validation split
         val = self.evaluate(p.val_set, f"epoch {epoch}: validation", clustering=False)
         p.writer.log("val", epoch, val.to_dict())
         r1 = val.recall[min(val.recall)]
@@ -299,7 +300,7 @@ class Trainer:
             self.parts.writer.log(observer.event, epoch, values)
 
     # -------------------------------------------------------------------- run
-    def _on_stop_signal(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
+    def _on_stop_signal(self, signum, frame) -> None:  # signal handler signature
         if self._interrupt_requested:  # a second Ctrl-C (or SIGTERM) aborts at once
             raise KeyboardInterrupt
         self._interrupt_requested = True
