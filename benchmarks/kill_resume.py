@@ -389,7 +389,7 @@ class ModeBags:
 
 
 def _tmp_present_name(out: Path, name: str) -> bool:
-    """Whether a temporary file ``name`` (or ``name-<pid>``, as gce.outputs writes them) is in ``out``."""
+    """Whether a temporary file ``name`` (or ``name-<pid>``, as gce.io writes them) is in ``out``."""
     try:
         return any(entry == name or entry.startswith(name + "-") for entry in os.listdir(out))
     except OSError:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gce.errors import CheckpointError
-from gce.outputs import write_checksum
+from gce.io import write_checksum
 from gce.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint
 
 

@@ -170,12 +170,12 @@ def test_unwritable_output_folder_is_detected_before_training(config, tmp_path, 
 
 
 def test_full_disk_is_detected_before_training(config, capsys, monkeypatch):
-    import gce.runtime as runtime
+    import gce.io.paths as paths
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runtime.os, "fsync", no_space)  # the 1 MiB probe of check_writable
+    monkeypatch.setattr(paths.os, "fsync", no_space)  # the 1 MiB probe of check_run_folder
     assert main(["train", str(config), "--quiet"]) == 1
     assert one_line_error(capsys).endswith("is not writable: No space left on device")
 
@@ -185,7 +185,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(config, tmp_path, caps
 
     out = tmp_path / "run"
     assert main(["train", str(config), "--quiet", "sampler.batches_per_epoch=1"]) == 0
-    real_fsync = checkpoint.os.fsync  # os.fsync itself: the probe of check_writable uses it too
+    real_fsync = checkpoint.os.fsync  # os.fsync itself: the probe of check_run_folder uses it too
 
     def no_space(fd):
         if os.fstat(fd).st_size > 20_000_000:  # a checkpoint (~150 MB), not the 1 MiB probe
@@ -273,7 +273,7 @@ def test_eval_of_damaged_or_foreign_checkpoints(tmp_path, capsys):
     """Files that pass their checksum but do not hold what gce writes: one line each, never a
     traceback (before: a 'model' that is not a mapping raised AttributeError)."""
     from gce.models import build_model
-    from gce.outputs import write_checksum
+    from gce.io import write_checksum
     from gce.training.checkpoint import _FORMAT
 
     def save(name: str, blob) -> Path:

@@ -17,7 +17,7 @@ import gce.data.images
 import gce.evaluation.pipeline
 from gce.cli import main
 from gce.errors import GceError
-from gce.outputs import (
+from gce.io import (
     OutputError,
     atomic_path,
     check_output_dir,

@@ -89,7 +89,7 @@ def test_corrupt_cached_file_is_replaced(tmp_hub: Path) -> None:
     target.parent.mkdir(parents=True)
     target.write_bytes(b"truncated")
     assert weights.install_offline_weights(quiet=True) == [target]
-    weights.verify_checksum(target)
+    weights.verify_name_hash(target)
 
 
 def test_verify_checksum_uses_name_prefix(tmp_path: Path) -> None:
@@ -97,14 +97,14 @@ def test_verify_checksum_uses_name_prefix(tmp_path: Path) -> None:
     prefix = hashlib.sha256(data).hexdigest()[:8]
     good = tmp_path / f"model-{prefix}.pth"
     good.write_bytes(data)
-    weights.verify_checksum(good)
+    weights.verify_name_hash(good)
     bad = tmp_path / "model-00000000.pth"
     bad.write_bytes(data)
     with pytest.raises(GceError, match="does not match 00000000"):
-        weights.verify_checksum(bad)
+        weights.verify_name_hash(bad)
     unnamed = tmp_path / "model.pth"
     unnamed.write_bytes(data)
-    weights.verify_checksum(unnamed)  # no hash in the name: nothing to check
+    weights.verify_name_hash(unnamed)  # no hash in the name: nothing to check
 
 
 def test_missing_package_is_pip_installed(tmp_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,8 +32,7 @@ from gce.config import (
     read_yaml_mapping,
 )
 from gce.errors import ConfigError
-from gce.outputs import check_output_dir, user_path, write_text
-from gce.runtime import pid_alive
+from gce.io import check_output_dir, pid_alive, user_path, write_text
 
 SUMMARY_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
 

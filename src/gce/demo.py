@@ -21,7 +21,7 @@ from gce.errors import CheckpointError
 from gce.evaluation import EvalResult, exact_knn
 from gce.evaluation.pipeline import EmbedFn, MetricSettings, evaluate_split
 from gce.models.plain import PooledTrunk
-from gce.outputs import check_output_dir, write_json, write_text
+from gce.io import check_output_dir, write_json, write_text
 from gce.plots import plot_training_curve, retrieval_grid
 from gce.training.checkpoint import load_checkpoint, setting_differences
 from gce.training.logging import MetricsLogger

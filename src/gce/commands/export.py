@@ -25,12 +25,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gce.errors import GceError
-    from gce.outputs import check_output_file
+    from gce.io import check_output_file
     from gce.retrieval import Embedder
     from gce.retrieval.export import export_model, load_exported
     from gce.training.checkpoint import checkpoint_files
 
-    # Both files it writes are checked before the model is loaded (gce.outputs' rules).
+    # Both files it writes are checked before the model is loaded (gce.io's rules).
     inputs = checkpoint_files(args.model)
     args.out = check_output_file(args.out, what="--out", inputs=inputs)
     check_output_file(args.out.with_name(args.out.name + ".json"), what="--out's metadata file", inputs=inputs)

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from gce.outputs import check_output_dir
+    from gce.io import check_output_dir
     from gce.retrieval import build_index_from_store
 
     args.out = check_output_dir(args.out, what="--out", inputs=[args.embeddings])  # before any work

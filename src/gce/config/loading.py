@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from gce.config.schema import ExperimentConfig
 from gce.errors import ConfigError
-from gce.outputs import write_text
+from gce.io import write_text
 
 __all__ = [
     "apply_override",

@@ -7,17 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from gce.errors import DatasetError
-from gce.outputs import replace_file, sha256_file, write_json
+from gce.io import replace_file, sha256_file, write_json
 
 
 def commit_file(tmp: Path, final: Path) -> None:
     """Flush ``tmp`` to disk and rename it to ``final``: readers see the old file or the whole new one.
-    A directory, FIFO, socket or device at ``final`` is refused (gce.outputs' rules)."""
+    A directory, FIFO, socket or device at ``final`` is refused (gce.io's rules)."""
     replace_file(tmp, final)
 
 
 def write_json_atomic(path: Path, values: dict[str, Any]) -> None:
-    """Strict JSON (NaN as null), atomically: :func:`gce.outputs.write_json`."""
+    """Strict JSON (NaN as null), atomically: :func:`gce.io.write_json`."""
     write_json(path, values)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from gce.config.vocabulary import INDEX_TYPES
 from gce.errors import DatasetError, GceError
-from gce.outputs import sha256_file
+from gce.io import sha256_file
 from gce.retrieval.embedder import normalize_learners, slices_from_json
 from gce.retrieval.files import (
     check_checksum,

@@ -12,7 +12,6 @@ is then checked against what gce writes (types and keys) before it is used.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from pathlib import Path
@@ -21,8 +20,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gce.errors import CheckpointError, ConfigError
-from gce.outputs import checksum_path, fsync_dir, sha256_of, verify_checksum, write_bytes, write_checksum
-from gce.runtime import pid_alive
+from gce.io import (
+    checksum_path,
+    fsync_dir,
+    fsync_file,
+    remove_stale_temporaries,
+    sha256_of,
+    verify_checksum,
+    write_bytes,
+    write_checksum,
+    write_text,
+)
 
 if TYPE_CHECKING:
     from gce.config import ExperimentConfig
@@ -31,12 +39,6 @@ if TYPE_CHECKING:
 LAST = "last.pt"
 PREVIOUS = "prev.pt"
 _FORMAT = 1
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
@@ -55,19 +57,19 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     torch.save({"format": _FORMAT, "state": state}, buffer)
     payload = buffer.getvalue()
     digest = sha256_of(payload)
-    _remove_stale_temporaries(folder)
-    tmp = folder / f".{LAST}.tmp-{os.getpid()}"
+    last, sha, previous_sha = folder / LAST, checksum_path(folder / LAST), checksum_path(folder / PREVIOUS)
+    for path in (last, sha):  # temporaries of killed writers (one checkpoint size each)
+        remove_stale_temporaries(path)
+    tmp, sha_tmp = (path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in (last, sha))
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        (folder / f".{LAST}.sha256.tmp").write_text(digest)
+        for path, data in ((tmp, payload), (sha_tmp, digest.encode("ascii"))):
+            path.write_bytes(data)
+            fsync_file(path)
     except OSError as exc:  # disk full, quota, folder gone: the old checkpoints are untouched
         tmp.unlink(missing_ok=True)
+        sha_tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write a checkpoint to {folder}: {exc.strerror or exc};"
                               f" the previous checkpoint is kept") from None
-    last, sha, previous_sha = folder / LAST, checksum_path(folder / LAST), checksum_path(folder / PREVIOUS)
     if last.exists():
         try:
             verify_checksum(last)
@@ -75,11 +77,11 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
         except (CheckpointError, OSError, IndexError):
             old_digest = None
         if old_digest:
-            _replace_text(previous_sha, old_digest)
+            write_text(previous_sha, old_digest, what="checksum")
             os.replace(last, folder / PREVIOUS)
         # else: a last.pt that fails its check (damaged, or its checksum deleted) never becomes
         # prev.pt; the prev.pt that is there (loaded instead of it) is kept, and last.pt replaced.
-    os.replace(folder / f".{LAST}.sha256.tmp", sha)
+    os.replace(sha_tmp, sha)
     os.replace(tmp, last)
     fsync_dir(folder)
     return last
@@ -98,19 +100,6 @@ def save_export(state: dict[str, Any], path: str | Path) -> Path:
     write_bytes(path, payload, what="model file")
     write_checksum(path, payload)
     return path
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete ``.last.pt.tmp-<pid>`` files left by killed writers (one checkpoint size each)."""
-    prefix = f".{LAST}.tmp-"
-    for name in os.listdir(folder):
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
-            continue  # another live process is writing (it should not be, but leave its file alone)
-        with contextlib.suppress(OSError):
-            os.unlink(folder / name)
 
 
 def _read_verified(path: Path) -> dict[str, Any]:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from gce.outputs import dumps_strict
+from gce.io import dumps_strict, write_text
 
 
 class MetricsLogger:
@@ -54,10 +53,8 @@ class MetricsLogger:
             self._rewrite([])
 
     def _rewrite(self, lines: list[str]) -> None:
-        # Via a temporary file: a kill during a plain rewrite would leave the log empty or cut.
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.path)
+        # Atomically: a kill during a plain rewrite would leave the log empty or cut.
+        write_text(self.path, "".join(line + "\n" for line in lines), what="metrics log")
 
     def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
         record = {"event": event, "epoch": epoch, **values}

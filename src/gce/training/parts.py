@@ -24,9 +24,10 @@ from gce.data.seeded import SeededAugmentedDataset
 from gce.data.transforms import test_transform, train_transform
 from gce.errors import ConfigError, GceError
 from gce.evaluation.pipeline import DatasetEmbedder, EmbedFn, MetricSettings
+from gce.io import check_run_folder
 from gce.losses import GCELoss
 from gce.models import EmbeddingModel, model_from_config
-from gce.runtime import check_writable, flush_denormals, resolve_device, seed_everything
+from gce.runtime import flush_denormals, resolve_device, seed_everything
 from gce.training.readings import Reading, build_reading
 from gce.training.writer import RunWriter, check_fresh_folder
 
@@ -131,7 +132,7 @@ def _check_smallest_subset(cfg: ExperimentConfig, classes: int) -> None:
 
 def _prepare_run_folder(cfg: ExperimentConfig, resume: bool) -> Path:
     out = Path(cfg.train.out_dir)
-    check_writable(out)
+    check_run_folder(out)
     if not resume and ((out / "last.pt").exists() or (out / "prev.pt").exists()):
         raise GceError(f"{out} already holds a run; pass --resume to continue it or choose another train.out_dir")
     if not resume:

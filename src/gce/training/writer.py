@@ -17,8 +17,7 @@ import yaml
 from torch import nn
 
 from gce.config import ExperimentConfig, save_config
-from gce.outputs import OutputError
-from gce.runtime import write_json
+from gce.io import OutputError, write_json
 from gce.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint, save_model_only
 from gce.training.logging import MetricsLogger
 
