@@ -40,8 +40,14 @@ from gce.runtime import flush_denormals
 
 def _model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(backbone=args.backbone, head="gce", num_learners=args.k, embedding_dim=args.dim,
-                       pretrained=False, freeze_bn=True)
+    return build_model(
+        backbone=args.backbone,
+        head="gce",
+        num_learners=args.k,
+        embedding_dim=args.dim,
+        pretrained=False,
+        freeze_bn=True,
+    )
 
 
 def _batch(args: argparse.Namespace, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +83,15 @@ def run_steps(args: argparse.Namespace, rank: int, world: int, communicate: bool
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, communicate: bool, folder: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     init_distributed("cpu", timeout_s=600)
     try:
@@ -103,8 +116,14 @@ def two_processes(args: argparse.Namespace, communicate: bool) -> list[float]:
 
 def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
     """Bytes the autograd graph keeps for backward per training image (measured on a CPU forward)."""
-    model = build_model(backbone=args.backbone, head="gce", num_learners=args.k, embedding_dim=args.dim,
-                        pretrained=False, freeze_bn=True).train()
+    model = build_model(
+        backbone=args.backbone,
+        head="gce",
+        num_learners=args.k,
+        embedding_dim=args.dim,
+        pretrained=False,
+        freeze_bn=True,
+    ).train()
     storages: dict[int, int] = {}  # a tensor saved by several operations is stored once
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -123,24 +142,36 @@ def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
 
 def memory_table(args: argparse.Namespace) -> None:
     """Training memory per GPU for 1, 2, 4, 8 processes at the given global batch (computed)."""
-    model = build_model(backbone=args.backbone, head="gce", num_learners=args.k, embedding_dim=args.dim,
-                        pretrained=False, freeze_bn=True)
+    model = build_model(
+        backbone=args.backbone,
+        head="gce",
+        num_learners=args.k,
+        embedding_dim=args.dim,
+        pretrained=False,
+        freeze_bn=True,
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     # fp32 weights + gradients + Adam's two moments + DDP's gradient buckets (a copy of the gradients).
     states = 4 * (frozen + trainable) + 4 * trainable * 4
     batch = args.classes * args.per_class
     per_image = {False: saved_bytes_per_image(args, False), True: saved_bytes_per_image(args, True)}
-    gib = 2.0 ** 30
-    print(f"{args.backbone} + GCE head K={args.k}, D={args.dim}, {args.size} px, global batch {batch}: "
-          f"{trainable / 1e6:.1f} M trainable + {frozen / 1e6:.2f} M frozen parameters")
-    print(f"weights, gradients, Adam state, DDP buckets: {states / gib:.2f} GiB per process; activations kept for "
-          f"backward: {per_image[False] / 2**20:.0f} MiB/image fp32, {per_image[True] / 2**20:.0f} MiB/image bf16")
+    gib = 2.0**30
+    print(
+        f"{args.backbone} + GCE head K={args.k}, D={args.dim}, {args.size} px, global batch {batch}: "
+        f"{trainable / 1e6:.1f} M trainable + {frozen / 1e6:.2f} M frozen parameters"
+    )
+    print(
+        f"weights, gradients, Adam state, DDP buckets: {states / gib:.2f} GiB per process; activations kept for "
+        f"backward: {per_image[False] / 2**20:.0f} MiB/image fp32, {per_image[True] / 2**20:.0f} MiB/image bf16"
+    )
     print(f"{'processes':>9} {'images/process':>15} {'fp32 GiB':>9} {'bf16 GiB':>9}")
     for n in (1, 2, 4, 8):
         local = -(-batch // n)
-        print(f"{n:>9} {local:>15} {(states + local * per_image[False]) / gib:>9.2f} "
-              f"{(states + local * per_image[True]) / gib:>9.2f}")
+        print(
+            f"{n:>9} {local:>15} {(states + local * per_image[False]) / gib:>9.2f} "
+            f"{(states + local * per_image[True]) / gib:>9.2f}"
+        )
     print("(computed: allocator overhead, cuDNN workspaces and the CUDA context, ~0.5-1 GiB, come on top)")
 
 
@@ -164,8 +195,10 @@ def main() -> None:
     rows = [("1 proc x 2 threads", statistics.median(run_steps(args, 0, 1, True)))]
     rows.append(("2 procs x 1 thread", statistics.median(two_processes(args, True))))
     rows.append(("2 procs x 1 thread, no communication", statistics.median(two_processes(args, False))))
-    print(f"{args.backbone}, {args.size} px, global batch {args.classes}x{args.per_class}, K={args.k}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up, {os.cpu_count()} CPUs")
+    print(
+        f"{args.backbone}, {args.size} px, global batch {args.classes}x{args.per_class}, K={args.k}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up, {os.cpu_count()} CPUs"
+    )
     print(f"{'setting':<38} {'s/step':>7} {'images/s':>9}")
     for name, seconds in rows:
         print(f"{name:<38} {seconds:>7.3f} {batch / seconds:>9.1f}")

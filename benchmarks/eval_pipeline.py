@@ -68,8 +68,14 @@ def main() -> None:
         return seconds
 
     faulthandler.dump_traceback_later(args.dump_after, repeat=True, file=sys.stderr)
-    model = build_model(backbone=args.backbone, head="gce", num_learners=args.k, embedding_dim=args.dim,
-                        pretrained=False, freeze_bn=True).to(device)
+    model = build_model(
+        backbone=args.backbone,
+        head="gce",
+        num_learners=args.k,
+        embedding_dim=args.dim,
+        pretrained=False,
+        freeze_bn=True,
+    ).to(device)
     dataset = ShiftedPatterns(args.n, args.size)
     start = time.perf_counter()
     for i in range(64):
@@ -77,8 +83,9 @@ def main() -> None:
     print(f"  making one image: {1000 * (time.perf_counter() - start) / 64:.2f} ms (one loader worker)", flush=True)
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        x, y = extract_embeddings(model, dataset, batch_size=args.batch, num_workers=args.workers, device=device,
-                                  progress=args.progress)
+        x, y = extract_embeddings(
+            model, dataset, batch_size=args.batch, num_workers=args.workers, device=device, progress=args.progress
+        )
     if cuda:
         torch.cuda.synchronize()
     embed_s = stage(f"embedding {args.n:,} images", start)
@@ -91,10 +98,12 @@ def main() -> None:
     clustering_s = stage(f"k-means ({len(set(y.tolist())):,} clusters), NMI, F1", start)
     faulthandler.cancel_dump_traceback_later()
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
-    print(f"eval {args.n:,} x {args.dim} ({args.backbone} {args.size}px)\tembedding {embed_s:.0f} s "
-          f"({args.n / embed_s:.0f} img/s on {args.device}), retrieval {retrieval_s:.0f} s, clustering "
-          f"{clustering_s:.0f} s (CPU, {torch.get_num_threads()} threads), R@1 {100 * result.recall[1]:.1f}, "
-          f"NMI {100 * nmi:.1f}, F1 {100 * f1:.1f}{peak}")
+    print(
+        f"eval {args.n:,} x {args.dim} ({args.backbone} {args.size}px)\tembedding {embed_s:.0f} s "
+        f"({args.n / embed_s:.0f} img/s on {args.device}), retrieval {retrieval_s:.0f} s, clustering "
+        f"{clustering_s:.0f} s (CPU, {torch.get_num_threads()} threads), R@1 {100 * result.recall[1]:.1f}, "
+        f"NMI {100 * nmi:.1f}, F1 {100 * f1:.1f}{peak}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,14 +73,18 @@ def run_method(method: str, x: np.ndarray, labels: np.ndarray) -> dict[str, floa
     if method in ("gce", "gce-faiss"):
         from gce.evaluation import evaluate_embeddings
 
-        res = evaluate_embeddings(x, labels, recall_ks=RECALL_KS, clustering=False,
-                                  backend="faiss" if method == "gce-faiss" else "torch")
+        res = evaluate_embeddings(
+            x, labels, recall_ks=RECALL_KS, clustering=False, backend="faiss" if method == "gce-faiss" else "torch"
+        )
         return {**{f"R@{k}": v for k, v in res.recall.items()}, "MAP@R": res.map_at_r, "RP": res.r_precision}
     if method == "pml":
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-        calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
-                                  k="max_bin_count", device=torch.device("cpu"))
+        calc = AccuracyCalculator(
+            include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+            k="max_bin_count",
+            device=torch.device("cpu"),
+        )
         acc = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels))
         return {"R@1": acc["precision_at_1"], "MAP@R": acc["mean_average_precision_at_r"], "RP": acc["r_precision"]}
     raise SystemExit(f"unknown method {method!r}")
@@ -95,8 +99,17 @@ def worker(method: str, data: Path, repeats: int) -> None:
         start = time.perf_counter()
         values = run_method(method, x, labels)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"method": method, "seconds": min(times), "all_seconds": times,
-                      "peak_rss": peak_rss_bytes(), "values": values}))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "seconds": min(times),
+                "all_seconds": times,
+                "peak_rss": peak_rss_bytes(),
+                "values": values,
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------- parent
@@ -136,8 +149,10 @@ def main() -> None:
         np.save(data / "x.npy", x)
         np.save(data / "labels.npy", labels)
         del x
-        print(f"{args.n} x {args.dim} embeddings, {args.classes} classes, noise {args.noise}, seed {args.seed}",
-              file=sys.stderr)
+        print(
+            f"{args.n} x {args.dim} embeddings, {args.classes} classes, noise {args.noise}, seed {args.seed}",
+            file=sys.stderr,
+        )
         rows = []
         for method in methods:
             print(f"running {method} ...", file=sys.stderr, flush=True)
@@ -147,8 +162,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         v = row["values"]
-        print(f"| {row['method']} | {row['seconds']:.1f} | {row['peak_rss'] / 1e9:.2f} | "
-              + " | ".join(fmt(v.get(key)) for key in ("R@1", "R@10", "R@100", "R@1000", "MAP@R", "RP")) + " |")
+        print(
+            f"| {row['method']} | {row['seconds']:.1f} | {row['peak_rss'] / 1e9:.2f} | "
+            + " | ".join(fmt(v.get(key)) for key in ("R@1", "R@10", "R@100", "R@1000", "MAP@R", "RP"))
+            + " |"
+        )
     check_agreement(rows)
 
 

@@ -62,8 +62,10 @@ def main() -> None:
             "TorchScript": load_exported(ts_file),
         }
         reference = np.concatenate([runtimes["PyTorch eager"](b) for b in batches])
-        print(f"{args.checkpoint}: {embedder.model_config.get('backbone')} K={embedder.num_learners}"
-              f" D={embedder.embedding_dim}, {size} px, batches of {args.batch}, {args.threads} thread(s)")
+        print(
+            f"{args.checkpoint}: {embedder.model_config.get('backbone')} K={embedder.num_learners}"
+            f" D={embedder.embedding_dim}, {size} px, batches of {args.batch}, {args.threads} thread(s)"
+        )
         print("| runtime | images/s | x PyTorch | max abs diff |")
         print("|---|---:|---:|---:|")
         base = None

@@ -68,7 +68,9 @@ def _split(model: nn.Module, frozen: int) -> nn.Module:
     if isinstance(trunk, GroupedTrunk):
         shared = list(trunk.shared.children())
         if frozen > len(shared):
-            raise SystemExit(f"--frozen-layers={frozen} reaches into the learners' copies ({len(shared)} shared layers)")
+            raise SystemExit(
+                f"--frozen-layers={frozen} reaches into the learners' copies ({len(shared)} shared layers)"
+            )
         prefix, trunk.shared = nn.Sequential(*shared[:frozen]), nn.Sequential(*shared[frozen:])
     else:
         layers = trunk_layers(trunk)
@@ -108,8 +110,13 @@ class FrozenPrefixTrainer(Trainer):
         if not self.cache:
             train, train_y, train_flip = _prefix_features(prefix, self.train_eval_set, mirrored=True)
             test, test_y = _prefix_features(prefix, self.test_set, mirrored=False)
-            FrozenPrefixTrainer.cache = {"train": train, "train_flip": train_flip, "train_y": train_y,
-                                         "test": test, "test_y": test_y}
+            FrozenPrefixTrainer.cache = {
+                "train": train,
+                "train_flip": train_flip,
+                "train_y": train_y,
+                "test": test,
+                "test_y": test_y,
+            }
             torch.save(self.cache, self.cache_file)
         c = self.cache
         self.train_eval_set = CachedFeatures(c["train"], c["train_y"], self.train_eval_set.records)
@@ -140,8 +147,9 @@ def learner_diagnostics(trainer: Trainer) -> dict[str, object]:
     (as benchmarks/learner_diagnostics.py computes them for a full model)."""
     embeddings, labels = trainer._embed(trainer.test_set, "diagnostics")
     slices = trainer.model.learner_slices()
-    per_learner = [evaluate_embeddings(embeddings[:, s], labels, recall_ks=[1], clustering=False).recall[1]
-                   for s in slices]
+    per_learner = [
+        evaluate_embeddings(embeddings[:, s], labels, recall_ks=[1], clustering=False).recall[1] for s in slices
+    ]
     nn_of = [nearest_neighbours(embeddings[:, s]) for s in slices]
     pairs = list(itertools.combinations(range(len(slices)), 2))
     agreement = [float((nn_of[a] == nn_of[b]).float().mean()) for a, b in pairs]
@@ -158,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-layers", type=int, default=14, help="MobileNetV2: 14 = features.0-13")
     args = parser.parse_args(argv)
 
-    ablation, base_tree = load_ablation(args.ablation, ["eval.clustering=false", "train.eval_test_every=0", "data.workers=0", *args.overrides])
+    ablation, base_tree = load_ablation(
+        args.ablation, ["eval.clustering=false", "train.eval_test_every=0", "data.workers=0", *args.overrides]
+    )
     variants = args.only or list(ablation.variants)
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.jsonl"
@@ -174,18 +184,31 @@ def main(argv: list[str] | None = None) -> int:
             cfg = run_config(ablation, base_tree, variant, seed)
             cfg.train.out_dir = str(args.out / variant / f"seed{seed}")
             started = time.perf_counter()
-            trainer = FrozenPrefixTrainer(cfg, progress=False, log=lambda *_: None,
-                                          frozen_layers=args.frozen_layers, cache_file=args.out / "prefix_cache.pt")
+            trainer = FrozenPrefixTrainer(
+                cfg,
+                progress=False,
+                log=lambda *_: None,
+                frozen_layers=args.frozen_layers,
+                cache_file=args.out / "prefix_cache.pt",
+            )
             final = trainer.run().to_dict()
-            record = {"variant": variant, "seed": seed, "seconds": round(time.perf_counter() - started),
-                      **{m: final[m] for m in METRICS}, **learner_diagnostics(trainer)}
+            record = {
+                "variant": variant,
+                "seed": seed,
+                "seconds": round(time.perf_counter() - started),
+                **{m: final[m] for m in METRICS},
+                **learner_diagnostics(trainer),
+            }
             done[(variant, seed)] = record
             with results_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             learners = ", ".join(f"{100 * v:.1f}" for v in record["learners_r1"])
-            print(f"{variant} seed {seed}: R@1 {100 * record['recall@1']:.1f} MAP@R {100 * record['map@r']:.1f} "
-                  f"learners {learners} agreement {100 * (record['agreement'] or 0):.1f} % "
-                  f"({record['seconds']} s)", flush=True)
+            print(
+                f"{variant} seed {seed}: R@1 {100 * record['recall@1']:.1f} MAP@R {100 * record['map@r']:.1f} "
+                f"learners {learners} agreement {100 * (record['agreement'] or 0):.1f} % "
+                f"({record['seconds']} s)",
+                flush=True,
+            )
     print("| variant | seeds | " + " | ".join(m.replace("recall@", "R@").upper() for m in METRICS) + " |")
     print("|---|---|" + "---|" * len(METRICS))
     for variant in variants:

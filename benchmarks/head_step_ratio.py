@@ -36,24 +36,35 @@ from gce.runtime import set_flush_denormal_in_openmp_workers
 
 def build(backbone: str, head: str, k: int, dim: int, pretrained: bool) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(backbone=backbone, head=head, num_learners=k, embedding_dim=dim, pretrained=pretrained,
-                       freeze_bn=True)
+    return build_model(
+        backbone=backbone, head=head, num_learners=k, embedding_dim=dim, pretrained=pretrained, freeze_bn=True
+    )
 
 
 class Stepper:
     """One model, its optimiser and loss: ``step()`` runs one training step and returns seconds."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int,
-                 device: str = "cpu", amp: bool = False, channels_last: bool = False, compile: bool = False,
-                 cudnn_benchmark: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        k: int,
+        device: str = "cpu",
+        amp: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        cudnn_benchmark: bool = False,
+    ) -> None:
         memory = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=memory).train()
         self.forward = torch.compile(self.model) if compile else self.model  # as gce train's train.compile
         self.images, self.labels = images.to(device, memory_format=memory), labels.to(device)
         self.device, self.amp = torch.device(device), amp
         # The emoji config's optimiser: Adam, head 1e-3, trunk 1e-4, weight decay 1e-4.
-        self.optimizer = torch.optim.Adam(model.param_groups(backbone_lr=1e-4, head_lr=1e-3, weight_decay=1e-4),
-                                          foreach=True)
+        self.optimizer = torch.optim.Adam(
+            model.param_groups(backbone_lr=1e-4, head_lr=1e-3, weight_decay=1e-4), foreach=True
+        )
         self.loss = GCELoss(margin=0.1, mining="semihard", full_embedding_weight=0.5 if k > 1 else 0.0)
         self.slices = model.learner_slices()
         self.k, self.count = k, 0
@@ -106,7 +117,7 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     by_class: dict[int, list[int]] = {}
     for i, c in enumerate(records.labels.tolist()):
         by_class.setdefault(c, []).append(i)
-    chosen = [idx[:args.per_class] for idx in by_class.values() if len(idx) >= args.per_class][:args.classes]
+    chosen = [idx[: args.per_class] for idx in by_class.values() if len(idx) >= args.per_class][: args.classes]
     dataset = ImageDataset(records, test_transform(args.size))
     return torch.stack([dataset[i][0] for idx in chosen for i in idx]), labels
 
@@ -128,11 +139,15 @@ def forward_flops(model: nn.Module, size: int) -> int:
 def compute_ratio(args: argparse.Namespace, pretrained: bool, k: int) -> tuple[float, float, float]:
     """Forward GFLOPs per image of the GCE model and of the single-metric model, and the GCE model's
     extra trainable parameters (millions): the work the GCE head adds by design."""
-    gce, single = (build(args.backbone, head, kk, args.dim, pretrained)
-                   for head, kk in (("gce", k), (args.single_head, 1)))
+    gce, single = (
+        build(args.backbone, head, kk, args.dim, pretrained) for head, kk in (("gce", k), (args.single_head, 1))
+    )
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    return (forward_flops(gce, args.size) / 1e9, forward_flops(single, args.size) / 1e9,
-            (count(gce) - count(single)) / 1e6)
+    return (
+        forward_flops(gce, args.size) / 1e9,
+        forward_flops(single, args.size) / 1e9,
+        (count(gce) - count(single)) / 1e6,
+    )
 
 
 def measure(args: argparse.Namespace, pretrained: bool, flush: bool, k: int) -> tuple[float, float, str, str]:
@@ -195,8 +210,12 @@ def find_denormals(args: argparse.Namespace, pretrained: bool) -> None:
     rows = [(n, outputs[n], grads[n], sizes[n]) for n in sizes if outputs[n] or grads[n]]
     for name, out, grad, size in rows or [("(none)", 0, 0, 0)]:
         print(f"  {name:<32} output {out:>9,} of {size:>10,}   input-grad {grad:>9,}")
-    state = {f"{n}.{key}": _subnormal_count(v) for n, p in model.named_parameters()
-             for key, v in stepper.optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+    state = {
+        f"{n}.{key}": _subnormal_count(v)
+        for n, p in model.named_parameters()
+        for key, v in stepper.optimizer.state.get(p, {}).items()
+        if isinstance(v, torch.Tensor)
+    }
     for label, counts in (("parameters", params), ("parameter grads", param_grads), ("Adam state", state)):
         hit = {n: c for n, c in counts.items() if c}
         print(f"  {label}: " + (", ".join(f"{n} {c:,}" for n, c in hit.items()) if hit else "none"))
@@ -213,8 +232,12 @@ def main() -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward (loss in fp32)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--single-head", choices=["linear_split", "gce"], default="linear_split",
-                   help="head of the single-metric model (K=1); linear_split is the project's baseline")
+    p.add_argument(
+        "--single-head",
+        choices=["linear_split", "gce"],
+        default="linear_split",
+        help="head of the single-metric model (K=1); linear_split is the project's baseline",
+    )
     p.add_argument("--classes", type=int, default=16, help="P")
     p.add_argument("--per-class", type=int, default=4, help="M")
     p.add_argument("--steps", type=int, default=5)
@@ -231,20 +254,26 @@ def main() -> None:
         return
     flushes = {"on": [True], "off": [False], "both": [False, True]}[args.flush]
     n = args.classes * args.per_class
-    print(f"{args.backbone}, {args.size} px, batch {args.classes}x{args.per_class}, D={args.dim}, {args.device}"
-          f"{', bf16 autocast' if args.amp else ''}{', channels-last' if args.channels_last else ''}, "
-          f"{args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'weights':<9} {'flush denormals':<16} {'K':>3} {'GCE s/step':>11} {'single s/step':>14} "
-          f"{'GCE img/s':>10} {'single img/s':>13} {'ratio':>6} {'GFLOP GCE/single':>17} {'FLOP ratio':>10} "
-          f"{'extra M params':>14} {'GCE GiB':>8} {'single GiB':>10}")
+    print(
+        f"{args.backbone}, {args.size} px, batch {args.classes}x{args.per_class}, D={args.dim}, {args.device}"
+        f"{', bf16 autocast' if args.amp else ''}{', channels-last' if args.channels_last else ''}, "
+        f"{args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(
+        f"{'weights':<9} {'flush denormals':<16} {'K':>3} {'GCE s/step':>11} {'single s/step':>14} "
+        f"{'GCE img/s':>10} {'single img/s':>13} {'ratio':>6} {'GFLOP GCE/single':>17} {'FLOP ratio':>10} "
+        f"{'extra M params':>14} {'GCE GiB':>8} {'single GiB':>10}"
+    )
     for pre in pretrained:
         for flush in flushes:
             for k in args.k:
                 g, s, g_gib, s_gib = measure(args, pre, flush, k)
                 fg, fs, extra = compute_ratio(args, pre, k)
-                print(f"{'ImageNet' if pre else 'random':<9} {'on' if flush else 'off':<16} {k:>3} {g:>11.3f} "
-                      f"{s:>14.3f} {n / g:>10.1f} {n / s:>13.1f} {g / s:>6.2f} {f'{fg:.3f}/{fs:.3f}':>17} "
-                      f"{fg / fs:>10.2f} {extra:>14.2f} {g_gib:>8} {s_gib:>10}")
+                print(
+                    f"{'ImageNet' if pre else 'random':<9} {'on' if flush else 'off':<16} {k:>3} {g:>11.3f} "
+                    f"{s:>14.3f} {n / g:>10.1f} {n / s:>13.1f} {g / s:>6.2f} {f'{fg:.3f}/{fs:.3f}':>17} "
+                    f"{fg / fs:>10.2f} {extra:>14.2f} {g_gib:>8} {s_gib:>10}"
+                )
     torch.set_flush_denormal(False)
 
 

@@ -129,7 +129,8 @@ class Launcher:
         if kind == "forkserver":
             self.ctx = multiprocessing.get_context("forkserver")
             self.ctx.set_forkserver_preload(
-                ["gce.cli", "gce.commands.train", "gce.training.trainer", "torch.utils.tensorboard"])
+                ["gce.cli", "gce.commands.train", "gce.training.trainer", "torch.utils.tensorboard"]
+            )
         elif kind != "subprocess":
             raise ValueError(f"unknown launcher {kind!r}")
 
@@ -147,8 +148,13 @@ class Launcher:
             return Attempt(process, forked=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with open(log, "ab") as fh:
-            handle = subprocess.Popen([sys.executable, "-m", "gce", *argv], stdout=fh, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env)
+            handle = subprocess.Popen(
+                [sys.executable, "-m", "gce", *argv],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         return Attempt(handle, forked=False)
 
 
@@ -300,8 +306,18 @@ def checkpoint_epoch(out: Path) -> int:
 
 
 def interrupted_run(
-    launcher: Launcher, config: Path, out: Path, logs: Path, *, kills: int, sigints: int, epochs: int,
-    rng: random.Random, startup_s: float, epoch_s: float, timeout: float = 900.0,
+    launcher: Launcher,
+    config: Path,
+    out: Path,
+    logs: Path,
+    *,
+    kills: int,
+    sigints: int,
+    epochs: int,
+    rng: random.Random,
+    startup_s: float,
+    epoch_s: float,
+    timeout: float = 900.0,
 ) -> Outcome:
     """Run ``config`` in ``out`` until it exits 0, stopping it ``kills`` + ``sigints`` times.
 
@@ -337,8 +353,9 @@ def interrupted_run(
             watch = Watch(attempt, out, log)
             if len(plan) == 1 and plan[0] == "SIGKILL" and epochs_left >= 1:
                 bags.left["no-progress"] = ["finishing"]  # the last kill: during the final export
-            stop = _stop_once(watch, plan[0], rng, bags, startup_s, epoch_s, allow_progress and len(plan) > 1,
-                              outcome.attempts)
+            stop = _stop_once(
+                watch, plan[0], rng, bags, startup_s, epoch_s, allow_progress and len(plan) > 1, outcome.attempts
+            )
         code = attempt.wait(timeout)
         if code is None:
             attempt.signal(signal.SIGKILL)
@@ -351,15 +368,17 @@ def interrupted_run(
             outcome.stops.append(stop)
             expected = -signal.SIGKILL if stop.signal == "SIGKILL" else 130
             if code not in (expected, 0):
-                raise RuntimeError(f"attempt {outcome.attempts}: exit status {code} after {stop.signal}: "
-                                   f"{_log_text(log, 0)[-2000:]}")
+                raise RuntimeError(
+                    f"attempt {outcome.attempts}: exit status {code} after {stop.signal}: {_log_text(log, 0)[-2000:]}"
+                )
             if code == 0:  # the signal came after the run finished its work
                 stop.phase += " (run had finished)"
                 break
             continue
         if code != 0:
-            raise RuntimeError(f"attempt {outcome.attempts} failed with exit status {code}: "
-                               f"{_log_text(log, 0)[-2000:]}")
+            raise RuntimeError(
+                f"attempt {outcome.attempts} failed with exit status {code}: {_log_text(log, 0)[-2000:]}"
+            )
         break
     outcome.seconds = time.perf_counter() - started
     return outcome
@@ -375,8 +394,10 @@ def _resumed_at(text: str) -> str:
 class ModeBags:
     """Draws stop modes so that each one turns up: a shuffled round of all of them, then another."""
 
-    MODES: ClassVar[dict[str, list[str]]] = {"no-progress": ["startup", "training", "checkpoint", "training", "checkpoint"],
-             "progress": ["after-checkpoint", "training-2"]}
+    MODES: ClassVar[dict[str, list[str]]] = {
+        "no-progress": ["startup", "training", "checkpoint", "training", "checkpoint"],
+        "progress": ["after-checkpoint", "training-2"],
+    }
 
     def __init__(self) -> None:
         self.left: dict[str, list[str]] = {k: [] for k in self.MODES}
@@ -396,8 +417,16 @@ def _tmp_present_name(out: Path, name: str) -> bool:
         return False
 
 
-def _stop_once(watch: Watch, sig_name: str, rng: random.Random, bags: ModeBags, startup_s: float,
-               epoch_s: float, allow_progress: bool, number: int) -> Stop | None:
+def _stop_once(
+    watch: Watch,
+    sig_name: str,
+    rng: random.Random,
+    bags: ModeBags,
+    startup_s: float,
+    epoch_s: float,
+    allow_progress: bool,
+    number: int,
+) -> Stop | None:
     """Wait for a seeded random moment of this attempt and send the signal; None if it exited first.
 
     Without ``allow_progress`` the stop lands before this attempt's first checkpoint write has
@@ -464,10 +493,15 @@ def compare_runs(reference: Path, candidate: Path) -> dict[str, object]:
     for name in ("last.pt", "model.pt"):
         a, _ = load_checkpoint(reference / name)
         b, _ = load_checkpoint(candidate / name)
-        ta, tb = dict(tensors({k: v for k, v in a.items() if k != "config"})), dict(
-            tensors({k: v for k, v in b.items() if k != "config"}))
-        differ = sorted(k for k in set(ta) | set(tb)
-                        if k not in ta or k not in tb or ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k]))
+        ta, tb = (
+            dict(tensors({k: v for k, v in a.items() if k != "config"})),
+            dict(tensors({k: v for k, v in b.items() if k != "config"})),
+        )
+        differ = sorted(
+            k
+            for k in set(ta) | set(tb)
+            if k not in ta or k not in tb or ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])
+        )
         result[f"{name} tensors"] = len(ta)
         result[f"{name} differing"] = differ
         if name == "last.pt":
@@ -485,15 +519,29 @@ def compare_runs(reference: Path, candidate: Path) -> dict[str, object]:
     fa = json.loads((reference / "final_metrics.json").read_text())
     fb = json.loads((candidate / "final_metrics.json").read_text())
     result["final_metrics.json equal"] = fa == fb
-    result["equal"] = (not result["last.pt differing"] and not result["model.pt differing"]
-                       and result["last.pt counters equal"] and result["last.pt python rng equal"]
-                       and result["metrics.jsonl equal"] and result["final_metrics.json equal"])
+    result["equal"] = (
+        not result["last.pt differing"]
+        and not result["model.pt differing"]
+        and result["last.pt counters equal"]
+        and result["last.pt python rng equal"]
+        and result["metrics.jsonl equal"]
+        and result["final_metrics.json equal"]
+    )
     return result
 
 
 # ---------------------------------------------------------------------------------------- main
-def run_benchmark(workdir: Path, *, kills: int = 12, sigints: int = 0, seed: int = 0, epochs: int = 4,
-                  batches: int = 6, launcher: str = "subprocess", echo=print) -> dict[str, object]:
+def run_benchmark(
+    workdir: Path,
+    *,
+    kills: int = 12,
+    sigints: int = 0,
+    seed: int = 0,
+    epochs: int = 4,
+    batches: int = 6,
+    launcher: str = "subprocess",
+    echo=print,
+) -> dict[str, object]:
     """Everything: dataset, config, reference run, interrupted run, comparison. Returns a summary."""
     workdir = Path(workdir)
     data = make_shape_folder(workdir / "shapes")
@@ -521,13 +569,28 @@ def run_benchmark(workdir: Path, *, kills: int = 12, sigints: int = 0, seed: int
     train_s = finished - (started or t0)
     echo(f"reference run: {finished - t0:.1f} s ({startup_s:.1f} s start-up, {train_s:.1f} s training)")
 
-    outcome = interrupted_run(launch, configs["interrupted"], workdir / "interrupted", logs, kills=kills,
-                              sigints=sigints, epochs=epochs, rng=random.Random(seed), startup_s=startup_s,
-                              epoch_s=train_s / epochs)
+    outcome = interrupted_run(
+        launch,
+        configs["interrupted"],
+        workdir / "interrupted",
+        logs,
+        kills=kills,
+        sigints=sigints,
+        epochs=epochs,
+        rng=random.Random(seed),
+        startup_s=startup_s,
+        epoch_s=train_s / epochs,
+    )
     outcome.reference_seconds = finished - t0
     comparison = compare_runs(workdir / "reference", workdir / "interrupted")
-    summary = {"outcome": outcome, "comparison": comparison, "launcher": launcher, "epochs": epochs,
-               "batches": batches, "seed": seed}
+    summary = {
+        "outcome": outcome,
+        "comparison": comparison,
+        "launcher": launcher,
+        "epochs": epochs,
+        "batches": batches,
+        "seed": seed,
+    }
     echo(format_report(summary))
     return summary
 
@@ -536,8 +599,10 @@ def format_report(summary: dict[str, object]) -> str:
     outcome: Outcome = summary["outcome"]  # type: ignore[assignment]
     comparison: dict = summary["comparison"]  # type: ignore[assignment]
     lines = [
-        (f"launcher {summary['launcher']}, {summary['epochs']} epochs x {summary['batches']} batches,"
-         f" seed {summary['seed']}"),
+        (
+            f"launcher {summary['launcher']}, {summary['epochs']} epochs x {summary['batches']} batches,"
+            f" seed {summary['seed']}"
+        ),
         "",
         "| # | signal | aimed at | at (s after start) | phase when it landed | exit | next attempt |",
         "|---|---|---|---|---|---|---|",
@@ -549,16 +614,22 @@ def format_report(summary: dict[str, object]) -> str:
     ok = lambda v: "yes" if v else "NO"  # noqa: E731
     lines += [
         "",
-        (f"kills: {kills}, SIGINTs: {sigints}, attempts: {outcome.attempts} "
-        f"({outcome.resumes} with --resume, {outcome.fresh_restarts} fresh restarts: no checkpoint yet)"),
+        (
+            f"kills: {kills}, SIGINTs: {sigints}, attempts: {outcome.attempts} "
+            f"({outcome.resumes} with --resume, {outcome.fresh_restarts} fresh restarts: no checkpoint yet)"
+        ),
         f"time: reference {outcome.reference_seconds:.1f} s, interrupted run {outcome.seconds:.1f} s",
-        (f"last.pt: {comparison['last.pt tensors']} tensors (model, optimiser, scheduler, RNG), "
-        f"differing: {len(comparison['last.pt differing'])}; counters/RNG equal: "
-        f"{ok(comparison['last.pt counters equal'] and comparison['last.pt python rng equal'])}"),
+        (
+            f"last.pt: {comparison['last.pt tensors']} tensors (model, optimiser, scheduler, RNG), "
+            f"differing: {len(comparison['last.pt differing'])}; counters/RNG equal: "
+            f"{ok(comparison['last.pt counters equal'] and comparison['last.pt python rng equal'])}"
+        ),
         f"model.pt: {comparison['model.pt tensors']} tensors, differing: {len(comparison['model.pt differing'])}",
-        (f"metrics.jsonl: {comparison['metrics.jsonl records']} records, equal except 'seconds': "
-        f"{ok(comparison['metrics.jsonl equal'])}; "
-        f"final_metrics.json equal: {ok(comparison['final_metrics.json equal'])}"),
+        (
+            f"metrics.jsonl: {comparison['metrics.jsonl records']} records, equal except 'seconds': "
+            f"{ok(comparison['metrics.jsonl equal'])}; "
+            f"final_metrics.json equal: {ok(comparison['final_metrics.json equal'])}"
+        ),
         f"EQUAL: {ok(comparison['equal'])}",
     ]
     for name in ("last.pt differing", "model.pt differing"):
@@ -585,8 +656,15 @@ def main(argv: list[str] | None = None) -> int:
         cleanup = tempfile.TemporaryDirectory(prefix="gce-kill-resume-")
         workdir = Path(cleanup.name)
     try:
-        summary = run_benchmark(workdir, kills=args.kills, sigints=args.sigints, seed=args.seed,
-                                epochs=args.epochs, batches=args.batches, launcher=args.launcher)
+        summary = run_benchmark(
+            workdir,
+            kills=args.kills,
+            sigints=args.sigints,
+            seed=args.seed,
+            epochs=args.epochs,
+            batches=args.batches,
+            launcher=args.launcher,
+        )
     finally:
         if cleanup is not None:
             cleanup.cleanup()

@@ -41,16 +41,23 @@ def diagnose(run: Path, progress: bool) -> dict[str, object]:
     d = cfg.data
     splits = load_dataset(d.dataset, d.root, **dict(d.options))
     dataset = ImageDataset(splits.test, test_transform(d.image_size, resize_to=d.test_resize))
-    embeddings, labels = extract_embeddings(model, dataset, batch_size=cfg.eval.batch_size,
-                                            progress=progress, desc=f"embedding {run}")
+    embeddings, labels = extract_embeddings(
+        model, dataset, batch_size=cfg.eval.batch_size, progress=progress, desc=f"embedding {run}"
+    )
     slices = model.learner_slices()
     recall1 = lambda e: 100 * evaluate_embeddings(e, labels, recall_ks=[1], clustering=False).recall[1]  # noqa: E731
     per_learner = [recall1(embeddings[:, s]) for s in slices]
     nn_of = [nearest_neighbours(embeddings[:, s]) for s in slices]
-    agreement = [100 * float((nn_of[a] == nn_of[b]).float().mean())
-                 for a, b in itertools.combinations(range(len(slices)), 2)]
-    return {"run": str(run), "K": len(slices), "full": recall1(embeddings), "learners": per_learner,
-            "agreement": sum(agreement) / len(agreement) if agreement else None}
+    agreement = [
+        100 * float((nn_of[a] == nn_of[b]).float().mean()) for a, b in itertools.combinations(range(len(slices)), 2)
+    ]
+    return {
+        "run": str(run),
+        "K": len(slices),
+        "full": recall1(embeddings),
+        "learners": per_learner,
+        "agreement": sum(agreement) / len(agreement) if agreement else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

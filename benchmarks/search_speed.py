@@ -92,8 +92,8 @@ def qps(search, queries: np.ndarray, batch: int, limit_s: float) -> float:
     """Queries per second at a batch size: whole batches until ``limit_s`` (at least one batch)."""
     done, start = 0, time.perf_counter()
     while done < len(queries):
-        search(queries[done:done + batch])
-        done += len(queries[done:done + batch])
+        search(queries[done : done + batch])
+        done += len(queries[done : done + batch])
         if time.perf_counter() - start > limit_s:
             break
     return done / (time.perf_counter() - start)
@@ -122,14 +122,32 @@ def worker(index_type: str, folder: Path, args: argparse.Namespace) -> dict:
     faiss.omp_set_num_threads(args.threads)
     gallery = np.load(folder / "gallery.npy")
     queries = np.load(folder / "queries.npy")
-    meta = {"model_id": "synthetic", "embedding_dim": args.dim, "num_learners": args.learners,
-            "learner_slices": [[s.start, s.stop] for s in learner_slices(args.dim, args.learners)]}
+    meta = {
+        "model_id": "synthetic",
+        "embedding_dim": args.dim,
+        "num_learners": args.learners,
+        "learner_slices": [[s.start, s.stop] for s in learner_slices(args.dim, args.learners)],
+    }
     start = time.perf_counter()
-    index, report = build_index(gallery, [""] * len(gallery), None, folder / f"index-{index_type}", meta,
-                                index_type=index_type, sample=args.sample, progress=True)
+    index, report = build_index(
+        gallery,
+        [""] * len(gallery),
+        None,
+        folder / f"index-{index_type}",
+        meta,
+        index_type=index_type,
+        sample=args.sample,
+        progress=True,
+    )
     build_s = time.perf_counter() - start
-    result = {"type": index_type, "build_s": report.build_seconds, "build_total_s": build_s,
-              "index_mib": report.index_bytes / 2**20, "default": report.chosen.get("setting", "-"), "rows": []}
+    result = {
+        "type": index_type,
+        "build_s": report.build_seconds,
+        "build_total_s": build_s,
+        "index_mib": report.index_bytes / 2**20,
+        "default": report.chosen.get("setting", "-"),
+        "rows": [],
+    }
     del gallery
     one = [0]
     if index_type == "flat":
@@ -141,9 +159,12 @@ def worker(index_type: str, folder: Path, args: argparse.Namespace) -> dict:
         from gce.retrieval import query_vectors
 
         qv = query_vectors(queries, index.learner_slices)
-        result["plain_faiss"] = {"class": type(plain).__name__,
-                                 **side_by_side(lambda q: plain.search(q, K), lambda q: index.search_arrays(q, K),
-                                                qv, queries, args.time_limit)}
+        result["plain_faiss"] = {
+            "class": type(plain).__name__,
+            **side_by_side(
+                lambda q: plain.search(q, K), lambda q: index.search_arrays(q, K), qv, queries, args.time_limit
+            ),
+        }
         settings = [("exact", {})]
     else:
         truth, truth_one = np.load(folder / "truth.npy"), np.load(folder / "truth_one.npy")
@@ -151,11 +172,13 @@ def worker(index_type: str, folder: Path, args: argparse.Namespace) -> dict:
     for name, params in settings:
         if params:
             index.set_search_params(**params)
-        row = {"setting": name,
-               "recall": recall(index.search_arrays(queries, K)[1], truth),
-               "recall_learner0": recall(index.search_arrays(queries, K, learners=one)[1], truth_one),
-               "qps1": qps(lambda q: index.search_arrays(q, K), queries, 1, args.time_limit),
-               "qps256": qps(lambda q: index.search_arrays(q, K), queries, 256, args.time_limit)}
+        row = {
+            "setting": name,
+            "recall": recall(index.search_arrays(queries, K)[1], truth),
+            "recall_learner0": recall(index.search_arrays(queries, K, learners=one)[1], truth_one),
+            "qps1": qps(lambda q: index.search_arrays(q, K), queries, 1, args.time_limit),
+            "qps256": qps(lambda q: index.search_arrays(q, K), queries, 256, args.time_limit),
+        }
         result["rows"].append(row)
         print(f"  {index_type} {name}: {json.dumps(row)}", file=sys.stderr, flush=True)
     if index_type not in args.keep_index:
@@ -179,8 +202,11 @@ def e2e_worker(folder: Path, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     out = {}
-    indexes = {t: SearchIndex.load(folder / f"index-{t}", verify=False) for t in args.keep_index
-               if (folder / f"index-{t}").is_dir()}
+    indexes = {
+        t: SearchIndex.load(folder / f"index-{t}", verify=False)
+        for t in args.keep_index
+        if (folder / f"index-{t}").is_dir()
+    }
     for size in (64, 224):
         image = folder / f"query-{size}.jpg"
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(image, quality=90)
@@ -198,9 +224,11 @@ def e2e_worker(folder: Path, args: argparse.Namespace) -> dict:
                 start = time.perf_counter()
                 embedder.embed_paths([image])
                 embed_times.append(time.perf_counter() - start)
-            out[f"{size}px/{name}"] = {"p50_ms": 1000 * float(np.median(times)),
-                                       "embed_p50_ms": 1000 * float(np.median(embed_times)),
-                                       "setting": json.dumps(index.search_params)}
+            out[f"{size}px/{name}"] = {
+                "p50_ms": 1000 * float(np.median(times)),
+                "embed_p50_ms": 1000 * float(np.median(embed_times)),
+                "setting": json.dumps(index.search_params),
+            }
     return out
 
 
@@ -208,10 +236,19 @@ def e2e_worker(folder: Path, args: argparse.Namespace) -> dict:
 def run_child(kind: str, folder: Path, argv: list[str]) -> dict:
     # PASSIVE: faiss and torch each bring an OpenMP runtime; spinning threads of one starve the other
     # (a 64 px embedding took 0.75 s instead of 0.07 s on two busy cores).
-    env = {**os.environ, "OMP_NUM_THREADS": str(ARGS.threads), "MKL_NUM_THREADS": str(ARGS.threads),
-           "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run([sys.executable, __file__, *argv, "--worker", kind, "--data", str(folder)],
-                          stdout=subprocess.PIPE, env=env, check=True, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(ARGS.threads),
+        "MKL_NUM_THREADS": str(ARGS.threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv, "--worker", kind, "--data", str(folder)],
+        stdout=subprocess.PIPE,
+        env=env,
+        check=True,
+        text=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -251,35 +288,45 @@ def main() -> None:
         folder = Path(tmp)
         start = time.perf_counter()
         write_data(folder, args)
-        structure = (f"{args.superclasses} super-classes (spread {args.spread}), " if args.superclasses else "")
-        print(f"{args.n:,} x {args.dim} gallery (K={args.learners} unit learner slices), ~{args.n // 5:,} classes of"
-              f" 2..12, {structure}noise {args.noise}, {args.queries} queries; {args.threads} threads;"
-              f" data written in {time.perf_counter() - start:.0f} s", flush=True)
+        structure = f"{args.superclasses} super-classes (spread {args.spread}), " if args.superclasses else ""
+        print(
+            f"{args.n:,} x {args.dim} gallery (K={args.learners} unit learner slices), ~{args.n // 5:,} classes of"
+            f" 2..12, {structure}noise {args.noise}, {args.queries} queries; {args.threads} threads;"
+            f" data written in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         results = [run_child(t, folder, argv) for t in ["flat", *[t for t in args.types if t != "flat"]]]
         e2e = {} if args.no_e2e else run_child("e2e", folder, argv)
     print_tables(results, e2e)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                                         "e2e": e2e}, indent=2))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "e2e": e2e}, indent=2)
+        )
 
 
 def print_tables(results: list[dict], e2e: dict) -> None:
     exact = results[0]["rows"][0]
-    print(f"\n| index | setting | build s | index MiB | peak RSS GiB | recall@{K} | recall@{K} learner 0 |"
-          f" QPS batch 1 | QPS batch 256 | x exact (b256) |")
+    print(
+        f"\n| index | setting | build s | index MiB | peak RSS GiB | recall@{K} | recall@{K} learner 0 |"
+        f" QPS batch 1 | QPS batch 256 | x exact (b256) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         for i, row in enumerate(r["rows"]):
             mark = " *" if row["setting"] == r["default"] else ""
-            head = (f"{r['build_s']:.0f} | {r['index_mib']:,.0f} | {r['peak_rss_gib']:.1f}" if i == 0 else " | | ")
-            print(f"| {r['type'] if i == 0 else ''} | {row['setting']}{mark} | {head} | {row['recall']:.3f} |"
-                  f" {row['recall_learner0']:.3f} | {row['qps1']:,.1f} | {row['qps256']:,.1f} |"
-                  f" {row['qps256'] / exact['qps256']:.1f} |")
+            head = f"{r['build_s']:.0f} | {r['index_mib']:,.0f} | {r['peak_rss_gib']:.1f}" if i == 0 else " | | "
+            print(
+                f"| {r['type'] if i == 0 else ''} | {row['setting']}{mark} | {head} | {row['recall']:.3f} |"
+                f" {row['recall_learner0']:.3f} | {row['qps1']:,.1f} | {row['qps256']:,.1f} |"
+                f" {row['qps256'] / exact['qps256']:.1f} |"
+            )
     plain = results[0].get("plain_faiss")
     if plain:
-        print(f"\nplain faiss.{plain['class']} on the same vectors: {plain['qps1']:,.1f} QPS at batch 1,"
-              f" {plain['qps256']:,.1f} at batch 256; gce flat in the same alternating rounds: "
-              f"{plain['gce_qps1']:,.1f} / {plain['gce_qps256']:,.1f} (medians of 3)")
+        print(
+            f"\nplain faiss.{plain['class']} on the same vectors: {plain['qps1']:,.1f} QPS at batch 1,"
+            f" {plain['qps256']:,.1f} at batch 256; gce flat in the same alternating rounds: "
+            f"{plain['gce_qps1']:,.1f} / {plain['gce_qps256']:,.1f} (medians of 3)"
+        )
     if e2e:
         print("\n| query image | index | load-to-result p50 ms | of which embedding p50 ms |")
         print("|---|---|---:|---:|")

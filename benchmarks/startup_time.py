@@ -15,8 +15,20 @@ import subprocess
 import sys
 import time
 
-SUBCOMMANDS = ["train", "eval", "ablate", "demo", "config", "data", "weights", "export", "embed", "index", "search",
-               "serve"]
+SUBCOMMANDS = [
+    "train",
+    "eval",
+    "ablate",
+    "demo",
+    "config",
+    "data",
+    "weights",
+    "export",
+    "embed",
+    "index",
+    "search",
+    "serve",
+]
 
 
 def wall_time(argv: list[str]) -> float:
@@ -38,7 +50,9 @@ def main() -> int:
         times = [wall_time([gce, *case]) for _ in range(args.repeats)]
         median = statistics.median(times)
         slow += median >= args.goal
-        print(f"{'gce ' + ' '.join(case):<22} {median:>9.3f} {min(times):>7.3f}  {'ok' if median < args.goal else 'SLOW'}")
+        print(
+            f"{'gce ' + ' '.join(case):<22} {median:>9.3f} {min(times):>7.3f}  {'ok' if median < args.goal else 'SLOW'}"
+        )
     print(f"{len(cases) - slow} of {len(cases)} commands start within {args.goal} s (median of {args.repeats})")
     return 1 if slow else 0
 

@@ -30,13 +30,21 @@ from head_step_ratio import Stepper, batch, build  # benchmarks/ is not a packag
 
 
 def options(device: str) -> dict[str, dict[str, bool]]:
-    chosen = {"plain": {}, "channels_last": {"channels_last": True}, "compile": {"compile": True},
-              "channels_last + compile": {"channels_last": True, "compile": True}}
+    chosen = {
+        "plain": {},
+        "channels_last": {"channels_last": True},
+        "compile": {"compile": True},
+        "channels_last + compile": {"channels_last": True, "compile": True},
+    }
     if device.startswith("cuda"):
-        chosen.update({"amp (bf16)": {"amp": True}, "amp + channels_last": {"amp": True, "channels_last": True},
-                       "cudnn.benchmark": {"cudnn_benchmark": True},
-                       "amp + channels_last + cudnn.benchmark": {"amp": True, "channels_last": True,
-                                                                 "cudnn_benchmark": True}})
+        chosen.update(
+            {
+                "amp (bf16)": {"amp": True},
+                "amp + channels_last": {"amp": True, "channels_last": True},
+                "cudnn.benchmark": {"cudnn_benchmark": True},
+                "amp + channels_last + cudnn.benchmark": {"amp": True, "channels_last": True, "cudnn_benchmark": True},
+            }
+        )
     return chosen
 
 
@@ -46,7 +54,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--k", type=int, default=8, help="learners")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--pretrained", action="store_true", help="ImageNet weights (default: random; speed does not depend on them)")
+    p.add_argument(
+        "--pretrained", action="store_true", help="ImageNet weights (default: random; speed does not depend on them)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--classes", type=int, default=16, help="P")
     p.add_argument("--per-class", type=int, default=4, help="M")
@@ -60,8 +70,17 @@ def main() -> None:
     flush_denormals(torch.device(args.device))  # what gce train does
     images, labels = batch(args)
     chosen = {n: o for n, o in options(args.device).items() if not args.only or n in args.only}
-    steppers = {name: Stepper(build(args.backbone, "gce", args.k, args.dim, args.pretrained), images, labels,
-                              args.k, device=args.device, **opts) for name, opts in chosen.items()}
+    steppers = {
+        name: Stepper(
+            build(args.backbone, "gce", args.k, args.dim, args.pretrained),
+            images,
+            labels,
+            args.k,
+            device=args.device,
+            **opts,
+        )
+        for name, opts in chosen.items()
+    }
     warmup: dict[str, float] = dict.fromkeys(steppers, 0.0)
     times: dict[str, list[float]] = {n: [] for n in steppers}
     for i in range(args.warmup + args.steps):
@@ -72,9 +91,11 @@ def main() -> None:
             else:
                 times[name].append(seconds)
     n = args.classes * args.per_class
-    print(f"{args.backbone} + GCE head K={args.k}, D={args.dim}, {args.size} px, batch {args.classes}x{args.per_class}, "
-          f"{args.device}, {args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up "
-          f"(PyTorch {torch.__version__})")
+    print(
+        f"{args.backbone} + GCE head K={args.k}, D={args.dim}, {args.size} px, batch {args.classes}x{args.per_class}, "
+        f"{args.device}, {args.threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up "
+        f"(PyTorch {torch.__version__})"
+    )
     print(f"{'option':<38} {'s/step':>8} {'img/s':>8} {'speed-up':>9} {'warm-up s':>10} {'peak GiB':>9}")
     plain = statistics.median(times["plain"]) if "plain" in times else None
     for name in steppers:

@@ -108,8 +108,13 @@ def make_inshop(root: Path, release_layout: bool = False) -> Path:
     query and one gallery image. With ``release_layout`` the files go to Eval/ and Img/.
     """
     rows = []
-    plan = {1: ["train", "train"], 2: ["train", "train", "train"], 3: ["query", "gallery", "gallery"],
-            4: ["query", "query", "gallery"], 5: ["gallery", "query"]}
+    plan = {
+        1: ["train", "train"],
+        2: ["train", "train", "train"],
+        3: ["query", "gallery", "gallery"],
+        4: ["query", "query", "gallery"],
+        5: ["gallery", "query"],
+    }
     image_root = root / "Img" if release_layout else root
     for item, statuses in plan.items():
         for k, status in enumerate(statuses):
@@ -141,7 +146,8 @@ def make_emoji_cache(cache: Path, table: dict[str, list[str]]) -> Path:
         package, version, _, extension = PACKAGES[vendor]
         (cache / "node_modules" / package).mkdir(parents=True, exist_ok=True)
         (cache / "node_modules" / package / "package.json").write_text(
-            f'{{"name": "{package}", "version": "{version}"}}')
+            f'{{"name": "{package}", "version": "{version}"}}'
+        )
         folder = vendor_image_dir(cache, vendor)
         folder.mkdir(parents=True, exist_ok=True)
         side = 16 if vendor == "fluent3d" else 64

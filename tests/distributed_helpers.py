@@ -30,8 +30,16 @@ def free_port() -> int:
 
 
 def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, folder: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     try:
         ctx = init_distributed("cpu", timeout_s=60)
@@ -49,8 +57,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 300, allo
     context = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as folder:
-        procs = [context.Process(target=_child, args=(rank, world, port, fn, args, folder))
-                 for rank in range(world)]
+        procs = [context.Process(target=_child, args=(rank, world, port, fn, args, folder)) for rank in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s

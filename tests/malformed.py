@@ -84,8 +84,9 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def png_bytes(width: int, height: int, raw_rows: bytes, bit_depth: int = 8, color_type: int = 2) -> bytes:
     """A PNG from raw filtered scanlines (lets a header claim any size or bit depth)."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw_rows))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw_rows)) + _chunk(b"IEND", b"")
+    )
 
 
 def _cut(data: bytes, cut: int | float) -> bytes:
@@ -211,24 +212,30 @@ def _image_cases(folder: Path) -> list[Case]:
     add("gzipped_png.png", zlib.compress(png), NOT_IMAGE)
     add("csv_named.png", b"path,label\na.jpg,cat\n", NOT_IMAGE)
     for seed, length in ((0, 1), (1, 17), (2, 1000), (3, 4096), (4, 65536)):
-        add(f"random_bytes_{length}.jpg", np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes(),
-            NOT_IMAGE)
+        add(
+            f"random_bytes_{length}.jpg",
+            np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes(),
+            NOT_IMAGE,
+        )
     # A valid header followed by garbage.
-    add("jpeg_header_then_garbage.jpg", jpeg[:200] + np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
-        f"{TRUNCATED}|{NOT_IMAGE}")
+    add(
+        "jpeg_header_then_garbage.jpg",
+        jpeg[:200] + np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+        f"{TRUNCATED}|{NOT_IMAGE}",
+    )
     add("png_signature_then_garbage.png", png[:8] + b"\0" * 500, NOT_IMAGE)
     broken_crc = bytearray(png)
     broken_crc[29] ^= 0xFF  # the IHDR checksum: Pillow refuses to identify the file
     add("png_bad_ihdr_crc.png", bytes(broken_crc), NOT_IMAGE)
     corrupt_idat = bytearray(png)
     start = png.find(b"IDAT") + 10
-    corrupt_idat[start:start + 30] = bytes(b ^ 0xA5 for b in corrupt_idat[start:start + 30])
+    corrupt_idat[start : start + 30] = bytes(b ^ 0xA5 for b in corrupt_idat[start : start + 30])
     add("png_corrupt_idat.png", bytes(corrupt_idat), TRUNCATED)
     # Damaged JPEG entropy data still decodes (libjpeg conceals it): nothing can tell it apart
     # from an odd-looking image without a reference, so it loads. Documented limitation.
     concealed = bytearray(jpeg)
     middle = len(concealed) // 2
-    concealed[middle:middle + 200] = b"\0" * 200
+    concealed[middle : middle + 200] = b"\0" * 200
     add("jpeg_zeroed_scan_data.jpg", bytes(concealed), None, _size(64, 64))
 
     # Right bytes, wrong extension: the content decides, so these load.
@@ -240,10 +247,19 @@ def _image_cases(folder: Path) -> list[Case]:
     gray16 = np.zeros((4, 8), dtype=np.uint16)
     gray16[0, :4] = (0, 65535, 32896, 257 * 100)
     Image.fromarray(gray16).save(folder / "gray16.png")
-    add("gray16.png", None, None, _pixels((8, 4), {(0, 0): (0, 0, 0), (1, 0): (255, 255, 255),
-                                                   (2, 0): (128, 128, 128), (3, 0): (100, 100, 100)}))
+    add(
+        "gray16.png",
+        None,
+        None,
+        _pixels((8, 4), {(0, 0): (0, 0, 0), (1, 0): (255, 255, 255), (2, 0): (128, 128, 128), (3, 0): (100, 100, 100)}),
+    )
     rows = b"".join(b"\0" + np.tile(np.array([65535, 0, 32896], dtype=">u2"), 8).tobytes() for _ in range(8))
-    add("rgb48.png", png_bytes(8, 8, rows, bit_depth=16, color_type=2), None, _pixels((8, 8), {(3, 3): (255, 0, 128)}, tol=1))
+    add(
+        "rgb48.png",
+        png_bytes(8, 8, rows, bit_depth=16, color_type=2),
+        None,
+        _pixels((8, 8), {(3, 3): (255, 0, 128)}, tol=1),
+    )
     Image.new("I;16", (8, 8), 65535).save(folder / "gray16.tif")
     add("gray16.tif", None, None, _pixels((8, 8), {(0, 0): (255, 255, 255)}))
     Image.new("I", (8, 8), 257 * 50).save(folder / "int32.tif")
@@ -258,8 +274,7 @@ def _image_cases(folder: Path) -> list[Case]:
     palette.save(folder / "palette.png")
     add("palette.png", None, None, _pixels((8, 8), {(0, 0): (0, 255, 0), (1, 1): (255, 0, 0)}))
     palette.save(folder / "palette_transparent_index.png", transparency=1)
-    add("palette_transparent_index.png", None, None,
-        _pixels((8, 8), {(0, 0): (0, 255, 0), (1, 1): (255, 255, 255)}))
+    add("palette_transparent_index.png", None, None, _pixels((8, 8), {(0, 0): (0, 255, 0), (1, 1): (255, 255, 255)}))
     palette.save(folder / "palette_alpha_table.png", transparency=bytes([255, 128, 255]))
     add("palette_alpha_table.png", None, None, _pixels((8, 8), {(1, 1): (255, 127, 127)}, tol=1))
     palette.save(folder / "palette.gif")
@@ -305,18 +320,18 @@ def _image_cases(folder: Path) -> list[Case]:
     exif[0x0112] = 6
     damaged = bytearray(_encode(Image.fromarray(target), "JPEG", exif=exif.tobytes(), quality=95))
     start = damaged.find(b"Exif\0\0") + 6
-    damaged[start:start + 24] = np.random.default_rng(7).integers(0, 256, 24, dtype=np.uint8).tobytes()
+    damaged[start : start + 24] = np.random.default_rng(7).integers(0, 256, 24, dtype=np.uint8).tobytes()
     add("exif_block_garbage.jpg", bytes(damaged), None, _size(64, 32))  # the tag is unreadable
 
     # Decompression bombs: headers claiming 10^10 pixels (well over 2 x Image.MAX_IMAGE_PIXELS).
     add("bomb_header.png", png_bytes(100_000, 100_000, b"\0" * 100), BOMB)
     bomb_jpeg = bytearray(jpeg)
     sof = bomb_jpeg.find(b"\xff\xc0")
-    bomb_jpeg[sof + 5:sof + 9] = struct.pack(">HH", 65000, 65000)
+    bomb_jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 65000, 65000)
     add("bomb_header.jpg", bytes(bomb_jpeg), BOMB)
     bomb_gif = bytearray(_encode(Image.new("P", (8, 8)), "GIF"))
     bomb_gif[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen size
-    bomb_gif[bomb_gif.find(b",") + 5:bomb_gif.find(b",") + 9] = struct.pack("<HH", 65535, 65535)
+    bomb_gif[bomb_gif.find(b",") + 5 : bomb_gif.find(b",") + 9] = struct.pack("<HH", 65535, 65535)
     add("bomb_header.gif", bytes(bomb_gif), BOMB)
 
     # Valid but hostile sizes: a 3 KB strip of 1 x 1,000,000 pixels passed the image check, then
@@ -385,8 +400,18 @@ def _dataset_cases(base: Path) -> list[Case]:
     cases: list[Case] = []
 
     def add(name, dataset, root, expected, skipped=None, warning=None, names_path=True):
-        cases.append(Case(name=name, kind="dataset", path=root, expected=expected, dataset=dataset,
-                          skipped=skipped, warning=warning, names_path=names_path))
+        cases.append(
+            Case(
+                name=name,
+                kind="dataset",
+                path=root,
+                expected=expected,
+                dataset=dataset,
+                skipped=skipped,
+                warning=warning,
+                names_path=names_path,
+            )
+        )
 
     def fresh(name: str) -> Path:
         path = base / name
@@ -405,8 +430,7 @@ def _dataset_cases(base: Path) -> list[Case]:
     # A folder per class.
     root = _class_folders(fresh("folder_empty_class"), {"ant": 2, "bee": 2, "cat": 2, "dog": 2})
     (root / "empty").mkdir()
-    add("folder_empty_class", "folder", root, re.escape("1 class folders contain no images") + ".*empty",
-        skipped=1)
+    add("folder_empty_class", "folder", root, re.escape("1 class folders contain no images") + ".*empty", skipped=1)
     root = _class_folders(fresh("folder_three_empty_classes"), {"ant": 2, "bee": 2, "cat": 2})
     for name in ("e1", "e2", "e3"):
         (root / name).mkdir()
@@ -415,7 +439,13 @@ def _dataset_cases(base: Path) -> list[Case]:
     root = fresh("folder_single_image_class")
     _class_folders(root / "train", {"ant": 1, "bee": 2, "cat": 2})
     _class_folders(root / "test", {"dog": 2, "eel": 2})
-    add("folder_single_image_class", "folder", root, None, warning=re.escape("1 of 3 training classes have a single image"))
+    add(
+        "folder_single_image_class",
+        "folder",
+        root,
+        None,
+        warning=re.escape("1 of 3 training classes have a single image"),
+    )
     root = fresh("folder_no_class_folders")
     write_image(root / "loose.png")
     add("folder_no_class_folders", "folder", root, re.escape("has no class folders"))
@@ -444,8 +474,13 @@ def _dataset_cases(base: Path) -> list[Case]:
     add("folder_link_loop_in_subfolder", "folder", root, None, warning=re.escape("did not follow 1 links"))
     root = _class_folders(fresh("folder_link_to_image_in_same_class"), classes)
     os.symlink("0.png", root / "ant" / "again.png")
-    add("folder_link_to_image_in_same_class", "folder", root, None,
-        warning=re.escape("listed 1 files once that a class folder reaches twice"))
+    add(
+        "folder_link_to_image_in_same_class",
+        "folder",
+        root,
+        None,
+        warning=re.escape("listed 1 files once that a class folder reaches twice"),
+    )
     root = _class_folders(fresh("folder_hard_link_in_two_classes"), classes)
     os.link(root / "ant" / "0.png", root / "bee" / "also_ant.png")
     add("folder_hard_link_in_two_classes", "folder", root, SAME_FILE)
@@ -496,11 +531,20 @@ def _dataset_cases(base: Path) -> list[Case]:
     add("cub_images_extra_column", "cub", root, re.escape("images.txt, line 2: expected 2 columns, found 3"))
     root = cub("cub_images_non_integer_id")
     _replace_line(root / "images.txt", 4, "four 002.Bird_2/Bird_2_0001.jpg")
-    add("cub_images_non_integer_id", "cub", root, re.escape("images.txt, line 4: image id must be an integer, found 'four'"))
+    add(
+        "cub_images_non_integer_id",
+        "cub",
+        root,
+        re.escape("images.txt, line 4: image id must be an integer, found 'four'"),
+    )
     root = cub("cub_labels_non_integer_class")
     _replace_line(root / "image_class_labels.txt", 1, "1 1.5")
-    add("cub_labels_non_integer_class", "cub", root,
-        re.escape("image_class_labels.txt, line 1: class id must be an integer, found '1.5'"))
+    add(
+        "cub_labels_non_integer_class",
+        "cub",
+        root,
+        re.escape("image_class_labels.txt, line 1: class id must be an integer, found '1.5'"),
+    )
     root = cub("cub_labels_unknown_class")
     _replace_line(root / "image_class_labels.txt", 2, "2 57")
     add("cub_labels_unknown_class", "cub", root, re.escape("line 2: class id 57 is not in classes.txt"))
@@ -515,14 +559,24 @@ def _dataset_cases(base: Path) -> list[Case]:
     add("cub_image_without_label", "cub", root, re.escape("image id 5 has no class"))
     root = cub("cub_missing_images_txt")
     (root / "images.txt").unlink()
-    add("cub_missing_images_txt", "cub", root, re.escape("images.txt not found; expected the official CUB_200_2011 layout"))
+    add(
+        "cub_missing_images_txt",
+        "cub",
+        root,
+        re.escape("images.txt not found; expected the official CUB_200_2011 layout"),
+    )
     root = cub("cub_images_txt_binary")
     (root / "images.txt").write_bytes(b"1 \xff\xfe\x00garbage\n")
     add("cub_images_txt_binary", "cub", root, re.escape("images.txt: not a UTF-8 text file"))
     root = cub("cub_listed_image_missing")
     (root / "images" / "002.Bird_2" / "Bird_2_0001.jpg").unlink()
-    add("cub_listed_image_missing", "cub", root, re.escape("1 of 10 listed images not found") + "(.|\n)*Bird_2_0001.jpg",
-        skipped=1)
+    add(
+        "cub_listed_image_missing",
+        "cub",
+        root,
+        re.escape("1 of 10 listed images not found") + "(.|\n)*Bird_2_0001.jpg",
+        skipped=1,
+    )
     root = cub("cub_three_listed_images_missing")
     for relative in ("001.Bird_1/Bird_1_0000.jpg", "101.Bird_101/Bird_101_0001.jpg", "102.Bird_102/Bird_102_0000.jpg"):
         (root / "images" / relative).unlink()
@@ -543,7 +597,12 @@ def _dataset_cases(base: Path) -> list[Case]:
     add("sop_extra_column", "sop", root, re.escape("Ebay_test.txt, line 3: expected 4 columns, found 5"))
     root = sop("sop_non_integer_class")
     _replace_line(root / "Ebay_train.txt", 3, "2 one 2 chair_final/1001_1.JPG")
-    add("sop_non_integer_class", "sop", root, re.escape("Ebay_train.txt, line 3: class_id must be an integer, found 'one'"))
+    add(
+        "sop_non_integer_class",
+        "sop",
+        root,
+        re.escape("Ebay_train.txt, line 3: class_id must be an integer, found 'one'"),
+    )
     root = sop("sop_non_integer_image_id")
     _replace_line(root / "Ebay_train.txt", 2, "1.0 1 2 chair_final/1001_0.JPG")
     add("sop_non_integer_image_id", "sop", root, re.escape("image_id must be an integer, found '1.0'"))
@@ -558,8 +617,13 @@ def _dataset_cases(base: Path) -> list[Case]:
     add("sop_listed_image_missing", "sop", root, re.escape("1 of 6 listed images not found"), skipped=1)
     root = sop("sop_class_in_both_lists")
     _replace_line(root / "Ebay_test.txt", 2, "7 1 1 bicycle_final/1004_0.JPG")
-    add("sop_class_in_both_lists", "sop", root, re.escape("sop: 1 classes appear in both train and test"),
-        names_path=False)
+    add(
+        "sop_class_in_both_lists",
+        "sop",
+        root,
+        re.escape("sop: 1 classes appear in both train and test"),
+        names_path=False,
+    )
 
     # In-Shop partition file.
     def inshop(name: str) -> Path:
@@ -567,19 +631,34 @@ def _dataset_cases(base: Path) -> list[Case]:
 
     root = inshop("inshop_missing_column")
     _replace_line(root / "list_eval_partition.txt", 4, "img/WOMEN/Dresses/id_00000001/02_2_front.jpg train")
-    add("inshop_missing_column", "inshop", root, re.escape("list_eval_partition.txt, line 4: expected 3 columns, found 2"))
+    add(
+        "inshop_missing_column",
+        "inshop",
+        root,
+        re.escape("list_eval_partition.txt, line 4: expected 3 columns, found 2"),
+    )
     root = inshop("inshop_extra_column")
     _replace_line(root / "list_eval_partition.txt", 5, "img/x.jpg id_00000002 train extra")
     add("inshop_extra_column", "inshop", root, re.escape("line 5: expected 3 columns, found 4"))
     root = inshop("inshop_non_integer_count")
     _replace_line(root / "list_eval_partition.txt", 1, "twelve")
-    add("inshop_non_integer_count", "inshop", root, re.escape("line 1: the image count must be an integer, found 'twelve'"))
+    add(
+        "inshop_non_integer_count",
+        "inshop",
+        root,
+        re.escape("line 1: the image count must be an integer, found 'twelve'"),
+    )
     root = inshop("inshop_count_mismatch")
     _replace_line(root / "list_eval_partition.txt", 1, "99")
     add("inshop_count_mismatch", "inshop", root, re.escape("declares 99 images but lists 13"))
     root = inshop("inshop_bad_status")
     _replace_line(root / "list_eval_partition.txt", 3, "img/WOMEN/Dresses/id_00000001/01_1_front.jpg id_00000001 val")
-    add("inshop_bad_status", "inshop", root, re.escape("line 3: evaluation_status must be one of train, query, gallery, found 'val'"))
+    add(
+        "inshop_bad_status",
+        "inshop",
+        root,
+        re.escape("line 3: evaluation_status must be one of train, query, gallery, found 'val'"),
+    )
     root = inshop("inshop_missing_header")
     _replace_line(root / "list_eval_partition.txt", 2, None)
     add("inshop_missing_header", "inshop", root, re.escape("line 2: expected the header"))
@@ -600,29 +679,58 @@ def _dataset_cases(base: Path) -> list[Case]:
 
     good = "path,label,split\nimg/0.jpg,a,train\nimg/1.jpg,a,train\nimg/2.jpg,b,test\nimg/3.jpg,b,test\n"
     csv_case("csv_valid_with_bom", "\ufeff" + good, None)
-    csv_case("csv_missing_label_column", "path,split\nimg/0.jpg,train\n", re.escape("line 1: missing required column 'label'"))
-    csv_case("csv_missing_path_column", "file,label\nimg/0.jpg,a\n", re.escape("line 1: missing required column 'path'"))
-    csv_case("csv_row_extra_cell", good.replace("img/1.jpg,a,train", "img/1.jpg,a,train,oops"),
-             re.escape("labels.csv, line 3: expected 3 columns, found 4"))
-    csv_case("csv_row_missing_cell", good.replace("img/2.jpg,b,test", "img/2.jpg,b"),
-             re.escape("labels.csv, line 4: expected 3 columns, found 2"))
+    csv_case(
+        "csv_missing_label_column",
+        "path,split\nimg/0.jpg,train\n",
+        re.escape("line 1: missing required column 'label'"),
+    )
+    csv_case(
+        "csv_missing_path_column", "file,label\nimg/0.jpg,a\n", re.escape("line 1: missing required column 'path'")
+    )
+    csv_case(
+        "csv_row_extra_cell",
+        good.replace("img/1.jpg,a,train", "img/1.jpg,a,train,oops"),
+        re.escape("labels.csv, line 3: expected 3 columns, found 4"),
+    )
+    csv_case(
+        "csv_row_missing_cell",
+        good.replace("img/2.jpg,b,test", "img/2.jpg,b"),
+        re.escape("labels.csv, line 4: expected 3 columns, found 2"),
+    )
     csv_case("csv_empty_label", good.replace("img/3.jpg,b,test", "img/3.jpg,,test"), re.escape("line 5: empty 'label'"))
-    csv_case("csv_bad_split", good.replace("img/0.jpg,a,train", "img/0.jpg,a,validation"),
-             re.escape("line 2: split must be train or test, found 'validation'"))
-    csv_case("csv_bad_flag", "path,label,split,is_query\nimg/0.jpg,a,train,\nimg/1.jpg,a,train,\nimg/2.jpg,b,test,maybe\n",
-             re.escape("line 4: is_query must be 0/1/true/false, found 'maybe'"))
+    csv_case(
+        "csv_bad_split",
+        good.replace("img/0.jpg,a,train", "img/0.jpg,a,validation"),
+        re.escape("line 2: split must be train or test, found 'validation'"),
+    )
+    csv_case(
+        "csv_bad_flag",
+        "path,label,split,is_query\nimg/0.jpg,a,train,\nimg/1.jpg,a,train,\nimg/2.jpg,b,test,maybe\n",
+        re.escape("line 4: is_query must be 0/1/true/false, found 'maybe'"),
+    )
     csv_case("csv_duplicated_column", "path,label,label\nimg/0.jpg,a,a\n", re.escape("duplicated column 'label'"))
     csv_case("csv_empty_file", "", re.escape("the file is empty"))
     csv_case("csv_not_utf8", b"path,label\nimg/0.jpg,caf\xe9\n", re.escape("not a UTF-8 text file"))
-    csv_case("csv_listed_image_missing", good + "img/missing.jpg,b,test\n",
-             re.escape("1 of 5 listed images not found"), skipped=1)
+    csv_case(
+        "csv_listed_image_missing",
+        good + "img/missing.jpg,b,test\n",
+        re.escape("1 of 5 listed images not found"),
+        skipped=1,
+    )
     # The same image on two rows: before, a doubled test split raised Recall@1 from 78 to 100.
-    csv_case("csv_duplicate_row", good + "img/2.jpg,b,test\n",
-             re.escape("labels.csv, line 6: ") + ".*" + re.escape("is listed again (first at line 4)"))
+    csv_case(
+        "csv_duplicate_row",
+        good + "img/2.jpg,b,test\n",
+        re.escape("labels.csv, line 6: ") + ".*" + re.escape("is listed again (first at line 4)"),
+    )
     csv_case("csv_duplicate_through_dot_path", good + "./img/../img/3.jpg,b,test\n", re.escape("(first at line 5)"))
     csv_case("csv_same_image_two_classes", good + "img/0.jpg,b,train\n", re.escape("is listed again"))
     csv_case("csv_same_image_both_splits", good + "img/1.jpg,a,test\n", re.escape("is listed again"))
-    csv_case("csv_unterminated_quote", 'path,label\n"img/0.jpg,a\n', re.escape("labels.csv, line 2: expected 2 columns, found 1"))
+    csv_case(
+        "csv_unterminated_quote",
+        'path,label\n"img/0.jpg,a\n',
+        re.escape("labels.csv, line 2: expected 2 columns, found 1"),
+    )
     return cases
 
 

@@ -16,17 +16,28 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gce"
 
 #: Each part of gce and its layer: a part imports only parts of its own layer or below.
 LAYERS: dict[str, int] = {
-    "gce.errors": 0, "gce.extras": 0,
+    "gce.errors": 0,
+    "gce.extras": 0,
     "gce.io": 1,
-    "gce.config": 2, "gce.runtime": 2,
-    "gce.data": 3, "gce.models": 3, "gce.losses": 3,
+    "gce.config": 2,
+    "gce.runtime": 2,
+    "gce.data": 3,
+    "gce.models": 3,
+    "gce.losses": 3,
     "gce.evaluation": 4,
     "gce.metaclass": 5,
     "gce.training": 6,
     "gce.distributed": 7,
-    "gce.retrieval": 8, "gce.plots": 8, "gce.weights": 8, "gce.run": 8, "gce.demo": 8, "gce.ablation": 8,
+    "gce.retrieval": 8,
+    "gce.plots": 8,
+    "gce.weights": 8,
+    "gce.run": 8,
+    "gce.demo": 8,
+    "gce.ablation": 8,
     "gce.serve": 9,
-    "gce.commands": 10, "gce.cli": 10, "gce.__main__": 10,
+    "gce.commands": 10,
+    "gce.cli": 10,
+    "gce.__main__": 10,
 }
 #: Rules the layers imply that are worth saying on their own (docs/architecture.md).
 FORBIDDEN: dict[str, tuple[str, ...]] = {
@@ -124,17 +135,24 @@ def test_every_part_of_gce_has_a_layer():
 
 
 def test_no_part_imports_a_layer_above_it():
-    upward = sorted(f"{module} imports {target}" for module, targets in GRAPH.items() for target in targets
-                    if _part(module) != "gce" and _part(target) != "gce"
-                    and LAYERS[_part(target)] > LAYERS[_part(module)])
+    upward = sorted(
+        f"{module} imports {target}"
+        for module, targets in GRAPH.items()
+        for target in targets
+        if _part(module) != "gce" and _part(target) != "gce" and LAYERS[_part(target)] > LAYERS[_part(module)]
+    )
     assert upward == []
 
 
 @pytest.mark.parametrize("part", sorted(FORBIDDEN))
 def test_forbidden_imports(part):
-    found = sorted(f"{module} imports {name}" for module in MODULES if _part(module) == part
-                   for name in _imports(module)
-                   if any(name == f or name.startswith(f + ".") for f in FORBIDDEN[part]))
+    found = sorted(
+        f"{module} imports {name}"
+        for module in MODULES
+        if _part(module) == part
+        for name in _imports(module)
+        if any(name == f or name.startswith(f + ".") for f in FORBIDDEN[part])
+    )
     assert found == []
 
 

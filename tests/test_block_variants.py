@@ -73,8 +73,16 @@ def test_mobilenet_last_conv_is_sliced_not_recomputed() -> None:
 @pytest.mark.parametrize("backbone,layers", [("mobilenet_v2", 2), ("resnet18", 1)])
 def test_learner_gradient_never_reaches_other_learners_trunk_copies(backbone: str, layers: int) -> None:
     k_total = 4
-    model = build_model(backbone, "gce", k_total, 32, pretrained=False, freeze_bn=True,
-                        grouped_trunk_layers=layers, block_channels=None if backbone == "mobilenet_v2" else 512)
+    model = build_model(
+        backbone,
+        "gce",
+        k_total,
+        32,
+        pretrained=False,
+        freeze_bn=True,
+        grouped_trunk_layers=layers,
+        block_channels=None if backbone == "mobilenet_v2" else 512,
+    )
     model.train()
     images = torch.randn(3, 3, 32, 32)
     params = dict(model.named_parameters())
@@ -126,8 +134,9 @@ def test_grouped_trunk_copies_have_frozen_batchnorm_and_train_at_the_trunk_rate(
 # --- block shapes ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block,residual", [("conv3x3", True), ("bottleneck", False), ("bottleneck", True),
-                                            ("none", False)])
+@pytest.mark.parametrize(
+    "block,residual", [("conv3x3", True), ("bottleneck", False), ("bottleneck", True), ("none", False)]
+)
 def test_block_variant_keeps_learners_apart(block: str, residual: bool) -> None:
     k_total, channels = 4, 32
     head = GroupChannelwiseHead(channels, k_total, 16, block=block, block_residual=residual).train()
@@ -155,7 +164,9 @@ def test_wide_and_bottleneck_blocks_have_the_requested_channels() -> None:
     head = GroupChannelwiseHead(64, 4, 16, block_channels=128, block="bottleneck")
     convs = [m for m in head.block if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.groups) for c in convs] == [
-        (64, 128, (1, 1), 4), (128, 128, (3, 3), 4)]
+        (64, 128, (1, 1), 4),
+        (128, 128, (3, 3), 4),
+    ]
     assert head(torch.rand(2, 64, 3, 3)).shape == (2, 16)
 
 
@@ -163,8 +174,7 @@ def test_block_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"model\.block_residual=true needs a block"):
         build_model("resnet18", "gce", 4, 32, pretrained=False, freeze_bn=True, block="none", block_residual=True)
     with pytest.raises(ConfigError, match=r"model\.block_residual=true .*block_channels unset or 512"):
-        build_model("resnet18", "gce", 4, 32, pretrained=False, freeze_bn=True, block_channels=256,
-                    block_residual=True)
+        build_model("resnet18", "gce", 4, 32, pretrained=False, freeze_bn=True, block_channels=256, block_residual=True)
     with pytest.raises(ConfigError, match=r"model\.block"):
         load_config(None, ["data.dataset=emoji", "data.root=x", "model.block=deep"])
 
@@ -173,19 +183,29 @@ def test_default_head_layout_is_unchanged() -> None:
     # Checkpoints of the original head must still load: same parameter names and shapes.
     head = GroupChannelwiseHead(32, 4, 16)
     shapes = {n: tuple(p.shape) for n, p in head.state_dict().items()}
-    assert shapes == {"block.0.weight": (32, 8, 3, 3), "block.1.weight": (32,), "block.1.bias": (32,),
-                      "block.1.running_mean": (32,), "block.1.running_var": (32,),
-                      "block.1.num_batches_tracked": (), "embed.weight": (16, 8, 1, 1), "embed.bias": (16,)}
+    assert shapes == {
+        "block.0.weight": (32, 8, 3, 3),
+        "block.1.weight": (32,),
+        "block.1.bias": (32,),
+        "block.1.running_mean": (32,),
+        "block.1.running_var": (32,),
+        "block.1.num_batches_tracked": (),
+        "embed.weight": (16, 8, 1, 1),
+        "embed.bias": (16,),
+    }
 
 
 # --- state survives a save/load cycle ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [
-    {"grouped_trunk_layers": 2, "block": "bottleneck"},
-    {"block_residual": True},
-    {"block": "none", "grouped_trunk_layers": 3},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"grouped_trunk_layers": 2, "block": "bottleneck"},
+        {"block_residual": True},
+        {"block": "none", "grouped_trunk_layers": 3},
+    ],
+)
 def test_variant_state_survives_save_and_load(options: dict) -> None:
     model = build_model("mobilenet_v2", "gce", 4, 32, pretrained=False, freeze_bn=True, **options).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)

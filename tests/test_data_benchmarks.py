@@ -227,7 +227,9 @@ def test_inshop_bad_status_and_missing_column(tmp_path):
     bad = lines.copy()
     bad[7] = bad[7].replace("query", "probe")
     path.write_text("\n".join(bad))
-    with pytest.raises(DatasetError, match=r"line 8: evaluation_status must be one of train, query, gallery, found 'probe'"):
+    with pytest.raises(
+        DatasetError, match=r"line 8: evaluation_status must be one of train, query, gallery, found 'probe'"
+    ):
         load_inshop(root)
     bad = lines.copy()
     bad[4] = bad[4].rsplit(maxsplit=1)[0]

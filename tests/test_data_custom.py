@@ -157,7 +157,8 @@ img/dog1.png,dog,test,0,1,x
 def test_csv_only_is_query_column_means_all_gallery(tmp_path):
     csv_images(tmp_path)
     text = "path,label,split,is_query\n" + "\n".join(
-        f"img/{c}{k}.png,{c},{s},{k}" for c, s in [("ant", "train"), ("bee", "test")] for k in range(2))
+        f"img/{c}{k}.png,{c},{s},{k}" for c, s in [("ant", "train"), ("bee", "test")] for k in range(2)
+    )
     splits = load_csv(write_csv(tmp_path, text))
     assert splits.test.is_query.tolist() == [False, True]
     assert splits.test.is_gallery.tolist() == [True, True]
@@ -175,7 +176,9 @@ def test_csv_row_errors_name_the_line(tmp_path):
         "path,label\n" + "\n".join(rows[:3]) + "\nimg/x.png,a,extra\n": r"line 5: expected 2 columns, found 3",
         "path,label\n" + rows[0] + "\nimg/ant1.png,\n": r"line 3: empty 'label'",
         "path,label,split\n" + rows[0] + ",valid\n": r"line 2: split must be train or test, found 'valid'",
-        "path,label,split,is_query\n" + rows[0] + ",test,maybe\n": r"line 2: is_query must be 0/1/true/false, found 'maybe'",
+        "path,label,split,is_query\n"
+        + rows[0]
+        + ",test,maybe\n": r"line 2: is_query must be 0/1/true/false, found 'maybe'",
     }
     for text, pattern in cases.items():
         with pytest.raises(DatasetError, match=r"labels\.csv, " + pattern):

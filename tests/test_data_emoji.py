@@ -35,8 +35,10 @@ def cache(tmp_path):
 @pytest.fixture
 def no_npm(monkeypatch):
     """Fail the test if the builder tries to run npm."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"npm must not run in tests: {args}")
+
     monkeypatch.setattr(emoji.subprocess, "run", refuse)
 
 
@@ -84,8 +86,9 @@ def test_build_is_idempotent_and_rebuilds_on_new_settings(tmp_path, cache, no_np
     stamp = (out / "manifest.csv").stat().st_mtime_ns
     build_emoji_dataset(out, cache_dir=cache, progress=False)
     assert (out / "manifest.csv").stat().st_mtime_ns == stamp
-    build_emoji_dataset(out, cache_dir=cache, size=32, vendors=("apple", "google", "fluent3d"),
-                        min_vendors=3, progress=False)
+    build_emoji_dataset(
+        out, cache_dir=cache, size=32, vendors=("apple", "google", "fluent3d"), min_vendors=3, progress=False
+    )
     rows = read_manifest(out)
     assert {r["vendor"] for r in rows} == {"apple", "google", "fluent3d"}
     assert Image.open(out / rows[0]["path"]).size == (32, 32)
@@ -134,8 +137,9 @@ def test_failing_npm_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(emoji.shutil, "which", lambda name: "/usr/bin/npm")
     monkeypatch.setattr(emoji.subprocess, "run", fake_run)
     with pytest.raises(GceError, match=r"(?s)npm install .*failed \(exit code 1\).*network unreachable"):
-        build_emoji_dataset(tmp_path / "e", vendors=("apple", "fluent3d"), min_vendors=2,
-                            cache_dir=tmp_path / "cache", progress=False)
+        build_emoji_dataset(
+            tmp_path / "e", vendors=("apple", "fluent3d"), min_vendors=2, cache_dir=tmp_path / "cache", progress=False
+        )
     assert calls[0][1:6] == ["install", "--no-audit", "--no-fund", "--prefix", str(tmp_path / "cache")]
     assert calls[0][6:] == ["emoji-datasource-apple@16.0.0", "@lobehub/fluent-emoji-3d@1.1.0"]
 
@@ -151,8 +155,9 @@ def test_only_missing_packages_are_installed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(emoji.shutil, "which", lambda name: "/usr/bin/npm")
     monkeypatch.setattr(emoji.subprocess, "run", fake_run)
-    build_emoji_dataset(tmp_path / "e", vendors=("apple", "google", "twitter"), min_vendors=3,
-                        cache_dir=cache, progress=False)
+    build_emoji_dataset(
+        tmp_path / "e", vendors=("apple", "google", "twitter"), min_vendors=3, cache_dir=cache, progress=False
+    )
     assert len(calls) == 1 and calls[0][6:] == ["emoji-datasource-twitter@16.0.0"]
 
 

@@ -69,8 +69,23 @@ def test_demo_metrics_equal_gce_eval_and_its_curve_leaves_training_unchanged(tmp
     assert main(["demo", str(config), "--quiet", "--out", str(tmp_path / "demo"), "train.epochs=2"]) == 0
     demo_rows = json.loads((tmp_path / "demo" / "comparison.json").read_text())
     # The same model.pt through `gce eval` with the configured back end: the very same numbers.
-    assert main(["eval", "--checkpoint", str(run / "model.pt"), "--backend", "faiss", "--workers", "0", "--quiet",
-                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run / "model.pt"),
+                "--backend",
+                "faiss",
+                "--workers",
+                "0",
+                "--quiet",
+                "--out",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     assert demo_rows["tiny-demo (2 epochs)"] == json.loads((tmp_path / "eval.json").read_text())
     # The curve: the model before training, then after each epoch.
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +98,9 @@ def test_demo_metrics_equal_gce_eval_and_its_curve_leaves_training_unchanged(tmp
     assert (plain / "final_metrics.json").read_text() == (run / "final_metrics.json").read_text()
     for key, tensor in load_checkpoint(plain / "last.pt")[0]["model"].items():
         assert torch.equal(tensor, load_checkpoint(run / "last.pt")[0]["model"][key]), key
-    assert torch.equal(load_checkpoint(plain / "last.pt")[0]["rng"]["torch"], load_checkpoint(run / "last.pt")[0]["rng"]["torch"])
+    assert torch.equal(
+        load_checkpoint(plain / "last.pt")[0]["rng"]["torch"], load_checkpoint(run / "last.pt")[0]["rng"]["torch"]
+    )
 
 
 def test_retrieval_grid_marks_right_and_wrong(tmp_path, shape_folder, monkeypatch):

@@ -77,8 +77,22 @@ def test_a_gpu_run_resumes_and_evaluates_on_the_cpu(tmp_path, shape_folder, monk
     model, _ = load_model(out / "model.pt")
     assert all(p.device.type == "cpu" for p in model.parameters())
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(out / "model.pt"), "--workers", "0", "--no-clustering", "--quiet",
-                 "--out", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "model.pt"),
+                "--workers",
+                "0",
+                "--no-clustering",
+                "--quiet",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     final = json.loads((out / "final_metrics.json").read_text())
     assert json.loads((tmp_path / "m.json").read_text())["recall@1"] == pytest.approx(final["recall@1"])
 

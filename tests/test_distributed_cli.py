@@ -31,8 +31,18 @@ eval: {{batch_size: 8, clustering: false}}
 
 def test_launcher_command_line():
     command = torchrun_command(["train", "c.yaml", "a.b=1"], nproc=4, max_restarts=3)
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                           "--max-restarts=3", "-m", "gce", "train", "c.yaml", "a.b=1"]
+    assert command[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "--max-restarts=3",
+        "-m",
+        "gce",
+        "train",
+        "c.yaml",
+        "a.b=1",
+    ]
     with pytest.raises(ConfigError, match="--nproc"):
         torchrun_command(["train"], nproc=0)
 
@@ -42,8 +52,13 @@ def test_gce_train_nproc_2_runs_once_and_writes_once(tmp_path, shape_folder):
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG.format(root=shape_folder, out=out))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "gce", "train", str(config), "--nproc", "2", "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "gce", "train", str(config), "--nproc", "2", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("final test metrics") == 1  # rank 0 prints, rank 1 does not
     assert (out / "model.pt").exists() and (out / "final_metrics.json").exists()
@@ -78,10 +93,19 @@ def test_sync_bn_needs_trainable_batchnorm(tmp_path):
 
 
 def _gce(*args: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "gce", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "gce", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
 
 
 def test_ctrl_c_under_nproc_checkpoints_mid_epoch_and_resumes_to_the_uninterrupted_run(tmp_path, shape_folder):
@@ -93,8 +117,11 @@ def test_ctrl_c_under_nproc_checkpoints_mid_epoch_and_resumes_to_the_uninterrupt
     for name in ("interrupted", "reference"):
         runs[name] = tmp_path / name
         (tmp_path / f"{name}.yaml").write_text(
-            CONFIG.format(root=shape_folder, out=runs[name]).replace("strategy: random", "strategy: class_proxy, update_every: 1")
-            .replace("batches_per_epoch: 2", "batches_per_epoch: 40").replace("epochs: 1", "epochs: 2"))
+            CONFIG.format(root=shape_folder, out=runs[name])
+            .replace("strategy: random", "strategy: class_proxy, update_every: 1")
+            .replace("batches_per_epoch: 2", "batches_per_epoch: 40")
+            .replace("epochs: 1", "epochs: 2")
+        )
     process = _gce("train", str(tmp_path / "interrupted.yaml"), "--nproc", "2", "--quiet", start_new_session=True)
     _stdout, stderr = signal_group_in_epoch_1(process, signal.SIGINT, timeout_s=300)
     assert process.returncode == 130, stderr[-3000:]
@@ -119,8 +146,9 @@ def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path):
     assert done.returncode == 1
     assert "Traceback" not in stderr
     assert stderr.count("does not exist") == 2  # each worker's own error
-    assert stderr.strip().splitlines()[-1] == ("gce: error: 2 of 2 worker processes failed (exit code 1); "
-                                               "their errors are printed above")
+    assert stderr.strip().splitlines()[-1] == (
+        "gce: error: 2 of 2 worker processes failed (exit code 1); their errors are printed above"
+    )
     bad = _gce("train", str(config), "train.no_such_key=1", "--nproc", "2")
     _, stderr = bad.communicate(timeout=120)
     assert bad.returncode == 1 and "no_such_key" in stderr and "worker" not in stderr  # before any process

@@ -44,8 +44,9 @@ def full_fp32_on_the_gpu():
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False,
-                       freeze_bn=True)
+    return build_model(
+        backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False, freeze_bn=True
+    )
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,15 +113,19 @@ def test_meta_class_refreshes_take_gpu_embeddings():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(8), 3)
     embeddings = torch.from_numpy(rng.normal(size=(len(labels), 8)).astype(np.float32))
-    torch.testing.assert_close(class_proxies(embeddings.cuda(), torch.from_numpy(labels), 8).cpu(),
-                               class_proxies(embeddings, torch.from_numpy(labels), 8))
+    torch.testing.assert_close(
+        class_proxies(embeddings.cuda(), torch.from_numpy(labels), 8).cpu(),
+        class_proxies(embeddings, torch.from_numpy(labels), 8),
+    )
     strategy = build_strategy("class_proxy", num_metaclasses=2)
     expected = strategy.assign(embeddings, labels, 8, seed=3)
     assert np.array_equal(strategy.assign(embeddings.cuda(), torch.from_numpy(labels).cuda(), 8, seed=3), expected)
     per_learner = PerLearnerMetaClasses(strategy, num_learners=2)
     slices = [slice(0, 4), slice(4, 8)]
-    assert np.array_equal(per_learner.assign(embeddings.cuda(), labels, 8, slices, seed=3),
-                          per_learner.assign(embeddings, labels, 8, slices, seed=3))
+    assert np.array_equal(
+        per_learner.assign(embeddings.cuda(), labels, 8, slices, seed=3),
+        per_learner.assign(embeddings, labels, 8, slices, seed=3),
+    )
 
 
 RUN = """
@@ -153,21 +158,44 @@ def test_gce_train_on_gpu_refreshes_evaluates_and_resumes_on_gpu_and_cpu(tmp_pat
     assert all(t.device.type == "cpu" for t in state["model"].values())  # loaded with map_location
     # Continue on the GPU, then on the CPU (the checkpoint's tensors were saved from the GPU).
     assert main(["train", str(config), "--quiet", "--resume", "train.epochs=3"]) == 0
-    assert main(["train", str(config), "--quiet", "--resume", "train.epochs=4", "train.device=cpu",
-                 "train.num_threads=2"]) == 0
+    assert (
+        main(["train", str(config), "--quiet", "--resume", "train.epochs=4", "train.device=cpu", "train.num_threads=2"])
+        == 0
+    )
     assert load_checkpoint(out)[0]["epoch"] == 4
     final = json.loads((out / "final_metrics.json").read_text())
     for device in ("cuda", "cpu"):
-        assert main(["eval", "--checkpoint", str(out / "model.pt"), "--device", device, "--batch-size", "16",
-                     "--workers", "0", "--quiet", "--out", str(tmp_path / f"{device}.json")]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--checkpoint",
+                    str(out / "model.pt"),
+                    "--device",
+                    device,
+                    "--batch-size",
+                    "16",
+                    "--workers",
+                    "0",
+                    "--quiet",
+                    "--out",
+                    str(tmp_path / f"{device}.json"),
+                ]
+            )
+            == 0
+        )
         metrics = json.loads((tmp_path / f"{device}.json").read_text())
         assert metrics["recall@1"] == pytest.approx(final["recall@1"], abs=0.15), device
 
 
 def test_parts_name_the_gpu_and_the_all_data_reading_trains_on_it(tmp_path, shape_folder):
     config = _write_run(tmp_path, shape_folder, tmp_path / "all")
-    overrides = ["metaclass.learner_data=all", "metaclass.num_metaclasses=3", "train.epochs=1",
-                 "train.eval_test_every=0"]
+    overrides = [
+        "metaclass.learner_data=all",
+        "metaclass.num_metaclasses=3",
+        "train.epochs=1",
+        "train.eval_test_every=0",
+    ]
     parts = build_parts(load_config(config, overrides), progress=False)
     assert parts.device == torch.device("cuda", torch.cuda.current_device())
     assert all(p.device == parts.device for p in parts.model.parameters())
@@ -186,10 +214,12 @@ def test_gce_demo_on_gpu(tmp_path, shape_folder):
 def test_gce_ablate_on_gpu(tmp_path, shape_folder):
     _write_run(tmp_path, shape_folder, tmp_path / "unused", name="base.yaml")
     ablation = tmp_path / "abl.yaml"
-    ablation.write_text(f"base: base.yaml\nout_dir: {tmp_path / 'abl'}\nseeds: [0]\n"
-                        "overrides: [train.epochs=1, train.eval_test_every=0]\n"
-                        "variants:\n  gce: []\n  single: [model.head=linear_split, model.num_learners=1, "
-                        "metaclass.strategy=none]\n")
+    ablation.write_text(
+        f"base: base.yaml\nout_dir: {tmp_path / 'abl'}\nseeds: [0]\n"
+        "overrides: [train.epochs=1, train.eval_test_every=0]\n"
+        "variants:\n  gce: []\n  single: [model.head=linear_split, model.num_learners=1, "
+        "metaclass.strategy=none]\n"
+    )
     assert main(["ablate", str(ablation), "--quiet"]) == 0
     summary = (tmp_path / "abl" / "summary.md").read_text()
     assert "| gce | 1 |" in summary and "| single | 1 |" in summary
@@ -205,8 +235,9 @@ def test_nccl_gather_and_its_reduce_scatter_backward_run_on_the_gpu(tmp_path):
     from gce.distributed.collectives import _AllGatherRows, gather_sizes
 
     device = torch.device("cuda", 0)
-    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
-                            device_id=device)
+    dist.init_process_group(
+        "nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1, device_id=device
+    )
     try:
         assert dist.get_backend() == dist.Backend.NCCL
         assert gather_sizes(5, device) == [5]

@@ -23,8 +23,10 @@ WORLD = 2
 # positive on rank 1; rows 0-1 are a positive pair on rank 0.
 LABELS = torch.tensor([0, 0, 1, 2, 3, 1, 2, 4, 4, 3])
 UNEVEN = (6, 4)
-SETTINGS = [{"mining": m, "distance": d, "full_embedding_weight": w, "margin": 0.3}
-            for m, d, w in itertools.product(("semihard", "hard", "all"), ("euclidean", "cosine"), (0.0, 0.5))]
+SETTINGS = [
+    {"mining": m, "distance": d, "full_embedding_weight": w, "margin": 0.3}
+    for m, d, w in itertools.product(("semihard", "hard", "all"), ("euclidean", "cosine"), (0.0, 0.5))
+]
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +46,7 @@ def _case(loss: GCELoss, x: torch.Tensor, labels: torch.Tensor, mode: str):
 def _rows(ctx, split: tuple[int, ...]) -> slice:
     if not ctx.enabled:
         return slice(0, len(LABELS))
-    start = sum(split[:ctx.rank])
+    start = sum(split[: ctx.rank])
     return slice(start, start + split[ctx.rank])
 
 
@@ -114,7 +116,7 @@ def test_gathered_order_and_gradients_sum_over_ranks(runs):
     weights = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     for rank, (x_grad, y_grad) in enumerate(grads):
         # Loss_r = (r + 1) * sum(w * gathered): d(sum over ranks)/d(x_rank) = (1 + 2) * w[rank rows].
-        assert torch.equal(x_grad, 3 * weights[2 * rank:2 * rank + 2])
+        assert torch.equal(x_grad, 3 * weights[2 * rank : 2 * rank + 2])
         assert torch.equal(y_grad, torch.tensor([3.0]))
 
 
@@ -137,7 +139,7 @@ def test_sharded_loss_equals_single_process(results):
 def test_a_batch_split_unevenly_gives_the_same_loss(runs):
     single = runs[0]["losses"]
     for rank, run in enumerate(runs[1]):
-        rows = slice(sum(UNEVEN[:rank]), sum(UNEVEN[:rank + 1]))
+        rows = slice(sum(UNEVEN[:rank]), sum(UNEVEN[: rank + 1]))
         # strict=False: the uneven split runs only the first 4 settings
         for (parts, grad, _total), (r_parts, r_grad, _r_total) in zip(single, run["uneven"], strict=False):
             assert r_parts["loss"] == pytest.approx(parts["loss"], abs=1e-6)

@@ -27,8 +27,9 @@ def _dataset() -> TensorDataset:
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return build_model(backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False,
-                       freeze_bn=True)
+    return build_model(
+        backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False, freeze_bn=True
+    )
 
 
 def _extract_and_evaluate(ctx) -> tuple:
@@ -59,6 +60,7 @@ def _batchnorm(ctx) -> tuple:
 def _failure_on_main(ctx) -> str:
     def fail():
         raise GceError("only rank 0 knows")
+
     try:
         compute_on_main(ctx, fail)
     except GceError as exc:

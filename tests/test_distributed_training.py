@@ -77,8 +77,12 @@ def _train(ctx, config: str, resume: bool = False, kill_after: int | None = None
 
         trainer._step = step_then_die  # type: ignore[method-assign]
     result = trainer.run()
-    return {"result": result.to_dict(), "refreshes": refreshes,
-            "type": type(trainer).__name__, "rng": (torch.get_rng_state(), random.getstate())}
+    return {
+        "result": result.to_dict(),
+        "refreshes": refreshes,
+        "type": type(trainer).__name__,
+        "rng": (torch.get_rng_state(), random.getstate()),
+    }
 
 
 def _single(config: Path) -> dict:
@@ -175,12 +179,31 @@ def test_a_worker_killed_under_max_restarts_restarts_on_its_own_and_equals_unint
     folder = runs["folder"]
     config = write_config(folder, shape_folder, "restarted")
     repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo / "tests")]),
-           FRESH_STORE_PER_RESTART[0]: FRESH_STORE_PER_RESTART[1]}  # what gce train --nproc sets
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "--max-restarts=1", str(repo / "tests" / "faulty_worker.py"), str(KILL_AFTER_STEPS),
-                           str(folder / "rank1-died"), "train", str(config), "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo / "tests")]),
+        FRESH_STORE_PER_RESTART[0]: FRESH_STORE_PER_RESTART[1],
+    }  # what gce train --nproc sets
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "--max-restarts=1",
+            str(repo / "tests" / "faulty_worker.py"),
+            str(KILL_AFTER_STEPS),
+            str(folder / "rank1-died"),
+            "train",
+            str(config),
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (folder / "rank1-died").exists()  # the first attempt did fail
     for name, tensor in weights(folder / "restarted").items():

@@ -21,11 +21,28 @@ def clustered(n: int = 300, classes: int = 40, dim: int = 32, seed: int = 0) -> 
 
 
 def test_to_dict_and_table():
-    res = EvalResult(recall={4: 0.9, 1: 0.5}, nmi=0.61, f1=0.2, map_at_r=0.25, r_precision=0.333,
-                     num_queries=10, num_classes=3, excluded_queries=2)
+    res = EvalResult(
+        recall={4: 0.9, 1: 0.5},
+        nmi=0.61,
+        f1=0.2,
+        map_at_r=0.25,
+        r_precision=0.333,
+        num_queries=10,
+        num_classes=3,
+        excluded_queries=2,
+    )
     d = res.to_dict()
-    assert list(d) == ["recall@1", "recall@4", "nmi", "f1", "map@r", "r_precision", "num_queries",
-                       "num_classes", "excluded_queries"]
+    assert list(d) == [
+        "recall@1",
+        "recall@4",
+        "nmi",
+        "f1",
+        "map@r",
+        "r_precision",
+        "num_queries",
+        "num_classes",
+        "excluded_queries",
+    ]
     assert d["recall@1"] == 0.5 and d["map@r"] == 0.25 and d["excluded_queries"] == 2
     table = res.format_table()
     assert "Recall@1" in table and "50.0" in table and "33.3" in table and "61.0" in table

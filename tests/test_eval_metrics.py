@@ -55,8 +55,12 @@ def brute_retrieval(x: np.ndarray, labels: np.ndarray, ks=KS, query_rows=None, g
                 found += 1
                 ap += found / (i + 1)
         aps.append(ap / r)
-    return {"recall": {k: float(np.mean(v)) for k, v in hits.items()}, "map@r": float(np.mean(aps)),
-            "r_precision": float(np.mean(rps)), "excluded": excluded}
+    return {
+        "recall": {k: float(np.mean(v)) for k, v in hits.items()},
+        "map@r": float(np.mean(aps)),
+        "r_precision": float(np.mean(rps)),
+        "excluded": excluded,
+    }
 
 
 def brute_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -84,13 +88,19 @@ def tie_heavy_labelled(n: int = 200, dim: int = 16, seed: int = 0) -> tuple[np.n
     return x, labels
 
 
-def random_float_labelled(n: int = 240, dim: int = 16, classes: int = 30, seed: int = 1,
-                          lone: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_float_labelled(
+    n: int = 240, dim: int = 16, classes: int = 30, seed: int = 1, lone: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalised random floats around class centres (no ties); every class has >= 2 members
     unless ``lone`` single-member classes are appended."""
     rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.arange(classes).repeat(2), rng.integers(0, classes, n - 2 * classes - lone),
-                             np.arange(classes, classes + lone)])
+    labels = np.concatenate(
+        [
+            np.arange(classes).repeat(2),
+            rng.integers(0, classes, n - 2 * classes - lone),
+            np.arange(classes, classes + lone),
+        ]
+    )
     rng.shuffle(labels)
     x = rng.normal(size=(classes + lone, dim))[labels] + 1.2 * rng.normal(size=(n, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -121,8 +131,9 @@ def test_query_gallery_mode_matches_brute_force():
     is_gallery = ~is_query
     is_gallery[np.flatnonzero(is_query)[:10]] = True  # some images are both: excluded by identity
     want = brute_retrieval(x, labels, query_rows=np.flatnonzero(is_query), gallery_rows=np.flatnonzero(is_gallery))
-    got = evaluate_embeddings(x, labels, recall_ks=KS, is_query=is_query, is_gallery=is_gallery,
-                              clustering=False, chunk_size=5)
+    got = evaluate_embeddings(
+        x, labels, recall_ks=KS, is_query=is_query, is_gallery=is_gallery, clustering=False, chunk_size=5
+    )
     assert got.recall == pytest.approx(want["recall"], abs=1e-12)
     assert got.map_at_r == pytest.approx(want["map@r"], abs=1e-12)
     assert got.r_precision == pytest.approx(want["r_precision"], abs=1e-12)
@@ -163,8 +174,11 @@ def test_matches_pytorch_metric_learning(lone, caplog):
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     x, labels = random_float_labelled(lone=lone)
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
-                              k="max_bin_count", device=torch.device("cpu"))
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )
     with caplog.at_level(logging.ERROR):
         pml = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels))
     ours = evaluate_embeddings(x, labels, recall_ks=(1,), clustering=False)

@@ -26,8 +26,11 @@ from gce.metaclass import (
 
 # ------------------------------------------------------------------------------------ fixtures
 def clustered_data(
-    classes_per_cluster: list[int], images_per_class: int | list[int] = 5, dim: int = 16,
-    seed: int = 0, spread: float = 0.05,
+    classes_per_cluster: list[int],
+    images_per_class: int | list[int] = 5,
+    dim: int = 16,
+    seed: int = 0,
+    spread: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Embeddings whose classes form well-separated clusters of class proxies.
 

@@ -262,8 +262,15 @@ def test_state_dict_round_trip_rebuilds_the_same_model() -> None:
     from gce.config import ModelConfig
     from gce.models import model_from_config
 
-    cfg = ModelConfig(backbone="googlenet", head="gce", num_learners=2, embedding_dim=16, pretrained=False,
-                      freeze_bn=True, block_channels=64)
+    cfg = ModelConfig(
+        backbone="googlenet",
+        head="gce",
+        num_learners=2,
+        embedding_dim=16,
+        pretrained=False,
+        freeze_bn=True,
+        block_channels=64,
+    )
     model = model_from_config(cfg).eval()
     clone = model_from_config(cfg, pretrained=False).eval()
     clone.load_state_dict(model.state_dict())

@@ -7,11 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from gce import __version__
@@ -21,8 +21,20 @@ from gce.errors import ConfigError, GceError
 from gce.extras import DISTRIBUTION, EXTRAS, require_extra
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["train", "eval", "ablate", "demo", "config", "data", "weights", "export", "embed", "index", "search",
-               "serve"]
+SUBCOMMANDS = [
+    "train",
+    "eval",
+    "ablate",
+    "demo",
+    "config",
+    "data",
+    "weights",
+    "export",
+    "embed",
+    "index",
+    "search",
+    "serve",
+]
 HEAVY = ("torch", "torchvision", "numpy", "faiss", "PIL", "fastapi", "sklearn", "scipy", "matplotlib")
 
 _IMPORTS_AFTER = """
@@ -37,24 +49,28 @@ print("loaded:" + ",".join(m for m in {heavy!r} if m in sys.modules), file=sys.s
 
 
 def _heavy_imports(*argv: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER.format(heavy=HEAVY), *argv],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER.format(heavy=HEAVY), *argv], capture_output=True, text=True, timeout=120
+    )
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("loaded:"), done.stderr
     return [m for m in last.removeprefix("loaded:").split(",") if m]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], *[[c, "--help"] for c in SUBCOMMANDS]],
-                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], *[[c, "--help"] for c in SUBCOMMANDS]], ids=lambda a: " ".join(a)
+)
 def test_help_and_version_import_no_ml_stack(argv):
     """`gce --help` once took 5 s importing torch and the evaluation stack for its parser."""
     assert _heavy_imports(*argv) == []
 
 
 def test_reading_a_config_imports_no_torch():
-    done = subprocess.run([sys.executable, "-c", "import sys; from gce.config import load_config;"
-                           f" load_config({str(REPO / 'configs' / 'emoji.yaml')!r});"
-                           " print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
+    code = (
+        f"import sys; from gce.config import load_config; load_config({str(REPO / 'configs' / 'emoji.yaml')!r});"
+        " print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
 
 
@@ -121,6 +137,7 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # The wheel in a clean venv, run from outside the source tree.
 
+
 def _run(argv: list[str], cwd: Path, timeout: float = 600) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["OMP_NUM_THREADS"] = "1"
@@ -143,16 +160,29 @@ def test_the_wheel_installs_in_a_clean_venv_and_runs_train_to_search(tmp_path):
     dist = tmp_path / "dist"
     source = tmp_path / "source"  # a copy: the build leaves build/ and *.egg-info behind
     top_level = {".venv", ".git", "runs", "data", "build", "dist"}  # a checkout's work, not its source
-    shutil.copytree(REPO, source, symlinks=True, ignore=lambda folder, names: [
-        n for n in names if (Path(folder) == REPO and n in top_level) or n.endswith(".egg-info")
-        or n in ("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")])
+    shutil.copytree(
+        REPO,
+        source,
+        symlinks=True,
+        ignore=lambda folder, names: [
+            n
+            for n in names
+            if (Path(folder) == REPO and n in top_level)
+            or n.endswith(".egg-info")
+            or n in ("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+        ],
+    )
     _run([sys.executable, "-m", "build", "--outdir", str(dist), str(source)], cwd=tmp_path)
     wheel = next(dist.glob("gce_dml-*.whl"))
     assert next(dist.glob("gce_dml-*.tar.gz"))
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-    assert {"gce/config/presets/emoji.yaml", "gce/config/presets/ablation/emoji_strategies.yaml",
-            "gce/serve/static/index.html", "gce/py.typed"} <= names
+    assert {
+        "gce/config/presets/emoji.yaml",
+        "gce/config/presets/ablation/emoji_strategies.yaml",
+        "gce/serve/static/index.html",
+        "gce/py.typed",
+    } <= names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
     venv = tmp_path / "venv"
@@ -169,19 +199,36 @@ def test_the_wheel_installs_in_a_clean_venv_and_runs_train_to_search(tmp_path):
     assert "emoji" in _run([gce, "config", "list"], cwd=work).split()
     (work / "my.yaml").write_text(_run([gce, "config", "show", "emoji"], cwd=work))
     make_pattern_folder(work / "photos", num_classes=8, per_class=6, size=32)
-    quick = ["data.dataset=folder", "data.root=photos", "data.image_size=32", "data.test_resize=32", "data.workers=0",
-             "data.options={test_fraction: 0.25}", "model.pretrained=false", "model.num_learners=2",
-             "model.embedding_dim=32", "sampler.classes_per_batch=3", "sampler.samples_per_class=2",
-             "sampler.batches_per_epoch=2", "train.epochs=1", "train.out_dir=runs/mine", "train.eval_test_every=0",
-             "eval.clustering=false"]
+    quick = [
+        "data.dataset=folder",
+        "data.root=photos",
+        "data.image_size=32",
+        "data.test_resize=32",
+        "data.workers=0",
+        "data.options={test_fraction: 0.25}",
+        "model.pretrained=false",
+        "model.num_learners=2",
+        "model.embedding_dim=32",
+        "sampler.classes_per_batch=3",
+        "sampler.samples_per_class=2",
+        "sampler.batches_per_epoch=2",
+        "train.epochs=1",
+        "train.out_dir=runs/mine",
+        "train.eval_test_every=0",
+        "eval.clustering=false",
+    ]
     _run([gce, "train", "my.yaml", *quick, "--quiet"], cwd=work)
     assert (work / "runs" / "mine" / "model.pt").is_file()
-    assert "R@1" in _run([gce, "eval", "--checkpoint", "runs/mine", "--workers", "0", "--no-clustering", "--quiet"],
-                         cwd=work)
-    _run([gce, "embed", "--checkpoint", "runs/mine", "--images", "photos", "--out", "emb", "--workers", "0",
-          "--quiet"], cwd=work)
+    assert "R@1" in _run(
+        [gce, "eval", "--checkpoint", "runs/mine", "--workers", "0", "--no-clustering", "--quiet"], cwd=work
+    )
+    _run(
+        [gce, "embed", "--checkpoint", "runs/mine", "--images", "photos", "--out", "emb", "--workers", "0", "--quiet"],
+        cwd=work,
+    )
     _run([gce, "index", "build", "emb", "--out", "idx", "--quiet"], cwd=work)
     query = next((work / "photos" / "class_03").glob("*.png"))
-    hits = _run([gce, "search", str(query), "--index", "idx", "--checkpoint", "runs/mine", "--k", "3", "--json"],
-                cwd=work)
+    hits = _run(
+        [gce, "search", str(query), "--index", "idx", "--checkpoint", "runs/mine", "--k", "3", "--json"], cwd=work
+    )
     assert yaml.safe_load(hits)["results"][0]["path"] == str(query)  # the query itself is indexed: top hit

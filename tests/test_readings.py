@@ -32,7 +32,9 @@ class RecordingLoss:
 
 
 def embeddings(seed: int = 0) -> torch.Tensor:
-    return torch.nn.functional.normalize(torch.randn(len(LABELS), 6, generator=torch.Generator().manual_seed(seed)), dim=1)
+    return torch.nn.functional.normalize(
+        torch.randn(len(LABELS), 6, generator=torch.Generator().manual_seed(seed)), dim=1
+    )
 
 
 def test_subset_reading_refreshes_configures_the_sampler_and_picks_the_learner_slice() -> None:
@@ -91,8 +93,17 @@ def test_all_data_reading_gives_every_learner_its_own_meta_class_labels() -> Non
 
 @pytest.mark.parametrize("learner_data, kind", [("subset", SubsetReading), ("all", AllDataReading)])
 def test_the_config_chooses_the_reading_once(tmp_path, learner_data, kind) -> None:
-    cfg = load_config(None, ["data.dataset=folder", f"data.root={tmp_path}", "model.num_learners=3",
-                             "model.embedding_dim=6", "model.input_mixing=shared", f"metaclass.learner_data={learner_data}",
-                             "metaclass.num_metaclasses=4"])
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=folder",
+            f"data.root={tmp_path}",
+            "model.num_learners=3",
+            "model.embedding_dim=6",
+            "model.input_mixing=shared",
+            f"metaclass.learner_data={learner_data}",
+            "metaclass.num_metaclasses=4",
+        ],
+    )
     reading = build_reading(cfg, SLICES, LABELS, 12, torch.device("cpu"))
     assert type(reading) is kind

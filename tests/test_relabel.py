@@ -101,8 +101,13 @@ def test_config_refuses_relabelling_sample_level_subsets(tmp_path, shape_folder,
 
 @pytest.mark.slow
 def test_training_with_all_data_reading_resumes_exactly(tmp_path, shape_folder):
-    overrides = ["metaclass.learner_data=all", "metaclass.num_metaclasses=3", "loss.full_embedding_weight=0.5",
-                 "train.eval_test_every=0", "sampler.batches_per_epoch=4"]
+    overrides = [
+        "metaclass.learner_data=all",
+        "metaclass.num_metaclasses=3",
+        "loss.full_embedding_weight=0.5",
+        "train.eval_test_every=0",
+        "sampler.batches_per_epoch=4",
+    ]
     out = tmp_path / "run"
     assert run_train(write_config(tmp_path, shape_folder, out), *overrides) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -74,11 +74,17 @@ BAD_OVERRIDES = [
     (["data.dataset=imagenet"], "unknown dataset 'imagenet'; valid names: cub"),
     (["data.options.tst_fraction=0.5"], "dataset 'folder' has no option 'tst_fraction'"),
     (["data.root=/nonexistent/gce-data"], "dataset root /nonexistent/gce-data does not exist"),
-    (["model.num_learners=4"], ("model.num_learners=4 needs at least 8 training classes (2 per learner); "
-                               "the training split has 6")),
-    (["sampler.classes_per_batch=4"],
-     ("sampler.classes_per_batch=4 is larger than the 3 classes of the smallest learner subset "
-      "(6 training classes split evenly over model.num_learners=2)")),
+    (
+        ["model.num_learners=4"],
+        ("model.num_learners=4 needs at least 8 training classes (2 per learner); the training split has 6"),
+    ),
+    (
+        ["sampler.classes_per_batch=4"],
+        (
+            "sampler.classes_per_batch=4 is larger than the 3 classes of the smallest learner subset "
+            "(6 training classes split evenly over model.num_learners=2)"
+        ),
+    ),
     (["sampler.classes_per_batch=4", "metaclass.strategy=random"], "sampler.classes_per_batch=4 is larger than the 3"),
     # Edge values that gave tracebacks before (issue 10): seeds, crop vs resize, resource sizes.
     (["train.seed=-1"], "bad value for 'train.seed': a seed must be from 0 to 2**32-1"),
@@ -88,7 +94,10 @@ BAD_OVERRIDES = [
     (["data.options.seed=99999999999"], "bad value for 'data.options.seed'"),
     (["data.options.seed=abc"], "bad value for 'data.options.seed': a seed must be an integer"),
     (["data.image_size=64"], "data.test_resize=32 is smaller than data.image_size=64"),
-    (["data.image_size=100000", "data.test_resize=100000"], "bad value for 'data.image_size': 100000 is above the limit"),
+    (
+        ["data.image_size=100000", "data.test_resize=100000"],
+        "bad value for 'data.image_size': 100000 is above the limit",
+    ),
     (["eval.batch_size=1000000000"], "bad value for 'eval.batch_size'"),
     (["data.workers=100000"], "bad value for 'data.workers'"),
     (["sampler.batches_per_epoch=1000000000000"], "bad value for 'sampler.batches_per_epoch'"),
@@ -126,11 +135,23 @@ def test_cuda_requested_without_a_gpu(config, tmp_path, capsys):
 @pytest.mark.parametrize(
     "text, message, names_file",
     [
-        ("data:\n\tdataset: folder\n", "not valid YAML (found character '\\t' that cannot start any token at line 2, column 1)", True),
-        ("data: {dataset: folder\n", "not valid YAML (expected ',' or '}', but got '<stream end>' at line 2, column 1)", True),
+        (
+            "data:\n\tdataset: folder\n",
+            "not valid YAML (found character '\\t' that cannot start any token at line 2, column 1)",
+            True,
+        ),
+        (
+            "data: {dataset: folder\n",
+            "not valid YAML (expected ',' or '}', but got '<stream end>' at line 2, column 1)",
+            True,
+        ),
         ("- a\n- b\n", "the top level must be a mapping of sections", True),
         (b"\xff\xfe data", "not a UTF-8 text file", True),
-        ("data: {dataset: folder, root: x}\nsampler: {clases_per_batch: 3}\n", "unknown config key 'sampler.clases_per_batch'", False),
+        (
+            "data: {dataset: folder, root: x}\nsampler: {clases_per_batch: 3}\n",
+            "unknown config key 'sampler.clases_per_batch'",
+            False,
+        ),
         ("model: {}\n", "missing config key 'data'", False),
     ],
     ids=["tab", "unclosed", "list", "binary", "typo-in-file", "no-data"],
@@ -147,16 +168,21 @@ def test_broken_config_file(tmp_path, capsys, text, message, names_file):
 def test_subsets_smaller_than_classes_per_batch_fall_back_with_a_warning_when_unbalanced(config, capsys):
     """With unbalanced subsets the sizes are only known after clustering: the sampler then uses all
     classes of a short subset and warns (documented in gce.data.samplers and docs/reliability.md)."""
-    with pytest.warns(UserWarning, match=r"subset has only \d classes, fewer than classes_per_batch=4; its batches use all"):
+    with pytest.warns(
+        UserWarning, match=r"subset has only \d classes, fewer than classes_per_batch=4; its batches use all"
+    ):
         assert main(["train", str(config), "--quiet", "sampler.classes_per_batch=4", "metaclass.balanced=false"]) == 0
 
 
 # ------------------------------------------------------------------------------ output folder
-@pytest.mark.parametrize("where, reason", [
-    ("under_a_file", "a_file is not a folder, so nothing can be created below it"),
-    ("is_a_file", "a_file is a file, not a folder"),
-    ("proc", ": cannot create files in /proc (No such file or directory)"),
-])
+@pytest.mark.parametrize(
+    "where, reason",
+    [
+        ("under_a_file", "a_file is not a folder, so nothing can be created below it"),
+        ("is_a_file", "a_file is a file, not a folder"),
+        ("proc", ": cannot create files in /proc (No such file or directory)"),
+    ],
+)
 def test_unwritable_output_folder_is_detected_before_training(config, tmp_path, capsys, where, reason):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -207,15 +233,18 @@ def _image(path: Path, color=(200, 30, 30)) -> None:
     Image.new("RGB", (8, 8), color).save(path)
 
 
-@pytest.mark.parametrize("layout, extra, message", [
-    ("empty_root", [], "has no class folders"),
-    ("empty_classes", [], "folder: 2 class folders contain no images"),
-    ("empty_classes", ["--skip-bad"], "found 0 class(es); a class-disjoint train/test split needs at least 2"),
-    ("one_image", [], "found 1 class(es); a class-disjoint train/test split needs at least 2"),
-    ("one_image_per_class", [], "the test split has 1 readable image; retrieval evaluation needs at least 2"),
-    ("one_image_per_class", ["--split", "train"], "the train split has 1 readable image"),
-    ("csv_header_only", [], "found 0 class(es)"),
-])
+@pytest.mark.parametrize(
+    "layout, extra, message",
+    [
+        ("empty_root", [], "has no class folders"),
+        ("empty_classes", [], "folder: 2 class folders contain no images"),
+        ("empty_classes", ["--skip-bad"], "found 0 class(es); a class-disjoint train/test split needs at least 2"),
+        ("one_image", [], "found 1 class(es); a class-disjoint train/test split needs at least 2"),
+        ("one_image_per_class", [], "the test split has 1 readable image; retrieval evaluation needs at least 2"),
+        ("one_image_per_class", ["--split", "train"], "the train split has 1 readable image"),
+        ("csv_header_only", [], "found 0 class(es)"),
+    ],
+)
 def test_eval_on_an_empty_or_one_image_dataset(tmp_path, capsys, layout, extra, message):
     root = tmp_path / "data"
     root.mkdir()
@@ -233,8 +262,21 @@ def test_eval_on_an_empty_or_one_image_dataset(tmp_path, capsys, layout, extra, 
         (root / "labels.csv").write_text("path,label\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the single-image-class warning
-        code = main(["eval", "--backbone", "raw", "--dataset", dataset, "--root", str(root), "--workers", "0",
-                     "--quiet", *extra])
+        code = main(
+            [
+                "eval",
+                "--backbone",
+                "raw",
+                "--dataset",
+                dataset,
+                "--root",
+                str(root),
+                "--workers",
+                "0",
+                "--quiet",
+                *extra,
+            ]
+        )
     assert code == 1
     err = one_line_error(capsys)
     assert message in err and str(root) in err
@@ -253,8 +295,20 @@ def test_eval_bad_numbers_are_usage_errors(tmp_path, capsys, option, value):
 def test_resume_with_another_model_config_says_what_differs(config, capsys):
     assert main(["train", str(config), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["train", str(config), "--quiet", "--resume", "train.epochs=2", "model.embedding_dim=32",
-                 "sampler.samples_per_class=3"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                str(config),
+                "--quiet",
+                "--resume",
+                "train.epochs=2",
+                "model.embedding_dim=32",
+                "sampler.samples_per_class=3",
+            ]
+        )
+        == 1
+    )
     err = one_line_error(capsys)
     assert "checkpoint was written with another configuration" in err
     assert "model.embedding_dim: checkpoint 16, config 32" in err
@@ -272,8 +326,8 @@ def test_resume_without_a_checkpoint(config, tmp_path, capsys):
 def test_eval_of_damaged_or_foreign_checkpoints(tmp_path, capsys):
     """Files that pass their checksum but do not hold what gce writes: one line each, never a
     traceback (before: a 'model' that is not a mapping raised AttributeError)."""
-    from gce.models import build_model
     from gce.io import write_checksum
+    from gce.models import build_model
     from gce.training.checkpoint import _FORMAT
 
     def save(name: str, blob) -> Path:
@@ -281,8 +335,9 @@ def test_eval_of_damaged_or_foreign_checkpoints(tmp_path, capsys):
         write_checksum(tmp_path / name)  # what is tested here is the content, not the checksum
         return tmp_path / name
 
-    model = build_model(backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False,
-                        freeze_bn=False)
+    model = build_model(
+        backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False, freeze_bn=False
+    )
     from gce.config import load_config
 
     (tmp_path / "c.yaml").write_text(CONFIG.format(root=tmp_path / "data", out=tmp_path / "run"))
@@ -290,23 +345,32 @@ def test_eval_of_damaged_or_foreign_checkpoints(tmp_path, capsys):
     other = {**cfg, "model": {**cfg["model"], "embedding_dim": 32}}
     weights = model.state_dict()
     cases = {
-        save("other_model.pt", {"format": _FORMAT, "state": {"config": other, "model": weights}}):
-            "weights do not fit the model in its config",
-        save("no_config.pt", {"format": _FORMAT, "state": {"model": {}}}):
-            "not a gce checkpoint of this version (missing config)",
-        save("bad_config.pt", {"format": _FORMAT, "state": {"config": {**cfg, "model": {"backbone": "vgg"}},
-                                                             "model": {}}}): "bad value for 'model.backbone'",
+        save(
+            "other_model.pt", {"format": _FORMAT, "state": {"config": other, "model": weights}}
+        ): "weights do not fit the model in its config",
+        save(
+            "no_config.pt", {"format": _FORMAT, "state": {"model": {}}}
+        ): "not a gce checkpoint of this version (missing config)",
+        save(
+            "bad_config.pt",
+            {"format": _FORMAT, "state": {"config": {**cfg, "model": {"backbone": "vgg"}}, "model": {}}},
+        ): "bad value for 'model.backbone'",
         save("a_list.pt", [1, 2, 3]): "not a gce checkpoint",
         save("state_a_list.pt", {"format": _FORMAT, "state": [1, 2]}): "not a gce checkpoint",
-        save("config_a_list.pt", {"format": _FORMAT, "state": {"config": [1], "model": weights}}):
-            "not a gce checkpoint ('config' should be a mapping of config sections, found list)",
-        save("model_a_list.pt", {"format": _FORMAT, "state": {"config": cfg, "model": [1, 2]}}):
-            "not a gce checkpoint ('model' should be a mapping of parameter names to tensors, found list)",
-        save("model_of_numbers.pt", {"format": _FORMAT, "state": {"config": cfg, "model": {"w": 3}}}):
-            "'model' should be a mapping of parameter names to tensors",
+        save(
+            "config_a_list.pt", {"format": _FORMAT, "state": {"config": [1], "model": weights}}
+        ): "not a gce checkpoint ('config' should be a mapping of config sections, found list)",
+        save(
+            "model_a_list.pt", {"format": _FORMAT, "state": {"config": cfg, "model": [1, 2]}}
+        ): "not a gce checkpoint ('model' should be a mapping of parameter names to tensors, found list)",
+        save(
+            "model_of_numbers.pt", {"format": _FORMAT, "state": {"config": cfg, "model": {"w": 3}}}
+        ): "'model' should be a mapping of parameter names to tensors",
         save("other_format.pt", {"format": 99, "state": {"config": cfg, "model": weights}}): "not a gce checkpoint",
-        save("seed_out_of_range.pt", {"format": _FORMAT, "state": {"config": {**cfg, "train": {**cfg["train"], "seed": -1}},
-                                                                    "model": weights}}): "bad value for 'train.seed'",
+        save(
+            "seed_out_of_range.pt",
+            {"format": _FORMAT, "state": {"config": {**cfg, "train": {**cfg["train"], "seed": -1}}, "model": weights}},
+        ): "bad value for 'train.seed'",
     }
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage" * 20)
     write_checksum(tmp_path / "garbage.pt")
@@ -333,14 +397,15 @@ def test_model_files_are_verified_on_load(tmp_path, capsys, name):
 
     (tmp_path / "c.yaml").write_text(CONFIG.format(root=tmp_path / "data", out=tmp_path / "run"))
     cfg = load_config(tmp_path / "c.yaml")
-    model = build_model(backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False,
-                        freeze_bn=False)
+    model = build_model(
+        backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False, freeze_bn=False
+    )
     path = tmp_path / name
     save_model_only(model, cfg, path)
     assert (tmp_path / f"{name}.sha256").exists()
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 100_000] = bytes(b ^ 0xFF for b in data[middle:middle + 100_000])
+    data[middle : middle + 100_000] = bytes(b ^ 0xFF for b in data[middle : middle + 100_000])
     path.write_bytes(bytes(data))  # still a loadable zip: the flipped bytes are inside a tensor
     assert main(["eval", "--checkpoint", str(path), "--quiet"]) == 1
     assert f"{path}: checksum mismatch with {name}.sha256" in one_line_error(capsys)
@@ -366,13 +431,16 @@ def test_checkpoints_are_loaded_with_the_weights_only_unpickler(tmp_path, monkey
 
 
 # ----------------------------------------------------------------------------- edge arguments
-@pytest.mark.parametrize("extra, message", [
-    (["--seed", "-1"], "argument --seed: must be at least 0"),
-    (["--seed", "4294967296"], "argument --seed: must be below 2**32"),
-    (["--image-size", "100000"], "argument --image-size: must be at most"),
-    (["--batch-size", "10000000000"], "argument --batch-size: must be at most"),
-    (["--root", ""], "argument --root: the path is empty"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-1"], "argument --seed: must be at least 0"),
+        (["--seed", "4294967296"], "argument --seed: must be below 2**32"),
+        (["--image-size", "100000"], "argument --image-size: must be at most"),
+        (["--batch-size", "10000000000"], "argument --batch-size: must be at most"),
+        (["--root", ""], "argument --root: the path is empty"),
+    ],
+)
 def test_eval_edge_arguments_are_usage_errors(tmp_path, capsys, extra, message):
     base = ["eval", "--backbone", "raw", "--dataset", "folder", "--root", str(tmp_path)]
     with pytest.raises(SystemExit) as info:
@@ -384,26 +452,46 @@ def test_eval_edge_arguments_are_usage_errors(tmp_path, capsys, extra, message):
 
 def test_eval_crop_larger_than_resize_is_one_line_before_work(tmp_path, capsys, shape_folder):
     """Before: --image-size 64 --test-resize 32 gave a ValueError traceback from the transform."""
-    assert main(["eval", "--backbone", "raw", "--dataset", "folder", "--root", str(shape_folder), "--image-size", "64",
-                 "--test-resize", "32", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--backbone",
+                "raw",
+                "--dataset",
+                "folder",
+                "--root",
+                str(shape_folder),
+                "--image-size",
+                "64",
+                "--test-resize",
+                "32",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert "--test-resize=32 is smaller than the crop size 64" in one_line_error(capsys)
 
 
 ABLATION = "base: tiny.yaml\nout_dir: {out}\nseeds: {seeds}\nvariants: {variants}\n"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("tab", "not valid YAML (found character '\\t' that cannot start any token"),
-    ("binary", "not a UTF-8 text file"),
-    ("directory", "is a folder; expected a YAML ablation file"),
-    ("missing", "ablation file not found"),
-    ("a_list", "the top level must be a mapping"),
-    ("negative_seed", "'seeds.0': Input should be greater than or equal to 0"),
-    ("huge_seed", "'seeds.1': Input should be less than 4294967296"),
-    ("duplicate_seed", "'seeds' lists a seed twice"),
-    ("variant_escapes", "variant name '../elsewhere' cannot be a folder name"),
-    ("base_is_a_folder", "is a folder; expected a YAML config file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("tab", "not valid YAML (found character '\\t' that cannot start any token"),
+        ("binary", "not a UTF-8 text file"),
+        ("directory", "is a folder; expected a YAML ablation file"),
+        ("missing", "ablation file not found"),
+        ("a_list", "the top level must be a mapping"),
+        ("negative_seed", "'seeds.0': Input should be greater than or equal to 0"),
+        ("huge_seed", "'seeds.1': Input should be less than 4294967296"),
+        ("duplicate_seed", "'seeds' lists a seed twice"),
+        ("variant_escapes", "variant name '../elsewhere' cannot be a folder name"),
+        ("base_is_a_folder", "is a folder; expected a YAML config file"),
+    ],
+)
 def test_ablate_on_broken_files_is_one_line_before_any_training(config, tmp_path, capsys, content, message):
     path = tmp_path / "ablation.yaml"
     good = {"out": tmp_path / "ab", "seeds": "[0]", "variants": "{a: []}"}
@@ -446,8 +534,9 @@ def test_config_that_is_a_pipe_or_device_is_refused_without_blocking(tmp_path, c
 
 @pytest.mark.parametrize("signal_kind", ["checkpoint", "abort"])
 @pytest.mark.parametrize("command", ["ablate", "demo"])
-def test_ctrl_c_in_ablate_and_demo_exits_130_with_the_command_to_continue(config, tmp_path, capsys, monkeypatch,
-                                                                          command, signal_kind):
+def test_ctrl_c_in_ablate_and_demo_exits_130_with_the_command_to_continue(
+    config, tmp_path, capsys, monkeypatch, command, signal_kind
+):
     """Before: Ctrl-C in a run of `gce ablate` or `gce demo` ended as `gce: error: interrupted ...`, exit 1."""
     from gce.training.trainer import Trainer, TrainingInterrupted
 
@@ -462,7 +551,10 @@ def test_ctrl_c_in_ablate_and_demo_exits_130_with_the_command_to_continue(config
         ablation.write_text(f"base: tiny.yaml\nout_dir: {tmp_path / 'ab'}\nseeds: [0]\nvariants: {{a: []}}\n")
         argv, again = ["ablate", str(ablation), "--quiet"], f"continue with: gce ablate {ablation}"
     else:
-        argv, again = ["demo", str(config), "--quiet", "--out", str(tmp_path / "demo")], f"continue with: gce demo {config}"
+        argv, again = (
+            ["demo", str(config), "--quiet", "--out", str(tmp_path / "demo")],
+            f"continue with: gce demo {config}",
+        )
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "gce: error" not in err

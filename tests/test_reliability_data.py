@@ -35,6 +35,7 @@ CASE_TIMEOUT_S = 20
 @pytest.fixture(autouse=True)
 def no_hang():
     """Fail (instead of hanging the suite) if a case blocks, e.g. reading a pipe or /dev/zero."""
+
     def on_alarm(signum, frame):  # signal handler signature
         raise TimeoutError(f"no result after {CASE_TIMEOUT_S} s: a hang")
 
@@ -50,11 +51,29 @@ def no_hang():
 def test_the_generator_covers_the_faults():
     assert len(CASES) >= 100
     names = " ".join(c.name for c in CASES)
-    for fault in ("truncated_jpg", "truncated_png", "zero_bytes", "png_named.jpg", "text_named.jpg", "random_bytes",
-                  "gray16", "palette_transparent", "cmyk", "exif_orientation_8", "bomb_header", "name_unicode",
-                  "folder_empty_class", "folder_single_image_class", "cub_images_missing_column",
-                  "sop_extra_column", "inshop_missing_column", "csv_row_extra_cell", "non_integer",
-                  "root_missing", "root_is_a_file"):
+    for fault in (
+        "truncated_jpg",
+        "truncated_png",
+        "zero_bytes",
+        "png_named.jpg",
+        "text_named.jpg",
+        "random_bytes",
+        "gray16",
+        "palette_transparent",
+        "cmyk",
+        "exif_orientation_8",
+        "bomb_header",
+        "name_unicode",
+        "folder_empty_class",
+        "folder_single_image_class",
+        "cub_images_missing_column",
+        "sop_extra_column",
+        "inshop_missing_column",
+        "csv_row_extra_cell",
+        "non_integer",
+        "root_missing",
+        "root_is_a_file",
+    ):
         assert fault in names, fault
     assert sum(c.bad for c in IMAGE_CASES) >= 50 and sum(not c.bad for c in IMAGE_CASES) >= 40
 
@@ -82,8 +101,9 @@ def _bad_and_good(cases: list[Case]) -> tuple[set[str], set[str]]:
 
 
 def test_skip_bad_counts_every_unreadable_image_and_keeps_every_good_one():
-    records = ImageRecords.from_named_labels([str(c.path) for c in IMAGE_CASES],
-                                             [f"class{i % 4}" for i in range(len(IMAGE_CASES))])
+    records = ImageRecords.from_named_labels(
+        [str(c.path) for c in IMAGE_CASES], [f"class{i % 4}" for i in range(len(IMAGE_CASES))]
+    )
     bad, good = _bad_and_good(IMAGE_CASES)
     with pytest.raises(DatasetError) as info:
         check_records(records, skip_bad=False, progress=False)
@@ -113,16 +133,34 @@ def test_folder_dataset_of_all_cases_through_the_loader_and_the_cli(tmp_path, ca
     on_disk = [c for c in IMAGE_CASES if c.path.name in {Path(p).name for p in listed}]
     # Only what is not a file with an image name is not listed: a folder named .jpg, a missing file;
     # and one_pixel.png, listed already through link_to_valid.png (one file is one image).
-    assert {c.name for c in IMAGE_CASES} - {c.name for c in on_disk} == {"folder_named.jpg", "missing_file.jpg",
-                                                                         "one_pixel.png"}
+    assert {c.name for c in IMAGE_CASES} - {c.name for c in on_disk} == {
+        "folder_named.jpg",
+        "missing_file.jpg",
+        "one_pixel.png",
+    }
     bad = [c for c in on_disk if c.bad]
     with pytest.warns(UserWarning, match=rf"skipped {len(bad)} unreadable images of {len(listed)} in the split"):
         kept = check_records(splits.train, skip_bad=True, progress=False)
     assert len(kept) == len(listed) - len(bad)
 
     capsys.readouterr()
-    base = ["eval", "--backbone", "raw", "--dataset", "folder", "--root", str(root), "--split", "train",
-            "--workers", "0", "--quiet", "--no-clustering", "--image-size", "16"]
+    base = [
+        "eval",
+        "--backbone",
+        "raw",
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--split",
+        "train",
+        "--workers",
+        "0",
+        "--quiet",
+        "--no-clustering",
+        "--image-size",
+        "16",
+    ]
     assert main(base) == 1
     err = capsys.readouterr().err
     first, *rest = err.splitlines()
@@ -211,8 +249,9 @@ def test_cli_eval_on_malformed_dataset_is_one_line(dataset, name, capsys):
     case = _case(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        code = main(["eval", "--backbone", "raw", "--dataset", dataset, "--root", str(case.path),
-                     "--workers", "0", "--quiet"])
+        code = main(
+            ["eval", "--backbone", "raw", "--dataset", dataset, "--root", str(case.path), "--workers", "0", "--quiet"]
+        )
     captured = capsys.readouterr()
     assert code == 1
     assert captured.err.count("\n") == 1 and captured.err.startswith("gce: error: "), captured.err
@@ -234,14 +273,36 @@ def test_cli_subprocess_truncated_image_one_error_line_no_traceback(tmp_path):
     truncate(write_noise(root / "train" / "b" / "broken.png", side=64), keep=0.5)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.run(
-        [sys.executable, "-m", "gce", "eval", "--backbone", "raw", "--dataset", "folder", "--root", str(root),
-         "--split", "train", "--workers", "0", "--quiet", "--no-clustering"],
-        capture_output=True, text=True, env=env, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "gce",
+            "eval",
+            "--backbone",
+            "raw",
+            "--dataset",
+            "folder",
+            "--root",
+            str(root),
+            "--split",
+            "train",
+            "--workers",
+            "0",
+            "--quiet",
+            "--no-clustering",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert process.returncode == 1
     assert "Traceback" not in process.stderr
     lines = process.stderr.splitlines()
-    assert lines[0] == ("gce: error: 2 of 6 images in the train split cannot be read"
-                        " (fix or delete them, or set skip_bad to leave them out):")
+    assert lines[0] == (
+        "gce: error: 2 of 6 images in the train split cannot be read"
+        " (fix or delete them, or set skip_bad to leave them out):"
+    )
     assert len(lines) == 3 and all(line.startswith("  ") for line in lines[1:]), process.stderr
     assert re.search(r"ünïcødé broken\.jpg: truncated or corrupt image \(", lines[1])
     assert re.search(r"broken\.png: truncated or corrupt image \(", lines[2])

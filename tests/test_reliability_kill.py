@@ -64,8 +64,9 @@ def all_finite(state: dict) -> bool:
 @pytest.mark.slow
 def test_ten_kills_and_two_ctrl_c_resume_to_bitwise_equal_result(tmp_path):
     started = time.perf_counter()
-    summary = kill_resume.run_benchmark(tmp_path, kills=10, sigints=2, seed=0, epochs=3, batches=4,
-                                        launcher="forkserver")
+    summary = kill_resume.run_benchmark(
+        tmp_path, kills=10, sigints=2, seed=0, epochs=3, batches=4, launcher="forkserver"
+    )
     outcome, comparison = summary["outcome"], summary["comparison"]
     kills = [s for s in outcome.stops if s.signal == "SIGKILL"]
     assert len(kills) >= 10
@@ -141,7 +142,11 @@ def test_log_truncation_on_resume_keeps_only_what_the_checkpoint_covers(tmp_path
     # Mid-epoch checkpoint of epoch 1: epoch 0, and the meta-class record of epoch 1, stay.
     logger.truncate_after(1, keep_at_epoch=("metaclass",))
     assert [(r["event"], r["epoch"]) for r in logger.read()] == [
-        ("metaclass", 0), ("train", 0), ("test", 0), ("metaclass", 1)]
+        ("metaclass", 0),
+        ("train", 0),
+        ("test", 0),
+        ("metaclass", 1),
+    ]
     logger.truncate_after(1)  # an epoch-end checkpoint
     assert [r["epoch"] for r in logger.read()] == [0, 0, 0]
     assert not list(tmp_path.glob(".*tmp"))
@@ -174,8 +179,13 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_bitwise(tmp_path, shap
     out = tmp_path / "interrupted"
     config = write_config(tmp_path, shape_folder, out, epochs=2, batches=batches)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "gce", "train", str(config), "--quiet"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gce", "train", str(config), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         for line in process.stdout:  # wait until epoch 1's batches have started
@@ -200,8 +210,9 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_bitwise(tmp_path, shap
 
     assert main(["train", str(config), "--quiet", "--resume"]) == 0
     reference = tmp_path / "reference"
-    assert main(["train", str(write_config(tmp_path, shape_folder, reference, epochs=2, batches=batches)),
-                 "--quiet"]) == 0
+    assert (
+        main(["train", str(write_config(tmp_path, shape_folder, reference, epochs=2, batches=batches)), "--quiet"]) == 0
+    )
     assert_same_weights(reference / LAST, out / LAST)
     for key, tensor in load_checkpoint(reference / "model.pt")[0]["model"].items():
         assert torch.equal(tensor, load_checkpoint(out / "model.pt")[0]["model"][key]), key
@@ -294,8 +305,10 @@ def test_damaged_last_pt_without_its_checksum_falls_back_to_prev_pt(tmp_path, sh
     capsys.readouterr()
     assert main(["train", str(config), "--quiet", "--resume", "train.epochs=3", "train.eval_test_every=0"]) == 0
     printed = capsys.readouterr().out
-    assert (f"{out / LAST}: no checksum file last.pt.sha256 beside it, so it cannot be verified;"
-            f" falling back to {out / PREVIOUS}") in printed
+    assert (
+        f"{out / LAST}: no checksum file last.pt.sha256 beside it, so it cannot be verified;"
+        f" falling back to {out / PREVIOUS}"
+    ) in printed
     assert f"resumed from {out / PREVIOUS} at epoch 1" in printed
     for name in (LAST, PREVIOUS):  # the damaged file was never promoted to prev.pt
         state, _ = load_checkpoint(out / name)
@@ -332,8 +345,9 @@ def test_ctrl_c_in_the_final_epoch_stops_with_a_checkpoint_like_mid_run(tmp_path
     assert load_checkpoint(out)[0]["epoch"] == 2
     assert not (out / "model.pt").exists() and not (out / "final_metrics.json").exists()
     result = Trainer.from_config(cfg, resume=True, progress=False, log=lambda _: None).run()
-    assert (out / "model.pt").exists() and json.loads((out / "final_metrics.json").read_text())["recall@1"] == \
-        result.recall[1]
+    assert (out / "model.pt").exists() and json.loads((out / "final_metrics.json").read_text())[
+        "recall@1"
+    ] == result.recall[1]
 
 
 def test_ctrl_c_during_start_up_is_one_message_and_exit_130(tmp_path, shape_folder, capsys, monkeypatch):
@@ -348,8 +362,10 @@ def test_ctrl_c_during_start_up_is_one_message_and_exit_130(tmp_path, shape_fold
     assert main(["train", str(config), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines() == ["interrupted before the first checkpoint: nothing to resume",
-                                f"start again with: gce train {config}"]
+    assert err.splitlines() == [
+        "interrupted before the first checkpoint: nothing to resume",
+        f"start again with: gce train {config}",
+    ]
 
 
 @pytest.mark.slow
@@ -357,8 +373,13 @@ def test_ctrl_c_while_gce_starts_prints_no_traceback(tmp_path, shape_folder):
     """A real process interrupted during its imports (before: a KeyboardInterrupt traceback)."""
     config = write_config(tmp_path, shape_folder, tmp_path / "run", epochs=1, batches=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "gce", "train", str(config), "--quiet"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gce", "train", str(config), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)  # the interpreter is up; torch is still being imported
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -410,8 +431,14 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints_mid_
     config = write_config(tmp_path, shape_folder, out, epochs=2, batches=40)
     config.write_text(config.read_text().replace("workers: 0", "workers: 2"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "gce", "train", str(config), "--quiet"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gce", "train", str(config), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     stdout, stderr = signal_group_in_epoch_1(process, signal.SIGTERM, timeout_s=120)
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "interrupted: checkpoint written to" in stderr

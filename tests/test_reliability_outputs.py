@@ -46,13 +46,29 @@ def dataset(tmp_path) -> Path:
 
 
 def eval_args(root: Path, out: str) -> list[str]:
-    return ["eval", "--backbone", "raw", "--dataset", "folder", "--root", str(root), "--image-size", "8",
-            "--workers", "0", "--quiet", "--no-clustering", "--out", out]
+    return [
+        "eval",
+        "--backbone",
+        "raw",
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--image-size",
+        "8",
+        "--workers",
+        "0",
+        "--quiet",
+        "--no-clustering",
+        "--out",
+        out,
+    ]
 
 
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if the evaluation starts: the output must be refused before any work."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the evaluation ran before the output path was checked")
 
@@ -80,10 +96,20 @@ def test_out_onto_a_character_device_writes_into_it_and_never_replaces_it(tmp_pa
     assert "metrics written to" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", [
-    "directory", "fifo", "socket", "below_a_file", "empty", "trailing_slash", "read_only_folder",
-    "dataset_image", "inside_dataset_root",
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "directory",
+        "fifo",
+        "socket",
+        "below_a_file",
+        "empty",
+        "trailing_slash",
+        "read_only_folder",
+        "dataset_image",
+        "inside_dataset_root",
+    ],
+)
 def test_bad_out_is_one_line_before_any_work(tmp_path, dataset, capsys, no_work, kind):
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("keep me")
@@ -143,18 +169,34 @@ def test_out_onto_the_evaluated_checkpoint_or_its_csv_index_is_refused(tmp_path,
     csv = tmp_path / "labels.csv"
     images = sorted(shape_folder.rglob("*.png"))[:16]
     csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
-    cfg = load_config(None, ["data.dataset=csv", f"data.root={csv}", "data.image_size=16", "data.test_resize=16",
-                             "model.backbone=resnet18", "model.num_learners=2", "model.embedding_dim=8",
-                             "model.pretrained=false", f"train.out_dir={tmp_path / 'run'}"])
-    model = build_model(backbone="resnet18", head="gce", num_learners=2, embedding_dim=8, pretrained=False,
-                        freeze_bn=False)
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=csv",
+            f"data.root={csv}",
+            "data.image_size=16",
+            "data.test_resize=16",
+            "model.backbone=resnet18",
+            "model.num_learners=2",
+            "model.embedding_dim=8",
+            "model.pretrained=false",
+            f"train.out_dir={tmp_path / 'run'}",
+        ],
+    )
+    model = build_model(
+        backbone="resnet18", head="gce", num_learners=2, embedding_dim=8, pretrained=False, freeze_bn=False
+    )
     checkpoint = tmp_path / "model.pt"
     save_model_only(model, cfg, checkpoint)
     link = tmp_path / "link.pt"
     os.link(checkpoint, link)  # a hard link is the same file under another name
     before = checkpoint.read_bytes(), csv.read_bytes()
-    for out, named in ((checkpoint, checkpoint), (link, checkpoint), (csv, csv),
-                       (Path(f"{checkpoint}.sha256"), Path(f"{checkpoint}.sha256"))):
+    for out, named in (
+        (checkpoint, checkpoint),
+        (link, checkpoint),
+        (csv, csv),
+        (Path(f"{checkpoint}.sha256"), Path(f"{checkpoint}.sha256")),
+    ):
         assert main(["eval", "--checkpoint", str(checkpoint), "--quiet", "--workers", "0", "--out", str(out)]) == 1
         err = one_line_error(capsys)
         assert "is one of this command's inputs" in err and str(named) in err, err
@@ -169,8 +211,28 @@ def test_tilde_is_expanded_in_path_options(tmp_path, dataset, capsys, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path / "data")  # an unexpanded "~" would be created here
     relative = dataset.relative_to(tmp_path)
-    assert main(["eval", "--backbone", "raw", "--dataset", "folder", "--root", f"~/{relative}", "--image-size", "8",
-                 "--workers", "0", "--quiet", "--no-clustering", "--out", "~/metrics.json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--backbone",
+                "raw",
+                "--dataset",
+                "folder",
+                "--root",
+                f"~/{relative}",
+                "--image-size",
+                "8",
+                "--workers",
+                "0",
+                "--quiet",
+                "--no-clustering",
+                "--out",
+                "~/metrics.json",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "metrics.json").read_text())["num_classes"] == 2
     assert not (tmp_path / "data" / "~").exists()
 
@@ -261,8 +323,7 @@ eval: {{batch_size: 16, clustering: false}}
 @pytest.mark.parametrize("where", ["fifo", "dataset_root", "inside_dataset_root"])
 def test_train_out_dir_is_checked_before_training(tmp_path, shape_folder, capsys, where):
     config = tmp_path / "c.yaml"
-    out = {"fifo": tmp_path / "fifo", "dataset_root": shape_folder,
-           "inside_dataset_root": shape_folder / "runs"}[where]
+    out = {"fifo": tmp_path / "fifo", "dataset_root": shape_folder, "inside_dataset_root": shape_folder / "runs"}[where]
     if where == "fifo":
         os.mkfifo(out)
     config.write_text(TINY.format(root=shape_folder, out=out))
@@ -299,11 +360,14 @@ def test_null_metrics_in_the_logs_are_plotted_as_gaps(tmp_path):
     assert path.stat().st_size > 0
 
 
-@pytest.mark.parametrize("name, content", [
-    ("config.yaml", "my: own settings\n"),
-    ("metrics.jsonl", '{"accuracy": 0.9}\n'),
-    ("config.yaml", None),  # a folder named config.yaml
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("config.yaml", "my: own settings\n"),
+        ("metrics.jsonl", '{"accuracy": 0.9}\n'),
+        ("config.yaml", None),  # a folder named config.yaml
+    ],
+)
 def test_a_fresh_run_never_replaces_the_users_own_files(tmp_path, shape_folder, capsys, name, content):
     """Before: train.out_dir=. in a project replaced its config.yaml and emptied its metrics.jsonl."""
     out = tmp_path / "project"
@@ -325,8 +389,9 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_pat
     import subprocess
     import sys
 
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     (tmp_path / f".model.pt.tmp-{dead}").write_bytes(b"half a model")
     (tmp_path / f".model.pt.tmp-{os.getppid()}").write_bytes(b"a live writer's")  # our parent runs
     write_text(tmp_path / "model.pt", "x")

@@ -103,8 +103,11 @@ def test_flat_search_equals_brute_force_for_learner_subsets_and_weights(tmp_path
     q, _ = clustered_embeddings(5, dim=32, num_learners=4, seed=9)
     for learners, weights in ((None, None), ([1], None), ([0, 3], None), (None, [0.5, 0.0, 2.0, 1.0])):
         hits = index.search(q, k=6, learners=learners, weights=weights)
-        w = weights if weights is not None else (
-            [1.0] * 4 if learners is None else [1.0 if k in learners else 0.0 for k in range(4)])
+        w = (
+            weights
+            if weights is not None
+            else ([1.0] * 4 if learners is None else [1.0 if k in learners else 0.0 for k in range(4)])
+        )
         expected = brute_force(q, x, slices, w, 6)
         for got, want in zip(hits, expected, strict=True):
             np.testing.assert_allclose([h.score for h in got], [s for s, _ in want], atol=1e-5)
@@ -163,9 +166,15 @@ def test_item_embedding_is_numpy_after_faiss_torch_utils_is_imported(tmp_path, i
 
 
 def test_bad_queries_and_weights_are_one_line_errors(tmp_path):
-    index, _ = build_index(*clustered_embeddings(20)[:1], [str(i) for i in range(20)], None, tmp_path / "i", model_meta())
-    for kwargs, message in (({"learners": [4]}, "not a learner"), ({"weights": [1, 2]}, "expected 4 values"),
-                            ({"weights": [0, 0, 0, 0]}, "not all zero"), ({"learners": [0], "weights": [1] * 4}, "not both")):
+    index, _ = build_index(
+        *clustered_embeddings(20)[:1], [str(i) for i in range(20)], None, tmp_path / "i", model_meta()
+    )
+    for kwargs, message in (
+        ({"learners": [4]}, "not a learner"),
+        ({"weights": [1, 2]}, "expected 4 values"),
+        ({"weights": [0, 0, 0, 0]}, "not all zero"),
+        ({"learners": [0], "weights": [1] * 4}, "not both"),
+    ):
         with pytest.raises(GceError, match=message):
             index.search(np.ones((1, 32), dtype=np.float32), 3, **kwargs)
     with pytest.raises(GceError, match=r"\(N, 32\)"):
@@ -178,8 +187,9 @@ def test_bad_queries_and_weights_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_build_reports_recall_that_is_true(tmp_path, index_type):
     x, _ = clustered_embeddings(3000, dim=32, num_learners=4, clusters=60, noise=0.5)
-    _index, report = build_index(x, [str(i) for i in range(3000)], None, tmp_path / "idx", model_meta(),
-                                index_type=index_type, sample=200)
+    _index, report = build_index(
+        x, [str(i) for i in range(3000)], None, tmp_path / "idx", model_meta(), index_type=index_type, sample=200
+    )
     assert report.rows and report.sample == 200 and report.index_bytes > 0
     chosen = next(r for r in report.rows if r["setting"] == report.chosen["setting"])
     if index_type != "ivfpq":  # PQ codes lose information; flat vectors reach the target
@@ -211,7 +221,11 @@ def test_add_appends_and_refuses_another_model(tmp_path):
     with pytest.raises(GceError, match="dimension"):
         again.add(np.ones((1, 16), dtype=np.float32), ["c"], model_id=meta["model_id"])
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
-        "build_report.json", "index.1.faiss", "items.1.npz", "manifest.json"]
+        "build_report.json",
+        "index.1.faiss",
+        "items.1.npz",
+        "manifest.json",
+    ]
 
 
 def test_build_index_from_images_end_to_end(checkpoint, records, tmp_path):

@@ -28,8 +28,29 @@ def checkpoint(tmp_path_factory):
 def built(checkpoint, shape_folder, tmp_path_factory):
     """An embeddings folder and a flat index of the shape images (48 images, 8 classes)."""
     root = tmp_path_factory.mktemp("cli")
-    assert main(["embed", "--checkpoint", str(checkpoint), "--dataset", "folder", "--root", str(shape_folder),
-                 "--split", "all", "--out", str(root / "emb"), "--shard-size", "20", "--workers", "0", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                "folder",
+                "--root",
+                str(shape_folder),
+                "--split",
+                "all",
+                "--out",
+                str(root / "emb"),
+                "--shard-size",
+                "20",
+                "--workers",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["index", "build", str(root / "emb"), "--out", str(root / "idx"), "--quiet"]) == 0
     return root
 
@@ -43,8 +64,10 @@ def error_line(capsys) -> str:
 def test_search_json_finds_each_query_first(built, checkpoint, shape_folder, capsys):
     capsys.readouterr()
     queries = sorted(str(p) for p in Path(shape_folder).glob("class_0[03]/img_1.png"))
-    assert main(["search", "--index", str(built / "idx"), "--checkpoint", str(checkpoint), *queries,
-                 "--k", "4", "--json"]) == 0
+    assert (
+        main(["search", "--index", str(built / "idx"), "--checkpoint", str(checkpoint), *queries, "--k", "4", "--json"])
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for query, line in zip(queries, lines, strict=True):
@@ -60,8 +83,23 @@ def test_search_json_finds_each_query_first(built, checkpoint, shape_folder, cap
 
 def test_search_table_with_learner_subset(built, checkpoint, shape_folder, capsys):
     query = str(next(Path(shape_folder).glob("class_01/img_0.png")))
-    assert main(["search", "--index", str(built / "idx"), "--checkpoint", str(checkpoint), query, "--k", "3",
-                 "--learners", "1"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(built / "idx"),
+                "--checkpoint",
+                str(checkpoint),
+                query,
+                "--k",
+                "3",
+                "--learners",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "learners 1" in out and out.count("\n") == 5 and "class_01" in out
 
@@ -70,10 +108,42 @@ def test_embed_csv_and_images_and_index_add(checkpoint, shape_folder, tmp_path, 
     images = sorted(Path(shape_folder).glob("class_02/*.png"))
     csv_file = tmp_path / "list.csv"
     csv_file.write_text("path,label\n" + "".join(f"{p},two\n" for p in images[:3]))
-    assert main(["embed", "--checkpoint", str(checkpoint), "--csv", str(csv_file), "--out", str(tmp_path / "a"),
-                 "--workers", "0", "--quiet", "--dtype", "float16"]) == 0
-    assert main(["embed", "--checkpoint", str(checkpoint), "--images", str(Path(shape_folder) / "class_03"),
-                 "--out", str(tmp_path / "b"), "--workers", "0", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(checkpoint),
+                "--csv",
+                str(csv_file),
+                "--out",
+                str(tmp_path / "a"),
+                "--workers",
+                "0",
+                "--quiet",
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(checkpoint),
+                "--images",
+                str(Path(shape_folder) / "class_03"),
+                "--out",
+                str(tmp_path / "b"),
+                "--workers",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "embedded 6 of 6 images" in capsys.readouterr().out
     assert main(["index", "build", str(tmp_path / "a"), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
     assert main(["index", "add", str(tmp_path / "idx"), str(tmp_path / "b")]) == 0
@@ -96,13 +166,19 @@ def test_errors_are_one_line_naming_the_file(built, checkpoint, tmp_path, capsys
     assert "not a gce index" in error_line(capsys)
     assert main(["index", "build", str(built / "idx"), "--out", str(tmp_path / "x")]) == 1
     assert "not a gce embeddings folder" in error_line(capsys)
-    assert main(["embed", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "none"), "--out",
-                 str(tmp_path / "e")]) == 1
+    assert (
+        main(
+            ["embed", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "none"), "--out", str(tmp_path / "e")]
+        )
+        == 1
+    )
     assert "no such folder" in error_line(capsys)
     assert main(["index", "build", str(built / "emb"), "--out", str(built / "idx")]) == 1
     assert "already holds an index" in error_line(capsys)
-    assert main(["search", "--index", str(built / "idx"), "--checkpoint", str(checkpoint), str(bad),
-                 "--weights", "1,2,3"]) == 1
+    assert (
+        main(["search", "--index", str(built / "idx"), "--checkpoint", str(checkpoint), str(bad), "--weights", "1,2,3"])
+        == 1
+    )
     assert "fake.jpg" in error_line(capsys)  # the image is read before the weights are checked
 
 
@@ -112,11 +188,42 @@ def test_embed_skip_bad_counts(checkpoint, shape_folder, tmp_path, capsys):
     for p in sorted(Path(shape_folder).glob("class_04/*.png"))[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "zz-broken.png").write_bytes(b"\x89PNG broken")
-    assert main(["embed", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "e"),
-                 "--workers", "0", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(checkpoint),
+                "--images",
+                str(folder),
+                "--out",
+                str(tmp_path / "e"),
+                "--workers",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert "zz-broken.png" in error_line(capsys)
-    assert main(["embed", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "e"),
-                 "--workers", "0", "--quiet", "--skip-bad"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(checkpoint),
+                "--images",
+                str(folder),
+                "--out",
+                str(tmp_path / "e"),
+                "--workers",
+                "0",
+                "--quiet",
+                "--skip-bad",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "embedded 3 of 4 images" in out and "skipped 1 unreadable images (first:" in out
 
@@ -124,8 +231,25 @@ def test_embed_skip_bad_counts(checkpoint, shape_folder, tmp_path, capsys):
 def test_sigkilled_embed_resumes_to_the_same_result(checkpoint, shape_folder, tmp_path):
     """A real SIGKILL while shards are being written; the rerun finishes and equals a clean run."""
     out = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "gce", "embed", "--checkpoint", str(checkpoint), "--images", str(shape_folder),
-           "--out", str(out), "--shard-size", "4", "--batch-size", "2", "--workers", "0", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gce",
+        "embed",
+        "--checkpoint",
+        str(checkpoint),
+        "--images",
+        str(shape_folder),
+        "--out",
+        str(out),
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.time() + 300
@@ -144,8 +268,25 @@ def test_sigkilled_embed_resumes_to_the_same_result(checkpoint, shape_folder, tm
         read_store(out)
     assert subprocess.run(cmd, env=env).returncode == 0
     resumed = read_store(out)
-    assert main(["embed", "--checkpoint", str(checkpoint), "--images", str(shape_folder), "--out",
-                 str(tmp_path / "clean"), "--shard-size", "4", "--workers", "0", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(checkpoint),
+                "--images",
+                str(shape_folder),
+                "--out",
+                str(tmp_path / "clean"),
+                "--shard-size",
+                "4",
+                "--workers",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     clean = read_store(tmp_path / "clean")
     assert resumed.paths == clean.paths
     np.testing.assert_allclose(resumed.embeddings, clean.embeddings, atol=1e-6)
@@ -175,6 +316,8 @@ def test_embed_refuses_an_output_folder_inside_its_image_folder(tmp_path, capsys
     images = tmp_path / "images"
     images.mkdir()
     capsys.readouterr()
-    assert main(["embed", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(images),
-                 "--out", str(images / "emb")]) == 1
+    assert (
+        main(["embed", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(images), "--out", str(images / "emb")])
+        == 1
+    )
     assert "inside" in error_line(capsys)

@@ -219,5 +219,9 @@ def test_a_killed_add_leaves_the_previous_index(index_dir, tmp_path, monkeypatch
     assert after.size == 40 and after.manifest["generation"] == 0
     # the next write removes the stray files of the killed one
     after.add(clustered_embeddings(5, seed=4)[0], list("abcde"), model_id=model_meta()["model_id"])
-    assert sorted(p.name for p in index_dir.iterdir()) == ["build_report.json", "index.1.faiss", "items.1.npz",
-                                                           "manifest.json"]
+    assert sorted(p.name for p in index_dir.iterdir()) == [
+        "build_report.json",
+        "index.1.faiss",
+        "items.1.npz",
+        "manifest.json",
+    ]

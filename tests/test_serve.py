@@ -83,8 +83,11 @@ def noise_png(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def upload(client: TestClient, data: bytes, content_type: str = "image/png", **fields):
-    return client.post("/search", files={"image": ("query.png", data, content_type)},
-                       data={key: str(value) for key, value in fields.items()})
+    return client.post(
+        "/search",
+        files={"image": ("query.png", data, content_type)},
+        data={key: str(value) for key, value in fields.items()},
+    )
 
 
 def assert_error(response, status: int, pattern: str) -> None:
@@ -96,6 +99,7 @@ def assert_error(response, status: int, pattern: str) -> None:
 
 
 # -- endpoints -------------------------------------------------------------------------------------
+
 
 def test_health_and_info(served):
     fixture, service, client = served
@@ -158,8 +162,10 @@ def test_learner_subsets_and_weights_match_brute_force(served, reference, learne
 def test_a_learner_subset_changes_the_answer(served):
     fixture, _, client = served
     data = Path(fixture.paths[3]).read_bytes()
-    scores = {subset: [hit["score"] for hit in upload(client, data, k=10, learners=subset).json()["results"]]
-              for subset in ("0", "1", "0,1,2,3")}
+    scores = {
+        subset: [hit["score"] for hit in upload(client, data, k=10, learners=subset).json()["results"]]
+        for subset in ("0", "1", "0,1,2,3")
+    }
     assert scores["0"] != scores["1"] != scores["0,1,2,3"]
 
 
@@ -169,14 +175,18 @@ def test_search_by_item_id_leaves_the_item_out(served, reference):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["query"] == {"type": "item", "id": 4, "thumbnail": "/items/4/thumbnail"}
-    expected = [(i, s) for i, s in brute_force(reference[4], reference, service.index.learner_slices, [1, 2]) if i != 4][:6]
+    expected = [
+        (i, s) for i, s in brute_force(reference[4], reference, service.index.learner_slices, [1, 2]) if i != 4
+    ][:6]
     assert [hit["id"] for hit in body["results"]] == [item for item, _ in expected]
     assert [hit["score"] for hit in body["results"]] == pytest.approx([s for _, s in expected], abs=1e-5)
     # The largest k for an item query is the index size less the item itself.
     assert len(client.post("/search", data={"id": "0", "k": "20"}).json()["results"]) == 20
     # multipart works for id queries too
-    assert client.post("/search", files={"id": (None, "4"), "k": (None, "6"), "learners": (None, "1,2")}).json()["results"] \
+    assert (
+        client.post("/search", files={"id": (None, "4"), "k": (None, "6"), "learners": (None, "1,2")}).json()["results"]
         == body["results"]
+    )
 
 
 def test_thumbnail_is_the_indexed_image(served):
@@ -206,13 +216,23 @@ def test_large_images_get_a_bounded_thumbnail(tmp_path, served):
     assert image.size == (64, 38)
 
 
-@pytest.mark.parametrize("url, status", [
-    ("/items/30/thumbnail", 404), ("/items/-1/thumbnail", 404), ("/items/999999999999/thumbnail", 404),
-    ("/items/abc/thumbnail", 422), ("/items/1.5/thumbnail", 422),
-    ("/items/..%2F..%2F..%2Fetc%2Fpasswd/thumbnail", 404), ("/items/%2Fetc%2Fpasswd/thumbnail", 404),
-    ("/items/%2e%2e/thumbnail", 422), ("/items/..%5C..%5Cwindows/thumbnail", 422),
-    ("/static/..%2F..%2F__init__.py", 404), ("/static/%2e%2e/app.py", 404), ("/nothing-here", 404),
-])
+@pytest.mark.parametrize(
+    "url, status",
+    [
+        ("/items/30/thumbnail", 404),
+        ("/items/-1/thumbnail", 404),
+        ("/items/999999999999/thumbnail", 404),
+        ("/items/abc/thumbnail", 422),
+        ("/items/1.5/thumbnail", 422),
+        ("/items/..%2F..%2F..%2Fetc%2Fpasswd/thumbnail", 404),
+        ("/items/%2Fetc%2Fpasswd/thumbnail", 404),
+        ("/items/%2e%2e/thumbnail", 422),
+        ("/items/..%5C..%5Cwindows/thumbnail", 422),
+        ("/static/..%2F..%2F__init__.py", 404),
+        ("/static/%2e%2e/app.py", 404),
+        ("/nothing-here", 404),
+    ],
+)
 def test_thumbnails_refuse_unknown_ids_and_paths(served, url, status):
     _, _, client = served
     response = client.get(url)
@@ -260,51 +280,81 @@ def test_openapi_docs_and_the_page(served):
 TRUNCATED_PNG = noise_png(40, 40)[:-300]
 
 
-@pytest.mark.parametrize("name, data, content_type, fields, status, pattern", [
-    ("non-image", b"hello, this is text, not pixels" * 20, "image/png", {}, 400, r"^not an image file"),
-    ("truncated", TRUNCATED_PNG, "image/png", {}, 400, r"^truncated or corrupt image"),
-    ("zero bytes", b"", "image/png", {}, 400, r"empty \(0 bytes\)"),
-    ("bomb header", png_bytes(100_000, 100_000, b"\0" * 100), "image/png", {}, 413,
-     r"image of 10000000000 pixels is over the limit of 1000000 pixels"),
-    ("real bomb", png(Image.new("L", (1200, 1000))), "image/png", {}, 413, r"1200x1000 = 1200000 pixels"),
-    ("over the upload limit", noise_png(820, 820), "image/png", {}, 413, r"over the limit of 2000000 bytes"),
-    ("text part", noise_png(8, 8), "text/plain", {}, 415, r"unsupported content type 'text/plain'"),
-    ("html part", noise_png(8, 8), "text/html; charset=utf-8", {}, 415, r"'text/html'"),
-    ("eps is never decoded", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "application/postscript", {},
-     415, r"'application/postscript'"),
-    ("eps as octet-stream", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "application/octet-stream", {},
-     400, r"^not an image file"),
-    ("k zero", noise_png(8, 8), "image/png", {"k": 0}, 422, r"k must be between 1 and 20, got 0"),
-    ("k too large", noise_png(8, 8), "image/png", {"k": 21}, 422, r"k must be between 1 and 20, got 21"),
-    ("k negative", noise_png(8, 8), "image/png", {"k": -3}, 422, r"got -3"),
-    ("k not a number", noise_png(8, 8), "image/png", {"k": "ten"}, 422, r"^k: .*integer.*'ten'"),
-    ("unknown learner", noise_png(8, 8), "image/png", {"learners": "4"}, 422, r"learners: 4 is not a learner"),
-    ("learner list", noise_png(8, 8), "image/png", {"learners": "0;1"}, 422, r"comma-separated"),
-    ("learner twice", noise_png(8, 8), "image/png", {"learners": "1,1"}, 422, r"twice"),
-    ("weights short", noise_png(8, 8), "image/png", {"weights": "1,1"}, 422, r"4 learners, got 2 weights"),
-    ("weights zero", noise_png(8, 8), "image/png", {"weights": "0,0,0,0"}, 422, r"not all zero"),
-    ("weights nan", noise_png(8, 8), "image/png", {"weights": "1,nan,1,1"}, 422, r"finite"),
-    ("learners and weights", noise_png(8, 8), "image/png", {"learners": "0", "weights": "1,1,1,1"}, 422,
-     r"learners or weights, not both"),
-    ("image and id", noise_png(8, 8), "image/png", {"id": 3}, 400, r"exactly one of"),
-])
+@pytest.mark.parametrize(
+    "name, data, content_type, fields, status, pattern",
+    [
+        ("non-image", b"hello, this is text, not pixels" * 20, "image/png", {}, 400, r"^not an image file"),
+        ("truncated", TRUNCATED_PNG, "image/png", {}, 400, r"^truncated or corrupt image"),
+        ("zero bytes", b"", "image/png", {}, 400, r"empty \(0 bytes\)"),
+        (
+            "bomb header",
+            png_bytes(100_000, 100_000, b"\0" * 100),
+            "image/png",
+            {},
+            413,
+            r"image of 10000000000 pixels is over the limit of 1000000 pixels",
+        ),
+        ("real bomb", png(Image.new("L", (1200, 1000))), "image/png", {}, 413, r"1200x1000 = 1200000 pixels"),
+        ("over the upload limit", noise_png(820, 820), "image/png", {}, 413, r"over the limit of 2000000 bytes"),
+        ("text part", noise_png(8, 8), "text/plain", {}, 415, r"unsupported content type 'text/plain'"),
+        ("html part", noise_png(8, 8), "text/html; charset=utf-8", {}, 415, r"'text/html'"),
+        (
+            "eps is never decoded",
+            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+            "application/postscript",
+            {},
+            415,
+            r"'application/postscript'",
+        ),
+        (
+            "eps as octet-stream",
+            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+            "application/octet-stream",
+            {},
+            400,
+            r"^not an image file",
+        ),
+        ("k zero", noise_png(8, 8), "image/png", {"k": 0}, 422, r"k must be between 1 and 20, got 0"),
+        ("k too large", noise_png(8, 8), "image/png", {"k": 21}, 422, r"k must be between 1 and 20, got 21"),
+        ("k negative", noise_png(8, 8), "image/png", {"k": -3}, 422, r"got -3"),
+        ("k not a number", noise_png(8, 8), "image/png", {"k": "ten"}, 422, r"^k: .*integer.*'ten'"),
+        ("unknown learner", noise_png(8, 8), "image/png", {"learners": "4"}, 422, r"learners: 4 is not a learner"),
+        ("learner list", noise_png(8, 8), "image/png", {"learners": "0;1"}, 422, r"comma-separated"),
+        ("learner twice", noise_png(8, 8), "image/png", {"learners": "1,1"}, 422, r"twice"),
+        ("weights short", noise_png(8, 8), "image/png", {"weights": "1,1"}, 422, r"4 learners, got 2 weights"),
+        ("weights zero", noise_png(8, 8), "image/png", {"weights": "0,0,0,0"}, 422, r"not all zero"),
+        ("weights nan", noise_png(8, 8), "image/png", {"weights": "1,nan,1,1"}, 422, r"finite"),
+        (
+            "learners and weights",
+            noise_png(8, 8),
+            "image/png",
+            {"learners": "0", "weights": "1,1,1,1"},
+            422,
+            r"learners or weights, not both",
+        ),
+        ("image and id", noise_png(8, 8), "image/png", {"id": 3}, 400, r"exactly one of"),
+    ],
+)
 def test_bad_uploads_are_one_line_4xx(served, name, data, content_type, fields, status, pattern):
     _, _, client = served
     assert_error(upload(client, data, content_type, **fields), status, pattern)
 
 
-@pytest.mark.parametrize("request_kwargs, status, pattern", [
-    ({"data": {"id": "30"}}, 404, r"unknown item id 30 \(the index has 30 items\)"),
-    ({"data": {"id": "-2"}}, 404, r"unknown item id -2"),
-    ({"data": {"id": "../../etc/passwd"}}, 422, r"^id: .*integer"),
-    ({"data": {"id": "2", "k": "30"}}, 422, r"k must be between 1 and 20, got 30"),
-    ({"data": {"k": "3"}}, 400, r"exactly one of the form fields 'image'"),
-    ({"json": {"id": 3}}, 415, r"multipart/form-data.*not application/json"),
-    ({"content": b"id=3", "headers": {"content-type": "text/plain"}}, 415, r"not text/plain"),
-    ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, r"\S"),
-    ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}}, 400, r"\S"),
-    ({"files": {"image": ("q.png", b"not a file part")}, "data": {}}, 400, r"not an image file"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, status, pattern",
+    [
+        ({"data": {"id": "30"}}, 404, r"unknown item id 30 \(the index has 30 items\)"),
+        ({"data": {"id": "-2"}}, 404, r"unknown item id -2"),
+        ({"data": {"id": "../../etc/passwd"}}, 422, r"^id: .*integer"),
+        ({"data": {"id": "2", "k": "30"}}, 422, r"k must be between 1 and 20, got 30"),
+        ({"data": {"k": "3"}}, 400, r"exactly one of the form fields 'image'"),
+        ({"json": {"id": 3}}, 415, r"multipart/form-data.*not application/json"),
+        ({"content": b"id=3", "headers": {"content-type": "text/plain"}}, 415, r"not text/plain"),
+        ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, r"\S"),
+        ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}}, 400, r"\S"),
+        ({"files": {"image": ("q.png", b"not a file part")}, "data": {}}, 400, r"not an image file"),
+    ],
+)
 def test_bad_requests_are_one_line_4xx(served, request_kwargs, status, pattern):
     _, _, client = served
     assert_error(client.post("/search", **request_kwargs), status, pattern)
@@ -319,8 +369,7 @@ def test_bodies_over_the_limit_are_refused_before_parsing(served):
         for _ in range(40):
             yield b"\0" * 65536
 
-    response = client.post("/search", content=chunks(),
-                           headers={"content-type": "multipart/form-data; boundary=x"})
+    response = client.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert_error(response, 413, r"over the limit")
     assert client.get("/health").status_code == 200
 
@@ -328,8 +377,9 @@ def test_bodies_over_the_limit_are_refused_before_parsing(served):
 def test_every_malformed_image_is_refused_or_answered(served, tmp_path):
     """The reliability suite's malformed and odd-but-valid images, uploaded: valid ones are answered."""
     _, _, client = served
-    cases = [c for c in make_malformed_cases(tmp_path) if c.kind == "image" and c.path.is_file()
-             and not c.path.is_symlink()]
+    cases = [
+        c for c in make_malformed_cases(tmp_path) if c.kind == "image" and c.path.is_file() and not c.path.is_symlink()
+    ]
     assert len(cases) > 30
     wrong = []
     for case in cases:
@@ -355,8 +405,14 @@ def test_no_temporary_files_or_descriptors_leak(served, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(spool))  # where a spooled upload would go
     large_ok = noise_png(700, 650, seed=3)  # ~1.4 MB: over Starlette's 1 MB in-memory spool
     assert 1_100_000 < len(large_ok) < MAX_UPLOAD
-    requests = [(large_ok, 200), (TRUNCATED_PNG, 400), (b"", 400), (noise_png(820, 820), 413),
-                (png(Image.new("L", (1200, 1000))), 413), (b"GIF89a" + b"\0" * 1_200_000, 400)]
+    requests = [
+        (large_ok, 200),
+        (TRUNCATED_PNG, 400),
+        (b"", 400),
+        (noise_png(820, 820), 413),
+        (png(Image.new("L", (1200, 1000))), 413),
+        (b"GIF89a" + b"\0" * 1_200_000, 400),
+    ]
     for data, status in requests:  # warm-up: lazily opened libraries, caches
         assert upload(client, data, k=2).status_code == status
     before = _open_files()
@@ -392,7 +448,11 @@ def test_concurrent_requests_get_the_sequential_answers(served):
         ids = lambda body: [hit["id"] for hit in body["results"]]  # noqa: E731
         scores = lambda body: [hit["score"] for hit in body["results"]]  # noqa: E731
         rest = lambda body: {key: value for key, value in body.items() if key != "results"}  # noqa: E731
-        return ids(a[1]) == ids(b[1]) and rest(a[1]) == rest(b[1]) and scores(a[1]) == pytest.approx(scores(b[1]), abs=1e-5)
+        return (
+            ids(a[1]) == ids(b[1])
+            and rest(a[1]) == rest(b[1])
+            and scores(a[1]) == pytest.approx(scores(b[1]), abs=1e-5)
+        )
 
     expected = [call(n) for n in range(48)]
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -431,8 +491,11 @@ def test_queued_queries_share_one_model_call_and_one_scan(served, reference):
     assert sizes == [1, 5]  # the five queued queries went in one batch (three index scans)
     for n, (learners, weights) in enumerate([(None, None), *settings]):
         item, k = (0, 3) if n == 0 else (n, n + 1)
-        truth = [i for i, _ in brute_force(reference[item], reference, service.index.learner_slices, learners, weights)
-                 if i != item][:k]
+        truth = [
+            i
+            for i, _ in brute_force(reference[item], reference, service.index.learner_slices, learners, weights)
+            if i != item
+        ][:k]
         assert [hit["id"] for hit in answers[n]["results"]] == truth
 
 
@@ -466,6 +529,7 @@ def test_micro_batcher_hands_errors_to_every_caller_and_keeps_running():
 
 # -- starting it -----------------------------------------------------------------------------------
 
+
 def test_index_and_checkpoint_of_different_models_are_refused(served, tmp_path):
     fixture, _, _ = served
     other = make_checkpoint(tmp_path / "other.pt", num_learners=4, embedding_dim=32, image_size=32, seed=1)
@@ -482,12 +546,34 @@ def _free_port() -> int:
 def test_gce_serve_command_binds_to_localhost(served):
     fixture, _, _ = served
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "src"),
-                                                                    os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
     process = subprocess.Popen(
-        [sys.executable, "-m", "gce", "serve", "--index", str(fixture.index_dir), "--checkpoint",
-         str(fixture.checkpoint), "--port", str(port), "--log-level", "warning", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "gce",
+            "serve",
+            "--index",
+            str(fixture.index_dir),
+            "--checkpoint",
+            str(fixture.checkpoint),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith(f"gce serve: http://127.0.0.1:{port}/ (localhost only;"), line
@@ -500,8 +586,11 @@ def test_gce_serve_command_binds_to_localhost(served):
             except OSError:
                 assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
                 time.sleep(0.2)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/search", data=b"id=1&k=2",
-                                         headers={"content-type": "application/x-www-form-urlencoded"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/search",
+            data=b"id=1&k=2",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
         with urllib.request.urlopen(request, timeout=10) as answer:
             assert len(json.load(answer)["results"]) == 2
     finally:
@@ -530,8 +619,9 @@ def test_a_port_in_use_is_a_one_line_error(served, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        code = main(["serve", "--index", str(fixture.index_dir), "--checkpoint", str(fixture.checkpoint),
-                     "--port", str(port)])
+        code = main(
+            ["serve", "--index", str(fixture.index_dir), "--checkpoint", str(fixture.checkpoint), "--port", str(port)]
+        )
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"gce: error: cannot listen on 127\.0\.0\.1:{port} \(.*in use.*\)", err), err

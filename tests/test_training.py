@@ -116,12 +116,19 @@ def test_loader_workers_persist_between_epochs_and_change_nothing(tmp_path, shap
     weights = {}
     for workers in (0, 2):
         config = write_config(tmp_path, shape_folder, tmp_path / f"w{workers}")
-        assert run_train(config, "train.epochs=2", "sampler.batches_per_epoch=2", "train.eval_test_every=0",
-                         f"data.workers={workers}") == 0
+        assert (
+            run_train(
+                config,
+                "train.epochs=2",
+                "sampler.batches_per_epoch=2",
+                "train.eval_test_every=0",
+                f"data.workers={workers}",
+            )
+            == 0
+        )
         weights[workers] = load_checkpoint(tmp_path / f"w{workers}")[0]["model"]
     for key, tensor in weights[0].items():
         assert torch.equal(tensor, weights[2][key]), key
-
 
 
 @pytest.mark.parametrize("option", ["train.channels_last=true", "train.compile=true"])

@@ -20,13 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:
-    from gce.config import ExperimentConfig, load_config
-    from gce.errors import GceError
-    from gce.evaluation import EvalResult, evaluate_embeddings
-    from gce.retrieval import Embedder, SearchHit, SearchIndex, build_index, build_index_from_images
-    from gce.run import train
-    from gce.training.checkpoint import load_model
+if TYPE_CHECKING:  # `X as X`: re-exported names, for type checkers and IDEs
+    from gce.config import ExperimentConfig as ExperimentConfig
+    from gce.config import load_config as load_config
+    from gce.errors import GceError as GceError
+    from gce.evaluation import EvalResult as EvalResult
+    from gce.evaluation import evaluate_embeddings as evaluate_embeddings
+    from gce.retrieval import Embedder as Embedder
+    from gce.retrieval import SearchHit as SearchHit
+    from gce.retrieval import SearchIndex as SearchIndex
+    from gce.retrieval import build_index as build_index
+    from gce.retrieval import build_index_from_images as build_index_from_images
+    from gce.run import train as train
+    from gce.training.checkpoint import load_model as load_model
 
 #: public name -> the module that defines it
 _API: dict[str, str] = {

@@ -54,12 +54,15 @@ def load_ablation(path: str | Path, extra_overrides: Sequence[str] = ()) -> tupl
         ablation = AblationConfig.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"{path}: '{'.'.join(map(str, first['loc']))}': {first['msg']}"
-                          f" (got {first.get('input')!r})") from None
+        raise ConfigError(
+            f"{path}: '{'.'.join(map(str, first['loc']))}': {first['msg']} (got {first.get('input')!r})"
+        ) from None
     for name in ablation.variants:  # each becomes a folder name under out_dir
         if not name.strip() or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
-            raise ConfigError(f"{path}: variant name {name!r} cannot be a folder name under out_dir"
-                              f" (no '/', not empty, not starting with '.')")
+            raise ConfigError(
+                f"{path}: variant name {name!r} cannot be a folder name under out_dir"
+                f" (no '/', not empty, not starting with '.')"
+            )
     if len(set(ablation.seeds)) != len(ablation.seeds):
         raise ConfigError(f"{path}: 'seeds' lists a seed twice ({ablation.seeds}); each (variant, seed) is one run")
     ablation.out_dir = str(check_output_dir(ablation.out_dir, what=f"{path}: out_dir"))
@@ -107,8 +110,14 @@ def run_lock(folder: Path) -> Iterator[bool]:
     yield False
 
 
-def run_ablation(path: str | Path, extra_overrides: Sequence[str] = (), *, only: list[str] | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> Path:
+def run_ablation(
+    path: str | Path,
+    extra_overrides: Sequence[str] = (),
+    *,
+    only: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run every unfinished (variant, seed), then write the summary; returns the summary path."""
     from gce.training.trainer import Trainer
 
@@ -118,7 +127,9 @@ def run_ablation(path: str | Path, extra_overrides: Sequence[str] = (), *, only:
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; the file defines {list(ablation.variants)}")
     # Seed-major order: a stopped ablation has whole seeds of every variant, comparable already.
-    configs = {(v, s): run_config(ablation, base_tree, v, s) for s in ablation.seeds for v in variants}  # validate all first
+    configs = {
+        (v, s): run_config(ablation, base_tree, v, s) for s in ablation.seeds for v in variants
+    }  # validate all first
     for (variant, seed), cfg in configs.items():
         out = Path(cfg.train.out_dir)
         if (out / "final_metrics.json").exists():
@@ -154,7 +165,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summary_table(results: dict[str, list[dict[str, Any]]], metrics: tuple[str, ...] = SUMMARY_METRICS) -> str:
     """Markdown table: mean ± sample std over seeds, in percent (the mean alone for one seed)."""
-    header = "| variant | seeds | " + " | ".join(m.replace("recall@", "R@").upper().replace("R@", "R@") for m in metrics) + " |"
+    header = (
+        "| variant | seeds | "
+        + " | ".join(m.replace("recall@", "R@").upper().replace("R@", "R@") for m in metrics)
+        + " |"
+    )
     lines = [header, "|---|---|" + "---|" * len(metrics)]
     for variant, runs in results.items():
         cells = []
@@ -172,8 +187,14 @@ def summary_table(results: dict[str, list[dict[str, Any]]], metrics: tuple[str, 
 def write_summary(out_dir: Path, variants: list[str], seeds: list[int]) -> Path:
     from gce.plots import plot_metaclass_sizes, plot_recall_curves
 
-    results = {v: [read_run(out_dir / v / f"seed{s}") for s in seeds if (out_dir / v / f"seed{s}" / "final_metrics.json").exists()]
-               for v in variants}
+    results = {
+        v: [
+            read_run(out_dir / v / f"seed{s}")
+            for s in seeds
+            if (out_dir / v / f"seed{s}" / "final_metrics.json").exists()
+        ]
+        for v in variants
+    }
     results = {v: runs for v, runs in results.items() if runs}
     summary = out_dir / "summary.md"
     write_text(summary, summary_table(results) + "\n")

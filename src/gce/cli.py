@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings from the command line read like its errors: one line, no source excerpt."""
     return f"gce: warning: {message}\n"
 
@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args lets `key=value` overrides follow options (gce train c.yaml --resume a.b=1).
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) in ("train", "ablate", "demo") and all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "command", None) in ("train", "ablate", "demo") and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

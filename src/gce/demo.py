@@ -20,16 +20,22 @@ from gce.data.records import ImageRecords
 from gce.errors import CheckpointError
 from gce.evaluation import EvalResult, exact_knn
 from gce.evaluation.pipeline import EmbedFn, MetricSettings, evaluate_split
-from gce.models.plain import PooledTrunk
 from gce.io import check_output_dir, write_json, write_text
+from gce.models.plain import PooledTrunk
 from gce.plots import plot_training_curve, retrieval_grid
 from gce.training.checkpoint import load_checkpoint, setting_differences
 from gce.training.logging import MetricsLogger
 from gce.training.parts import build_parts
 from gce.training.trainer import Trainer
 
-TABLE_METRICS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
-                 ("nmi", "NMI"), ("map@r", "MAP@R"))
+TABLE_METRICS = (
+    ("recall@1", "R@1"),
+    ("recall@2", "R@2"),
+    ("recall@4", "R@4"),
+    ("recall@8", "R@8"),
+    ("nmi", "NMI"),
+    ("map@r", "MAP@R"),
+)
 CURVE_EVENT = "curve"
 
 
@@ -66,14 +72,27 @@ def pick_queries(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(candidates, size=min(count, len(candidates)), replace=False))
 
 
-def write_retrieval_grid(embeddings: torch.Tensor, records: ImageRecords, path: Path, *, queries: int = 8,
-                         neighbours: int = 5, seed: int = 0, title: str = "") -> Path:
+def write_retrieval_grid(
+    embeddings: torch.Tensor,
+    records: ImageRecords,
+    path: Path,
+    *,
+    queries: int = 8,
+    neighbours: int = 5,
+    seed: int = 0,
+    title: str = "",
+) -> Path:
     chosen = pick_queries(records.labels, queries, seed)
     found = exact_knn(embeddings[chosen], embeddings, k=neighbours, self_index=torch.as_tensor(chosen))
     indices = found.indices.numpy()
     correct = records.labels[indices] == records.labels[chosen][:, None]
-    return retrieval_grid([load_rgb(records.paths[q]) for q in chosen],
-                          [[load_rgb(records.paths[j]) for j in row] for row in indices], correct, path, title)
+    return retrieval_grid(
+        [load_rgb(records.paths[q]) for q in chosen],
+        [[load_rgb(records.paths[j]) for j in row] for row in indices],
+        correct,
+        path,
+        title,
+    )
 
 
 def _other_configuration(run_dir: Path, cfg: ExperimentConfig) -> str | None:
@@ -114,16 +133,32 @@ def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=pri
     untrained_model = PooledTrunk(cfg.model.backbone, pretrained=cfg.model.pretrained).to(parts.device)
     untrained = evaluate_split(untrained_model, parts.test_set, parts.embed, parts.metrics, "untrained backbone")
     trained_embeddings, _ = parts.embed(parts.model, parts.test_set, "trained model")
-    names = {f"{cfg.model.backbone} (untrained, pooled)": untrained.result,
-             f"{cfg.name} ({cfg.train.epochs} epochs)": trained_result}
+    names = {
+        f"{cfg.model.backbone} (untrained, pooled)": untrained.result,
+        f"{cfg.name} ({cfg.train.epochs} epochs)": trained_result,
+    }
     table = comparison_table(names)
     write_text(out / "comparison.md", table + "\n")
     write_json(out / "comparison.json", {name: r.to_dict() for name, r in names.items()})
     test = parts.data.test
-    write_retrieval_grid(trained_embeddings, test, out / "retrieval_grid.png", seed=cfg.train.seed,
-                         title=f"{cfg.name}: queries (left) and top-5 test neighbours")
-    write_retrieval_grid(untrained.embeddings, test, out / "retrieval_grid_untrained.png", seed=cfg.train.seed,
-                         title=f"untrained {cfg.model.backbone}: same queries")
-    plot_training_curve(MetricsLogger(run_dir, tensorboard=False).read(), out / "training_curve.png", title=cfg.name,
-                        reference=(f"untrained {cfg.model.backbone}", untrained.result.recall[min(untrained.result.recall)]))
+    write_retrieval_grid(
+        trained_embeddings,
+        test,
+        out / "retrieval_grid.png",
+        seed=cfg.train.seed,
+        title=f"{cfg.name}: queries (left) and top-5 test neighbours",
+    )
+    write_retrieval_grid(
+        untrained.embeddings,
+        test,
+        out / "retrieval_grid_untrained.png",
+        seed=cfg.train.seed,
+        title=f"untrained {cfg.model.backbone}: same queries",
+    )
+    plot_training_curve(
+        MetricsLogger(run_dir, tensorboard=False).read(),
+        out / "training_curve.png",
+        title=cfg.name,
+        reference=(f"untrained {cfg.model.backbone}", untrained.result.recall[min(untrained.result.recall)]),
+    )
     return table

@@ -30,7 +30,7 @@ class BadImageError(DatasetError):
 def _parse_worker_message(message: str) -> tuple[str, str]:
     """Split a DataLoader worker's traceback text back into the original ``(path, reason)``."""
     marker = "BadImageError: "
-    last = message[message.rfind(marker) + len(marker):] if marker in message else message
+    last = message[message.rfind(marker) + len(marker) :] if marker in message else message
     path, sep, reason = last.strip().partition(": ")
     return (path, reason) if sep else (last.strip(), "unreadable image")
 

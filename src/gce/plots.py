@@ -30,13 +30,15 @@ def _retrieval_points(records: list[dict[str, Any]]) -> tuple[str, list[tuple[in
     """``(title, [(epochs trained, record)])``: the per-epoch ``curve`` records when the run has them
     (epoch -1 is the model before training), else the ``test`` records."""
     curve = [r for r in records if r["event"] == "curve"]
-    chosen, title = (curve, "test retrieval per epoch") if curve else (
-        [r for r in records if r["event"] == "test"], "test metrics")
+    chosen, title = (
+        (curve, "test retrieval per epoch") if curve else ([r for r in records if r["event"] == "test"], "test metrics")
+    )
     return title, [(r["epoch"] + 1, r) for r in chosen]
 
 
-def plot_training_curve(records: list[dict[str, Any]], path: Path, title: str = "",
-                        reference: tuple[str, float] | None = None) -> Path:
+def plot_training_curve(
+    records: list[dict[str, Any]], path: Path, title: str = "", reference: tuple[str, float] | None = None
+) -> Path:
     """Training loss and test Recall@1 / MAP@R against the number of epochs trained, from a run's
     metrics.jsonl records. ``reference``: (label, Recall@1) drawn as a horizontal line."""
     train = [r for r in records if r["event"] == "train"]
@@ -64,8 +66,10 @@ def plot_recall_curves(results: dict[str, list[dict[str, Any]]], path: Path, met
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for variant, runs in results.items():
         # An undefined metric is null in the strict JSON logs: drawn as a gap (NaN), not a crash.
-        curves = [{r["epoch"]: 100 * (r[metric] if r.get(metric) is not None else float("nan")) for r in run["test"]}
-                  for run in runs]
+        curves = [
+            {r["epoch"]: 100 * (r[metric] if r.get(metric) is not None else float("nan")) for r in run["test"]}
+            for run in runs
+        ]
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not epochs:
             continue
@@ -85,13 +89,18 @@ def plot_metaclass_sizes(results: dict[str, list[dict[str, Any]]], path: Path) -
     subsets; the all-data reading, where every learner sees every class, is left out). The y axis
     starts at 0 so that balanced subsets read as flat lines; titles give the share of classes that
     moved at each refresh."""
-    shown = {v: runs[0]["metaclass"] for v, runs in results.items()
-             if runs and runs[0]["metaclass"] and len(runs[0]["metaclass"][0]["classes_per_learner"]) > 1
-             and "classes_per_metaclass" not in runs[0]["metaclass"][0]}
+    shown = {
+        v: runs[0]["metaclass"]
+        for v, runs in results.items()
+        if runs
+        and runs[0]["metaclass"]
+        and len(runs[0]["metaclass"][0]["classes_per_learner"]) > 1
+        and "classes_per_metaclass" not in runs[0]["metaclass"][0]
+    }
     cols = min(3, max(1, len(shown)))
     rows = max(1, -(-len(shown) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[len(shown):]:
+    for ax in axes.flat[len(shown) :]:
         ax.axis("off")
     for ax, (variant, updates) in zip(axes.flat, shown.items(), strict=False):
         sizes = np.array([u["classes_per_learner"] for u in updates])
@@ -99,8 +108,12 @@ def plot_metaclass_sizes(results: dict[str, list[dict[str, Any]]], path: Path) -
         for k in range(sizes.shape[1]):
             ax.plot(epochs, sizes[:, k], marker="o", label=f"learner {k}")
         moved = ", ".join(f"{100 * u['moved_fraction']:.0f}" for u in updates[1:])
-        ax.set(xlabel="epoch", ylabel="classes", ylim=(0, 1.15 * sizes.max()),
-               title=variant + (f" (moved %: {moved})" if moved else ""))
+        ax.set(
+            xlabel="epoch",
+            ylabel="classes",
+            ylim=(0, 1.15 * sizes.max()),
+            title=variant + (f" (moved %: {moved})" if moved else ""),
+        )
         ax.title.set_fontsize(9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(epochs) == 1:  # drawn once (e.g. DREML): centre the lone point
@@ -110,8 +123,9 @@ def plot_metaclass_sizes(results: dict[str, list[dict[str, Any]]], path: Path) -
     return _save(fig, path)
 
 
-def retrieval_grid(query_images: Sequence, neighbour_images: Sequence[Sequence], correct: np.ndarray,
-                   path: Path, title: str = "") -> Path:
+def retrieval_grid(
+    query_images: Sequence, neighbour_images: Sequence[Sequence], correct: np.ndarray, path: Path, title: str = ""
+) -> Path:
     """Each row: a query, then its nearest neighbours framed green (same class) or red (other)."""
     rows, cols = len(query_images), 1 + len(neighbour_images[0])
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)

@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 __all__ = ["train"]
 
 
-def train(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> EvalResult:
+def train(
+    cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print
+) -> EvalResult:
     """Train ``cfg`` in this process (``train.out_dir`` gets the run folder) and return the final test metrics.
 
     Under ``torchrun`` each process joins the process group, exactly as ``gce train`` does;

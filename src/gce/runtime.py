@@ -11,7 +11,13 @@ import torch
 
 from gce.errors import ConfigError
 
-__all__ = ["flush_denormals", "loader_worker_ignores_sigterm", "resolve_device", "seed_everything", "set_flush_denormal_in_openmp_workers"]
+__all__ = [
+    "flush_denormals",
+    "loader_worker_ignores_sigterm",
+    "resolve_device",
+    "seed_everything",
+    "set_flush_denormal_in_openmp_workers",
+]
 
 
 def resolve_device(name: str, key: str) -> torch.device:
@@ -19,7 +25,9 @@ def resolve_device(name: str, key: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"bad value for '{key}': {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+        raise ConfigError(
+            f"bad value for '{key}': {name!r} is not a torch device (cpu, cuda, cuda:1, mps ...)"
+        ) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

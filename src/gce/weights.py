@@ -20,8 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from gce.errors import GceError
 from gce.io import atomic_path, sha256_file
 from gce.models.backbones import available_backbones, weights_cache_path
@@ -59,7 +57,7 @@ def verify_name_hash(path: Path, name: str | None = None) -> None:
     actual = sha256_file(path)
     if not actual.startswith(expected):
         raise GceError(
-            f"{path}: sha256 {actual[:len(expected)]}... does not match {expected} from the name "
+            f"{path}: sha256 {actual[: len(expected)]}... does not match {expected} from the name "
             f"{name}; the file is corrupt or not torchvision's"
         )
 

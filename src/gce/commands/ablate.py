@@ -9,10 +9,15 @@ from gce.config.bundled import resolve_config_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ablate", help="run an ablation (variants x seeds) and summarise it",
-                       description="Runs every unfinished (variant, seed) of ABLATION.yaml, then writes "
-                                   "summary.md and PNG plots in its out_dir. Re-running skips finished runs.")
-    p.add_argument("ablation", help="ablation YAML (base config, seeds, variants), or a bundled name (ablation/emoji_strategies)")
+    p = sub.add_parser(
+        "ablate",
+        help="run an ablation (variants x seeds) and summarise it",
+        description="Runs every unfinished (variant, seed) of ABLATION.yaml, then writes "
+        "summary.md and PNG plots in its out_dir. Re-running skips finished runs.",
+    )
+    p.add_argument(
+        "ablation", help="ablation YAML (base config, seeds, variants), or a bundled name (ablation/emoji_strategies)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

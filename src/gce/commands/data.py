@@ -27,7 +27,13 @@ def run_emoji(args: argparse.Namespace) -> int:
     from gce.data.emoji import build_emoji_dataset
 
     check_output_dir(args.out, what="--out")  # before any download or conversion
-    out = build_emoji_dataset(args.out, vendors=tuple(args.vendors), cache_dir=args.cache,
-                              min_vendors=args.min_vendors, size=args.size, progress=not args.quiet)
+    out = build_emoji_dataset(
+        args.out,
+        vendors=tuple(args.vendors),
+        cache_dir=args.cache,
+        min_vendors=args.min_vendors,
+        size=args.size,
+        progress=not args.quiet,
+    )
     print(f"emoji dataset ready in {out}")
     return 0

@@ -30,8 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         table = run_demo(cfg, args.out, progress=not args.quiet)
     except (TrainingInterrupted, KeyboardInterrupt) as exc:  # the demo resumes its run when rerun
-        return report_interrupt(exc, None,
-                                ["gce", "demo", args.config, *args.overrides, "--out", args.out])
+        return report_interrupt(exc, None, ["gce", "demo", args.config, *args.overrides, "--out", args.out])
     print("\nTest split, untrained backbone against the trained model (%):\n" + table)
     for name in ("comparison.md", "retrieval_grid.png", "retrieval_grid_untrained.png", "training_curve.png"):
         print(f"  {args.out / name}")

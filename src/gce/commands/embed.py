@@ -12,10 +12,13 @@ from gce.errors import DatasetError, GceError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed a dataset split, an image folder or a CSV list into an embeddings folder",
-                       description="Embeddings in shards; a killed run resumes where it stopped when rerun with the"
-                                   " same arguments. The model's id is recorded so that embeddings of two models"
-                                   " are never mixed.")
+    p = sub.add_parser(
+        "embed",
+        help="embed a dataset split, an image folder or a CSV list into an embeddings folder",
+        description="Embeddings in shards; a killed run resumes where it stopped when rerun with the"
+        " same arguments. The model's id is recorded so that embeddings of two models"
+        " are never mixed.",
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="a gce model.pt/best.pt/last.pt or run folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="dataset name (cub, cars196, sop, inshop, folder, csv, emoji); needs --root")
@@ -24,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", help="with --dataset: its root folder")
     p.add_argument("--split", choices=["test", "train", "all"], default="test", help="with --dataset (default: test)")
     p.add_argument("--out", type=Path, required=True, help="embeddings folder to write (or resume)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage type (float16: half the disk)")
+    p.add_argument(
+        "--dtype", choices=["float32", "float16"], default="float32", help="storage type (float16: half the disk)"
+    )
     p.add_argument("--shard-size", type=count(1), default=4096, help="images per shard (the unit of resumption)")
     p.add_argument("--batch-size", type=count(1), default=64)
     p.add_argument("--workers", type=count(0), default=2, help="image-decoding processes")
@@ -110,14 +115,29 @@ def run(args: argparse.Namespace) -> int:
     paths, labels, source = catalogue(args)
     paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
     embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
-    info = embed_to_store(embedder, paths, labels, args.out, dtype=args.dtype, shard_size=args.shard_size,
-                          skip_bad=args.skip_bad, batch_size=args.batch_size, workers=args.workers,
-                          progress=not args.quiet, source=source, overwrite=args.overwrite)
+    info = embed_to_store(
+        embedder,
+        paths,
+        labels,
+        args.out,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        skip_bad=args.skip_bad,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.quiet,
+        source=source,
+        overwrite=args.overwrite,
+    )
     resumed = f", resumed after {info.resumed_from:,}" if info.resumed_from else ""
-    print(f"embedded {info.embedded:,} of {info.total:,} images from {source}{resumed} -> {info.path}"
-          f" (D={embedder.embedding_dim}, K={embedder.num_learners}, {args.dtype}, model {embedder.model_id[:12]})")
+    print(
+        f"embedded {info.embedded:,} of {info.total:,} images from {source}{resumed} -> {info.path}"
+        f" (D={embedder.embedding_dim}, K={embedder.num_learners}, {args.dtype}, model {embedder.model_id[:12]})"
+    )
     if info.skipped:
         first_path, first_reason = info.bad[0]
-        print(f"skipped {info.skipped:,} unreadable images (first: {first_path}: {first_reason});"
-              f" all are listed in {info.path / 'embeddings.json'}")
+        print(
+            f"skipped {info.skipped:,} unreadable images (first: {first_path}: {first_reason});"
+            f" all are listed in {info.path / 'embeddings.json'}"
+        )
     return 0

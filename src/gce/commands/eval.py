@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 from typing import TYPE_CHECKING
 
 from gce.commands.arguments import count, seed
@@ -20,8 +19,11 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint or an untrained backbone on a dataset split",
-                       description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint or an untrained backbone on a dataset split",
+        description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=path_argument, help="a gce model.pt/best.pt/last.pt or run folder")
     src.add_argument("--backbone", help=f"untrained reference: {', '.join(BACKBONE_NAMES)}, or raw (pixels)")
@@ -29,8 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
     p.add_argument("--root", type=path_argument, help="dataset root (default: the checkpoint's)")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--image-size", type=count(8, LIMITS["data.image_size"]), help="crop size (default: the checkpoint's, else 224)")
-    p.add_argument("--test-resize", type=count(8, LIMITS["data.test_resize"]), help="resize before the centre crop (default size*256/224)")
+    p.add_argument(
+        "--image-size", type=count(8, LIMITS["data.image_size"]), help="crop size (default: the checkpoint's, else 224)"
+    )
+    p.add_argument(
+        "--test-resize",
+        type=count(8, LIMITS["data.test_resize"]),
+        help="resize before the centre crop (default size*256/224)",
+    )
     p.add_argument("--batch-size", type=count(1, LIMITS["eval.batch_size"]), default=128)
     p.add_argument("--workers", type=count(0, LIMITS["data.workers"]), default=2)
     p.add_argument("--device", default="cpu")
@@ -97,24 +105,34 @@ def _evaluate(args: argparse.Namespace, ctx: DistContext) -> int:
     resize = args.test_resize or (cfg.data.test_resize if cfg and not args.image_size else None)
     if resize is not None and resize < size:
         source = "--test-resize" if args.test_resize else "the checkpoint's data.test_resize"
-        raise GceError(f"{source}={resize} is smaller than the crop size {size} (--image-size or data.image_size);"
-                       f" the resize must be at least the crop")
+        raise GceError(
+            f"{source}={resize} is smaller than the crop size {size} (--image-size or data.image_size);"
+            f" the resize must be at least the crop"
+        )
     options = dict(cfg.data.options) if cfg and dataset == cfg.data.dataset else {}
     if args.skip_bad:  # listed-but-missing files and empty class folders too, not only undecodable ones
         options["skip_bad"] = True
     splits = load_dataset(dataset, root, **options)
     if out is not None:  # an --out that is one of the listed images (a dataset outside its root)
         refuse_input_files(out, getattr(splits, args.split).paths, "--out")
-    records = check_records(getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet and ctx.is_main,
-                            split=args.split)
+    records = check_records(
+        getattr(splits, args.split), skip_bad=args.skip_bad, progress=not args.quiet and ctx.is_main, split=args.split
+    )
     if len(records) < 2:
-        raise DatasetError(f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
-                           f" retrieval evaluation needs at least 2")
+        raise DatasetError(
+            f"{dataset} {root}: the {args.split} split has {len(records)} readable image;"
+            f" retrieval evaluation needs at least 2"
+        )
     images = ImageDataset(records, test_transform(size, resize_to=resize))
-    embed = DatasetEmbedder(batch_size=args.batch_size, workers=args.workers, device=device,
-                            progress=not args.quiet and ctx.is_main)
-    metrics = MetricSettings(recall_ks=tuple(args.recall_ks or default_recall_ks(dataset)),
-                             clustering=not args.no_clustering, backend=args.backend, seed=args.seed)
+    embed = DatasetEmbedder(
+        batch_size=args.batch_size, workers=args.workers, device=device, progress=not args.quiet and ctx.is_main
+    )
+    metrics = MetricSettings(
+        recall_ks=tuple(args.recall_ks or default_recall_ks(dataset)),
+        clustering=not args.no_clustering,
+        backend=args.backend,
+        seed=args.seed,
+    )
     desc = f"embedding {dataset}/{args.split}"
     if ctx.enabled:  # every rank embeds its shard with rank 0's weights; the metrics are computed once
         broadcast_module(ctx, model.to(device))

@@ -6,12 +6,14 @@ import argparse
 from pathlib import Path
 
 
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
-                       description="The whole model (trunk, group block, per-learner normalisation) with a dynamic"
-                                   " batch size; crop size, resize, mean/std, K, D, learner slices and the model id"
-                                   " are stored inside the file and in FILE.json.")
+    p = sub.add_parser(
+        "export",
+        help="export a trained model to ONNX or TorchScript",
+        description="The whole model (trunk, group block, per-learner normalisation) with a dynamic"
+        " batch size; crop size, resize, mean/std, K, D, learner slices and the model id"
+        " are stored inside the file and in FILE.json.",
+    )
     p.add_argument("model", type=Path, help="a gce model.pt/best.pt/last.pt or run folder")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("--out", type=Path, required=True, help="file to write (e.g. model.onnx, model.ts)")
@@ -36,13 +38,19 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out.with_name(args.out.name + ".json"), what="--out's metadata file", inputs=inputs)
     embedder = Embedder.from_checkpoint(args.model)
     meta = export_model(embedder, args.out, args.format, opset=args.opset)
-    print(f"exported {args.model} -> {args.out} ({args.format}, {args.out.stat().st_size / 2**20:.1f} MiB;"
-          f" metadata in {args.out.name}.json)")
-    print(f"input: images N x 3 x {embedder.image_size} x {embedder.image_size} float32 (resize short side to"
-          f" {embedder.resize_to}, centre-crop {embedder.image_size}, RGB/255, mean {meta['preprocessing']['mean']},"
-          f" std {meta['preprocessing']['std']})")
-    print(f"output: embedding N x {embedder.embedding_dim}, K={embedder.num_learners} learners of"
-          f" {embedder.embedding_dim // embedder.num_learners} dims, each L2-normalised; model {embedder.model_id[:12]}")
+    print(
+        f"exported {args.model} -> {args.out} ({args.format}, {args.out.stat().st_size / 2**20:.1f} MiB;"
+        f" metadata in {args.out.name}.json)"
+    )
+    print(
+        f"input: images N x 3 x {embedder.image_size} x {embedder.image_size} float32 (resize short side to"
+        f" {embedder.resize_to}, centre-crop {embedder.image_size}, RGB/255, mean {meta['preprocessing']['mean']},"
+        f" std {meta['preprocessing']['std']})"
+    )
+    print(
+        f"output: embedding N x {embedder.embedding_dim}, K={embedder.num_learners} learners of"
+        f" {embedder.embedding_dim // embedder.num_learners} dims, each L2-normalised; model {embedder.model_id[:12]}"
+    )
     if not args.no_check:
         x = torch.randn(3, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(0))
         diff = float(np.abs(load_exported(args.out)(x.numpy()) - embedder.embed_tensors(x)).max())

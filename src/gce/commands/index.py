@@ -11,13 +11,19 @@ from gce.config.vocabulary import INDEX_TYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="build, grow or describe a search index",
-                       description="Inner-product faiss indexes over the normalised embeddings of gce embed.")
+    p = sub.add_parser(
+        "index",
+        help="build, grow or describe a search index",
+        description="Inner-product faiss indexes over the normalised embeddings of gce embed.",
+    )
     actions = p.add_subparsers(dest="action", required=True)
-    b = actions.add_parser("build", help="build an index from an embeddings folder",
-                           description="flat is exact; ivf, hnsw and ivfpq are approximate: their recall@10 against"
-                                       " exact search, size and speed are measured and printed at build time, and"
-                                       " the fastest setting with recall@10 >= 0.95 becomes the default.")
+    b = actions.add_parser(
+        "build",
+        help="build an index from an embeddings folder",
+        description="flat is exact; ivf, hnsw and ivfpq are approximate: their recall@10 against"
+        " exact search, size and speed are measured and printed at build time, and"
+        " the fastest setting with recall@10 >= 0.95 becomes the default.",
+    )
     b.add_argument("embeddings", type=Path, help="a folder written by gce embed")
     b.add_argument("--out", type=Path, required=True, help="index folder to create")
     b.add_argument("--type", choices=INDEX_TYPES, default="flat", dest="index_type")
@@ -43,8 +49,15 @@ def run_build(args: argparse.Namespace) -> int:
 
     args.out = check_output_dir(args.out, what="--out", inputs=[args.embeddings])  # before any work
     params = {key: value for key, value in (("nlist", args.nlist), ("hnsw_m", args.hnsw_m)) if value}
-    index, report = build_index_from_store(args.embeddings, args.out, args.index_type, params=params,
-                                           sample=args.sample, overwrite=args.overwrite, progress=not args.quiet)
+    index, report = build_index_from_store(
+        args.embeddings,
+        args.out,
+        args.index_type,
+        params=params,
+        sample=args.sample,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     print(report.format_table())
     print(f"index written to {index.path} ({index.size:,} items, model {index.model_id[:12]})")
     return 0
@@ -54,10 +67,14 @@ def run_add(args: argparse.Namespace) -> int:
     from gce.retrieval import add_store_to_index
 
     index, ids = add_store_to_index(args.index, args.embeddings)
-    print(f"added {len(ids):,} items (ids {ids.start:,}..{ids.stop - 1:,}) to {index.path}; it now holds {index.size:,}")
+    print(
+        f"added {len(ids):,} items (ids {ids.start:,}..{ids.stop - 1:,}) to {index.path}; it now holds {index.size:,}"
+    )
     if not index.exact:
-        print(f"note: the {index.index_type} cells/links were trained on the first build; rebuild when the"
-              f" added part changes the catalogue's make-up")
+        print(
+            f"note: the {index.index_type} cells/links were trained on the first build; rebuild when the"
+            f" added part changes the catalogue's make-up"
+        )
     return 0
 
 
@@ -66,8 +83,10 @@ def run_info(args: argparse.Namespace) -> int:
 
     index = SearchIndex.load(args.index, verify=not args.no_verify)
     m = index.manifest
-    print(f"{index.path}: {index.index_type} index, {index.size:,} items x {index.dim} dims, K={index.num_learners}"
-          f" learners, model {index.model_id[:12]}")
+    print(
+        f"{index.path}: {index.index_type} index, {index.size:,} items x {index.dim} dims, K={index.num_learners}"
+        f" learners, model {index.model_id[:12]}"
+    )
     print(f"build parameters: {json.dumps(m.get('params', {}))}; search defaults: {json.dumps(index.search_params)}")
     print(f"files verified: {'no' if args.no_verify else 'yes'} (generation {m.get('generation')})")
     return 0

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 
-
 def report_interrupt(exc: BaseException, out: Path | None, command: list[str]) -> int:
     """Print what was kept and ``command`` (which continues the work), return 130.
 
@@ -31,6 +30,9 @@ def report_interrupt(exc: BaseException, out: Path | None, command: list[str]) -
     elif (out / LAST).exists() or (out / PREVIOUS).exists():
         print(f"interrupted: the last checkpoint in {out} is kept\nresume with: {text}", file=sys.stderr)
     else:
-        print(f"interrupted before the first checkpoint: nothing to resume\nstart again with: "
-              f"{text.removesuffix(' --resume')}", file=sys.stderr)
+        print(
+            f"interrupted before the first checkpoint: nothing to resume\nstart again with: "
+            f"{text.removesuffix(' --resume')}",
+            file=sys.stderr,
+        )
     return EXIT_INTERRUPTED

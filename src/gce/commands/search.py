@@ -22,9 +22,12 @@ def _numbers(kind):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="find the nearest indexed images to query images",
-                       description="Scores are cosine similarities (with --learners/--weights: the weighted mean of"
-                                   " the chosen learners' cosines). Exact on a flat index; approximate otherwise.")
+    p = sub.add_parser(
+        "search",
+        help="find the nearest indexed images to query images",
+        description="Scores are cosine similarities (with --learners/--weights: the weighted mean of"
+        " the chosen learners' cosines). Exact on a flat index; approximate otherwise.",
+    )
     p.add_argument("images", nargs="+", type=Path, help="query image files")
     p.add_argument("--index", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, required=True, help="the model the index was built with")
@@ -57,15 +60,27 @@ def run(args: argparse.Namespace) -> int:
     results = index.search(queries, args.k, learners=args.learners, weights=args.weights)
     note = None
     if (args.learners is not None or args.weights is not None) and not index.exact:
-        note = (f"{index.index_type} answers a learner subset approximately: its cells/links were built for the"
-                f" whole embedding (build_report.json in the index has the recall measured for learner 0 alone)")
-    for path, hits in zip(args.images, results):
+        note = (
+            f"{index.index_type} answers a learner subset approximately: its cells/links were built for the"
+            f" whole embedding (build_report.json in the index has the recall measured for learner 0 alone)"
+        )
+    for path, hits in zip(args.images, results, strict=True):
         if args.json:
-            print(json.dumps({"query": str(path), "results": [
-                {"id": h.id, "score": round(h.score, 6), "path": h.path, "label": h.label} for h in hits]}))
+            print(
+                json.dumps(
+                    {
+                        "query": str(path),
+                        "results": [
+                            {"id": h.id, "score": round(h.score, 6), "path": h.path, "label": h.label} for h in hits
+                        ],
+                    }
+                )
+            )
             continue
-        print(f"{path}  ({index.index_type}{', learners ' + ','.join(map(str, args.learners)) if args.learners else ''}"
-              f"{', weights ' + ','.join(f'{w:g}' for w in args.weights) if args.weights else ''})")
+        print(
+            f"{path}  ({index.index_type}{', learners ' + ','.join(map(str, args.learners)) if args.learners else ''}"
+            f"{', weights ' + ','.join(f'{w:g}' for w in args.weights) if args.weights else ''})"
+        )
         print(f"  {'rank':>4}  {'score':>6}  {'id':>7}  {'label':<20}  path")
         for rank, h in enumerate(hits, 1):
             print(f"  {rank:>4}  {h.score:>6.3f}  {h.id:>7}  {(h.label or '-')[:20]:<20}  {_shown(h.path)}")

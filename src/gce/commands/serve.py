@@ -13,23 +13,35 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="HTTP search API and web page over an index",
-                       description="Serve POST /search, GET /items/{id}/thumbnail, /health, /info, the API docs "
-                                   "at /docs and a search page at /. Listens on 127.0.0.1 unless --host says "
-                                   "otherwise.")
+    p = sub.add_parser(
+        "serve",
+        help="HTTP search API and web page over an index",
+        description="Serve POST /search, GET /items/{id}/thumbnail, /health, /info, the API docs "
+        "at /docs and a search page at /. Listens on 127.0.0.1 unless --host says "
+        "otherwise.",
+    )
     p.add_argument("--index", type=Path, required=True, help="index folder written by gce index build")
     p.add_argument("--checkpoint", type=Path, required=True, help="the model.pt that built the index")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--root-path", default="", help="path prefix a reverse proxy serves this under, e.g. /search "
-                                                   "(for the API docs page; the search page works without it)")
+    p.add_argument(
+        "--root-path",
+        default="",
+        help="path prefix a reverse proxy serves this under, e.g. /search "
+        "(for the API docs page; the search page works without it)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
-    p.add_argument("--max-pixels", type=int, default=16_000_000,
-                   help="largest accepted image, width x height (default 16,000,000)")
+    p.add_argument(
+        "--max-pixels", type=int, default=16_000_000, help="largest accepted image, width x height (default 16,000,000)"
+    )
     p.add_argument("--max-k", type=int, default=100, help="most neighbours per query (default 100)")
-    p.add_argument("--max-batch", type=int, default=32,
-                   help="most queued queries answered by one model call / index scan (default 32; 1: no batching)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        help="most queued queries answered by one model call / index scan (default 32; 1: no batching)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
@@ -65,8 +77,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     try:
-        settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                                 max_k=args.max_k, max_batch=args.max_batch, device=args.device)
+        settings = ServeSettings(
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            max_pixels=args.max_pixels,
+            max_k=args.max_k,
+            max_batch=args.max_batch,
+            device=args.device,
+        )
     except ValidationError as exc:
         problem = exc.errors()[0]
         raise ConfigError(f"serve option {problem['loc'][0]}: {problem['msg']}") from None

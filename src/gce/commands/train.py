@@ -15,17 +15,29 @@ from gce.config.bundled import resolve_config_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an embedding model from a YAML config",
-                       description="Train from CONFIG.yaml; key=value arguments override config keys "
-                                   "(e.g. train.epochs=5 model.num_learners=4).")
+    p = sub.add_parser(
+        "train",
+        help="train an embedding model from a YAML config",
+        description="Train from CONFIG.yaml; key=value arguments override config keys "
+        "(e.g. train.epochs=5 model.num_learners=4).",
+    )
     p.add_argument("config", help="experiment YAML, or a bundled config's name (gce config list)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--nproc", type=int, metavar="N",
-                   help="train with N processes on this machine (torchrun; one per GPU with train.device=cuda)")
-    p.add_argument("--max-restarts", type=int, default=0, metavar="R",
-                   help="with --nproc: restart failed workers up to R times, from the last checkpoint")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (torchrun; one per GPU with train.device=cuda)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="with --nproc: restart failed workers up to R times, from the last checkpoint",
+    )
     p.set_defaults(run=run)
 
 
@@ -56,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume or (restarted_by_launcher() and ((out / "last.pt").exists() or (out / "prev.pt").exists()))
     command = ["gce", "train", args.config, *args.overrides, "--resume"]
     if ctx.world_size > 1:  # one machine: --nproc starts the same; several: the user's torchrun line
-        command += [f"--nproc={ctx.world_size}"] if _one_machine(ctx.world_size) else ["(under the same torchrun command)"]
+        command += (
+            [f"--nproc={ctx.world_size}"] if _one_machine(ctx.world_size) else ["(under the same torchrun command)"]
+        )
     try:
         with distributed_errors(ctx):
             try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("weights", help="install or list offline ImageNet weights")
     p.add_argument("action", choices=["install", "status"])

@@ -60,7 +60,8 @@ __all__ = [
 # The schema's module loads pydantic (a quarter of a second): the sub-modules that need no schema
 # (vocabulary, checks, bundled) are imported without it, e.g. by every ``gce ... --help``.
 _HOME = {name: "gce.config.schema" for name in __all__ if name[0].isupper()} | {
-    name: "gce.config.loading" for name in __all__ if not name[0].isupper()}
+    name: "gce.config.loading" for name in __all__ if not name[0].isupper()
+}
 
 
 def __getattr__(name: str) -> Any:

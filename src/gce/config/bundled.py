@@ -7,11 +7,18 @@ checkout, ``configs/`` is a link to the same folder.
 from __future__ import annotations
 
 import os
+import sys
 from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gce.errors import ConfigError
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
 
 __all__ = ["preset_names", "preset_text", "presets_folder", "resolve_config_path"]
 

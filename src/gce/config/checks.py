@@ -86,21 +86,27 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     for key, limit in LIMITS.items():
         value = values.get(key)
         if isinstance(value, int) and value > limit:
-            raise ValueError(f"bad value for '{key}': {value} is above the limit {limit} (a resource-sized value;"
-                             f" the run would exhaust memory or time)")
+            raise ValueError(
+                f"bad value for '{key}': {value} is above the limit {limit} (a resource-sized value;"
+                f" the run would exhaust memory or time)"
+            )
     for i, k in enumerate(cfg.eval.recall_ks or []):
         if k > 10_000_000:
             raise ValueError(f"bad value for 'eval.recall_ks.{i}': {k} is above the limit 10000000")
     s = cfg.sampler
     if s.classes_per_batch * s.samples_per_class > MAX_BATCH_IMAGES:
-        raise ValueError(f"sampler.classes_per_batch={s.classes_per_batch} x sampler.samples_per_class="
-                         f"{s.samples_per_class} is a batch of {s.classes_per_batch * s.samples_per_class} images,"
-                         f" above the limit {MAX_BATCH_IMAGES}")
+        raise ValueError(
+            f"sampler.classes_per_batch={s.classes_per_batch} x sampler.samples_per_class="
+            f"{s.samples_per_class} is a batch of {s.classes_per_batch * s.samples_per_class} images,"
+            f" above the limit {MAX_BATCH_IMAGES}"
+        )
     d = cfg.data
     if d.test_resize is not None and d.test_resize < d.image_size:
-        raise ValueError(f"data.test_resize={d.test_resize} is smaller than data.image_size={d.image_size};"
-                         f" test images are resized, then a centre crop of image_size is cut, so the resize"
-                         f" must be at least image_size")
+        raise ValueError(
+            f"data.test_resize={d.test_resize} is smaller than data.image_size={d.image_size};"
+            f" test images are resized, then a centre crop of image_size is cut, so the resize"
+            f" must be at least image_size"
+        )
     if not str(d.root).strip():
         raise ValueError("bad value for 'data.root': the path is empty")
     if not str(cfg.train.out_dir).strip():
@@ -110,5 +116,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         cfg.train.out_dir = expanded
     out, root = os.path.realpath(expanded), os.path.realpath(os.path.expanduser(d.root))
     if d.dataset == "folder" and (out == root or out.startswith(root.rstrip(os.sep) + os.sep)):
-        raise ValueError(f"train.out_dir={cfg.train.out_dir} is inside data.root={d.root}; a run never writes"
-                         f" into its dataset (a folder dataset would read the run as a class)")
+        raise ValueError(
+            f"train.out_dir={cfg.train.out_dir} is inside data.root={d.root}; a run never writes"
+            f" into its dataset (a folder dataset would read the run as a class)"
+        )

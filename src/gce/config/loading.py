@@ -48,7 +48,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return parts, value
 
 
@@ -117,7 +117,7 @@ def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     tree = read_yaml_mapping(path, "config file")
     parent = tree.pop("extends", None)
     if parent is not None:
-        base = read_config_tree(path.parent / str(parent), _seen + (path.resolve(),))
+        base = read_config_tree(path.parent / str(parent), (*_seen, path.resolve()))
         tree = _merge(base, tree)
     return tree
 

@@ -7,7 +7,14 @@ and the heads run :func:`check_head_config` when built directly. Errors are one-
 
 from __future__ import annotations
 
-from gce.config.vocabulary import BACKBONE_CHANNELS, BACKBONE_NAMES, BLOCK_KINDS, HEADS, INPUT_MIXING_MODES, POOLING_MODES
+from gce.config.vocabulary import (
+    BACKBONE_CHANNELS,
+    BACKBONE_NAMES,
+    BLOCK_KINDS,
+    HEADS,
+    INPUT_MIXING_MODES,
+    POOLING_MODES,
+)
 from gce.errors import ConfigError
 
 __all__ = ["check_head_config", "check_model_config"]
@@ -42,9 +49,7 @@ def check_head_config(
     if input_mixing is None:
         return
     if input_mixing not in INPUT_MIXING_MODES:
-        raise ConfigError(
-            f"{prefix}input_mixing={input_mixing!r} is unknown; valid: {', '.join(INPUT_MIXING_MODES)}"
-        )
+        raise ConfigError(f"{prefix}input_mixing={input_mixing!r} is unknown; valid: {', '.join(INPUT_MIXING_MODES)}")
     if input_mixing == "grouped" and in_channels % k:
         divisors = [q for q in range(1, min(in_channels, 64) + 1) if in_channels % q == 0]
         raise ConfigError(
@@ -67,9 +72,7 @@ def check_head_config(
         if not isinstance(block_channels, int) or isinstance(block_channels, bool) or block_channels < 1:
             raise ConfigError(f"{prefix}block_channels={block_channels!r} must be a positive integer")
         if block_channels % k:
-            raise ConfigError(
-                f"{prefix}block_channels={block_channels} is not divisible by {prefix}num_learners={k}"
-            )
+            raise ConfigError(f"{prefix}block_channels={block_channels} is not divisible by {prefix}num_learners={k}")
 
 
 def check_model_config(

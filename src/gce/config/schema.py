@@ -7,30 +7,30 @@ offending key. Importing this module loads no torch.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gce.config.checks import check_experiment
 from gce.config.model_checks import check_model_config
 from gce.config.vocabulary import (
-    BACKBONE_NAMES,
-    BALANCE_BY,
-    BLOCK_KINDS,
-    DISTANCES,
-    EVAL_BACKENDS,
-    HEADS,
-    INPUT_MIXING_MODES,
-    LEARNER_DATA,
-    MINING_TYPES,
-    OPTIMIZERS,
-    POOLING_MODES,
-    SCHEDULERS,
-    STRATEGY_NAMES,
+    BackboneName,
+    BalanceBy,
+    BlockKind,
+    Distance,
+    EvalBackend,
+    Head,
+    InputMixing,
+    LearnerData,
+    Mining,
+    OptimizerName,
+    Pooling,
+    SchedulerName,
+    StrategyName,
 )
 
-# Each vocabulary is defined once, in gce.config.vocabulary (torch-free); ``Literal[names]`` turns its
-# tuple into the type pydantic validates against (an unknown value is a one-line error naming them).
+# Each vocabulary is defined once, in gce.config.vocabulary (torch-free), as the Literal type pydantic
+# validates against (an unknown value is a one-line error naming the valid ones).
 
 
 class _Section(BaseModel):
@@ -54,47 +54,58 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal[BACKBONE_NAMES] = "resnet50"
-    head: Literal[HEADS] = "gce"
+    backbone: BackboneName = "resnet50"
+    head: Head = "gce"
     num_learners: int = Field(4, ge=1)
     embedding_dim: int = Field(512, ge=1)
     pretrained: bool = True
     freeze_bn: bool = True
-    pooling: Literal[POOLING_MODES] = "avg+max"
+    pooling: Pooling = "avg+max"
     block_channels: int | None = Field(None, ge=1)
-    input_mixing: Literal[INPUT_MIXING_MODES] = "grouped"
+    input_mixing: InputMixing = "grouped"
     # Issue 14: shape of the group channel-wise block, and learner-owned trunk layers.
-    block: Literal[BLOCK_KINDS] = Field("conv3x3", description="gce head: grouped layers of the block")
+    block: BlockKind = Field("conv3x3", description="gce head: grouped layers of the block")
     block_residual: bool = Field(False, description="gce head: ReLU(trunk features + block output)")
     grouped_trunk_layers: int = Field(0, ge=0, description="last trunk layers each learner owns a copy of (0: shared)")
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
+    def _check_shapes(self) -> ModelConfig:
         # The model's own check (learner slices, block channels, grouped input): one place, run
         # here so a bad combination fails when the config loads, naming the model.* keys.
-        check_model_config(self.backbone, self.head, self.num_learners, self.embedding_dim, self.pooling,
-                           self.block_channels, self.input_mixing, self.block, self.block_residual,
-                           self.grouped_trunk_layers)
+        check_model_config(
+            self.backbone,
+            self.head,
+            self.num_learners,
+            self.embedding_dim,
+            self.pooling,
+            self.block_channels,
+            self.input_mixing,
+            self.block,
+            self.block_residual,
+            self.grouped_trunk_layers,
+        )
         return self
 
 
 class MetaClassConfig(_Section):
-    strategy: Literal[STRATEGY_NAMES] = "class_proxy"
+    strategy: StrategyName = "class_proxy"
     update_every: int = Field(2, ge=1, description="epochs between meta-class refreshes")
     balanced: bool = True
-    balance_by: Literal[BALANCE_BY] = "classes"
+    balance_by: BalanceBy = "classes"
     redraw: bool = False
     warm_start: bool = Field(True, description="class_proxy: refresh k-means from the previous groups")
-    learner_data: Literal[LEARNER_DATA] = Field(
-        "subset", description="subset: learner k trains on its meta-class subset with class labels; "
-                              "all: every learner sees all data, labelled by its own meta-classes")
+    learner_data: LearnerData = Field(
+        "subset",
+        description="subset: learner k trains on its meta-class subset with class labels; "
+        "all: every learner sees all data, labelled by its own meta-classes",
+    )
     num_metaclasses: int = Field(16, ge=2, description="learner_data=all: meta-classes per learner")
 
 
 class LossConfig(_Section):
     margin: float = Field(0.1, gt=0.0)
-    mining: Literal[MINING_TYPES] = "semihard"
-    distance: Literal[DISTANCES] = "euclidean"
+    mining: Mining = "semihard"
+    distance: Distance = "euclidean"
     full_embedding_weight: float = Field(0.0, ge=0.0)
 
 
@@ -105,12 +116,12 @@ class SamplerConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal[OPTIMIZERS] = "adam"
+    name: OptimizerName = "adam"
     lr: float = Field(1e-4, gt=0.0, description="head learning rate")
     backbone_lr: float | None = Field(None, gt=0.0, description="default: same as lr")
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0)
-    scheduler: Literal[SCHEDULERS] = "none"
+    scheduler: SchedulerName = "none"
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0.0)
     grad_clip: float | None = Field(None, gt=0.0)
@@ -125,10 +136,16 @@ class TrainConfig(_Section):
     eval_test_every: int = Field(1, ge=0, description="report test metrics every N epochs (0: only at the end)")
     amp: bool = Field(False, description="CUDA: bf16 autocast for the model's forward (loss and mining stay fp32)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-    dist_timeout_s: float = Field(1800.0, gt=0.0, description="multi-process runs: seconds a collective may wait "
-                                                               "for the other ranks before the job fails")
-    sync_bn: bool = Field(False, description="multi-process runs: synchronise the trunk's trainable BatchNorm "
-                                             "(needs model.freeze_bn: false); the head's is always synchronised")
+    dist_timeout_s: float = Field(
+        1800.0,
+        gt=0.0,
+        description="multi-process runs: seconds a collective may wait for the other ranks before the job fails",
+    )
+    sync_bn: bool = Field(
+        False,
+        description="multi-process runs: synchronise the trunk's trainable BatchNorm "
+        "(needs model.freeze_bn: false); the head's is always synchronised",
+    )
     channels_last: bool = Field(False, description="channels-last memory format for the model and its input")
     compile: bool = Field(False, description="torch.compile the model for training")
 
@@ -137,7 +154,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     recall_ks: list[Annotated[int, Field(ge=1)]] | None = None
     clustering: bool = True
-    backend: Literal[EVAL_BACKENDS] = "torch"
+    backend: EvalBackend = "torch"
 
 
 class ExperimentConfig(_Section):
@@ -152,7 +169,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "ExperimentConfig":
+    def _check_combinations(self) -> ExperimentConfig:
         m = self.model
         if self.metaclass.strategy == "none" and m.num_learners != 1:
             raise ValueError(
@@ -167,15 +184,17 @@ class ExperimentConfig(_Section):
                 f"or random (got {self.metaclass.strategy})"
             )
         if self.train.sync_bn and m.freeze_bn:
-            raise ValueError("train.sync_bn=true needs model.freeze_bn=false (frozen BatchNorm layers use their "
-                             "running statistics and have nothing to synchronise)")
+            raise ValueError(
+                "train.sync_bn=true needs model.freeze_bn=false (frozen BatchNorm layers use their "
+                "running statistics and have nothing to synchronise)"
+            )
         lo, hi = self.data.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"data.crop_scale={list(self.data.crop_scale)} must satisfy 0 < min <= max <= 1")
         return self
 
     @model_validator(mode="after")
-    def _check_edges(self) -> "ExperimentConfig":
+    def _check_edges(self) -> ExperimentConfig:
         check_experiment(self)  # seeds, limits, sizes: see gce.config.checks
         return self
 

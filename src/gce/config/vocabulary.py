@@ -26,33 +26,54 @@ __all__ = [
     "POOLING_MODES",
     "SCHEDULERS",
     "STRATEGY_NAMES",
+    "BackboneName",
+    "BalanceBy",
+    "BlockKind",
     "Distance",
     "EvalBackend",
+    "Head",
+    "InputMixing",
+    "LearnerData",
     "Mining",
+    "OptimizerName",
+    "Pooling",
+    "SchedulerName",
+    "StrategyName",
 ]
 
+# Each choice is a Literal type (what the config schema and mypy check) and its names as a tuple.
+BackboneName = Literal["resnet18", "resnet50", "googlenet", "mobilenet_v2"]
+BACKBONE_NAMES: tuple[str, ...] = get_args(BackboneName)
 #: Trunk name -> channels of its last feature map (what the embedding head receives).
 BACKBONE_CHANNELS: dict[str, int] = {"resnet18": 512, "resnet50": 2048, "googlenet": 1024, "mobilenet_v2": 1280}
-BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONE_CHANNELS)
 
 #: Embedding heads: the group channel-wise block, and the dense layer split between learners.
-HEADS: tuple[str, ...] = ("gce", "linear_split")
-POOLING_MODES: tuple[str, ...] = ("avg", "max", "avg+max")
-INPUT_MIXING_MODES: tuple[str, ...] = ("grouped", "shared")
-BLOCK_KINDS: tuple[str, ...] = ("conv3x3", "bottleneck", "none")
+Head = Literal["gce", "linear_split"]
+HEADS: tuple[str, ...] = get_args(Head)
+Pooling = Literal["avg", "max", "avg+max"]
+POOLING_MODES: tuple[str, ...] = get_args(Pooling)
+InputMixing = Literal["grouped", "shared"]
+INPUT_MIXING_MODES: tuple[str, ...] = get_args(InputMixing)
+BlockKind = Literal["conv3x3", "bottleneck", "none"]
+BLOCK_KINDS: tuple[str, ...] = get_args(BlockKind)
 
 #: How classes are split between the learners ("none": the single-metric baseline).
-STRATEGY_NAMES: tuple[str, ...] = ("class_proxy", "random", "samples", "none")
-BALANCE_BY: tuple[str, ...] = ("classes", "images")
-LEARNER_DATA: tuple[str, ...] = ("subset", "all")
+StrategyName = Literal["class_proxy", "random", "samples", "none"]
+STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
+BalanceBy = Literal["classes", "images"]
+BALANCE_BY: tuple[str, ...] = get_args(BalanceBy)
+LearnerData = Literal["subset", "all"]
+LEARNER_DATA: tuple[str, ...] = get_args(LearnerData)
 
 Mining = Literal["semihard", "hard", "all"]
 Distance = Literal["euclidean", "cosine"]
 MINING_TYPES: tuple[str, ...] = get_args(Mining)
 DISTANCES: tuple[str, ...] = get_args(Distance)
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
-SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step")
+OptimizerName = Literal["adam", "adamw", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+SchedulerName = Literal["none", "cosine", "step"]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 
 #: Search index types: exact (flat) and approximate (faiss IVF, HNSW, IVF-PQ).
 INDEX_TYPES: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq")

@@ -105,8 +105,9 @@ def drop_missing(entries: list[Entry], dataset: str, skip_bad: bool) -> list[Ent
     if not missing:
         return entries
     if not skip_bad:
-        lines = [(f"{dataset}: {len(missing)} of {len(entries)} listed images not found"
-                 f" (set skip_bad to leave them out):")]
+        lines = [
+            (f"{dataset}: {len(missing)} of {len(entries)} listed images not found (set skip_bad to leave them out):")
+        ]
         lines += [f"  {e.where}: {e.path} (file not found)" for e in missing[:MAX_LISTED]]
         if len(missing) > MAX_LISTED:
             lines.append(f"  ... and {len(missing) - MAX_LISTED} more")
@@ -158,7 +159,9 @@ def split_classes(keys: Iterable[Hashable], test_fraction: float, seed: int, dat
     fraction and the seed, not on file-system listing order.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"bad value for 'data.options.seed': a seed must be an integer from 0 to 2**32-1 (got {seed!r})")
+        raise ConfigError(
+            f"bad value for 'data.options.seed': a seed must be an integer from 0 to 2**32-1 (got {seed!r})"
+        )
     classes = sorted(set(keys), key=str)
     if len(classes) < 2:
         raise DatasetError(
@@ -169,9 +172,7 @@ def split_classes(keys: Iterable[Hashable], test_fraction: float, seed: int, dat
     return {classes[i] for i in order[:n_test]}
 
 
-def make_splits(
-    name: str, train: ImageRecords, test: ImageRecords, *, strict_disjoint: bool
-) -> DatasetSplits:
+def make_splits(name: str, train: ImageRecords, test: ImageRecords, *, strict_disjoint: bool) -> DatasetSplits:
     """Assemble the splits after the checks every loader shares.
 
     Empty splits are errors. Classes shared by train and test are an error for official benchmark
@@ -182,8 +183,7 @@ def make_splits(
         if len(records) == 0:
             raise DatasetError(f"{name}: the {split} split has no images")
     shared = sorted(set(train.class_names) & set(test.class_names))
-    text = (f"{name}: {len(shared)} classes appear in both train and test"
-            f" (e.g. {', '.join(shared[:3])})")
+    text = f"{name}: {len(shared)} classes appear in both train and test (e.g. {', '.join(shared[:3])})"
     if shared and strict_disjoint:
         raise DatasetError(text + "; the official split is class-disjoint")
     check_one_file_one_image(name, train, test)
@@ -212,24 +212,34 @@ def check_one_file_one_image(name: str, train: ImageRecords, test: ImageRecords)
     """
     first: dict[tuple, tuple[str, str, str]] = {}
     kinds: dict[str, list[tuple[tuple[str, str, str], tuple[str, str, str]]]] = {
-        "in both train and test": [], "in two classes": [], "listed twice": []}
+        "in both train and test": [],
+        "in two classes": [],
+        "listed twice": [],
+    }
     for split, records in (("train", train), ("test", test)):
         for path, label in zip(records.paths, records.labels, strict=True):
             here = (split, records.class_names[label], path)
             seen = first.setdefault(file_identity(path), here)
             if seen is here:
                 continue
-            kind = ("in both train and test" if seen[0] != split
-                    else "in two classes" if seen[1] != here[1] else "listed twice")
+            kind = (
+                "in both train and test"
+                if seen[0] != split
+                else "in two classes"
+                if seen[1] != here[1]
+                else "listed twice"
+            )
             kinds[kind].append((seen, here))
     found = {kind: pairs for kind, pairs in kinds.items() if pairs}
     if not found:
         return
     counts = ", ".join(f"{len(pairs)} {kind}" for kind, pairs in found.items())
     (s1, c1, p1), (s2, c2, p2) = next(iter(found.values()))[0]
-    raise DatasetError(f"{name}: the same image file appears more than once ({counts}); e.g. {p2} ({s2}, class"
-                       f" {c2}) is the same file as {p1} ({s1}, class {c1}); one file must be one image of one"
-                       f" class in one split")
+    raise DatasetError(
+        f"{name}: the same image file appears more than once ({counts}); e.g. {p2} ({s2}, class"
+        f" {c2}) is the same file as {p1} ({s1}, class {c1}); one file must be one image of one"
+        f" class in one split"
+    )
 
 
 def warn_lone_classes(name: str, train: ImageRecords) -> None:

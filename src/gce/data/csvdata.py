@@ -70,8 +70,7 @@ def splits_from_csv(
         train_rows = [r for r in rows if r.split == "train"]
         test_rows = [r for r in rows if r.split == "test"]
     else:
-        test_classes = split_classes((r.entry.key for r in rows), check_fraction(test_fraction), seed,
-                                     f"{name} {path}")
+        test_classes = split_classes((r.entry.key for r in rows), check_fraction(test_fraction), seed, f"{name} {path}")
         train_rows = [r for r in rows if r.entry.key not in test_classes]
         test_rows = [r for r in rows if r.entry.key in test_classes]
 
@@ -85,8 +84,7 @@ def _csv_path(root: Path, name: str) -> Path:
         return root
     path = root / DEFAULT_FILE
     if not path.is_file():
-        raise DatasetError(f"{name}: {path} not found; pass the CSV file itself or a folder holding"
-                           f" {DEFAULT_FILE}")
+        raise DatasetError(f"{name}: {path} not found; pass the CSV file itself or a folder holding {DEFAULT_FILE}")
     return path
 
 
@@ -97,8 +95,11 @@ def _read_rows(path: Path) -> tuple[list[_Row], set[str]]:
             reader = csv.reader(handle)
             header = [h.strip().lower() for h in next(reader, [])]
             columns = _check_header(header, path)
-            rows = [_parse_row(values, header, columns, path, reader.line_num)
-                    for values in reader if any(v.strip() for v in values)]
+            rows = [
+                _parse_row(values, header, columns, path, reader.line_num)
+                for values in reader
+                if any(v.strip() for v in values)
+            ]
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     except csv.Error as err:
@@ -111,8 +112,7 @@ def _check_header(header: list[str], path: Path) -> set[str]:
         raise DatasetError(f"{path}: the file is empty; expected a header with columns path,label")
     for column in REQUIRED:
         if column not in header:
-            raise DatasetError(f"{path}, line 1: missing required column {column!r}"
-                               f" (found: {','.join(header)})")
+            raise DatasetError(f"{path}, line 1: missing required column {column!r} (found: {','.join(header)})")
     duplicated = sorted({h for h in header if header.count(h) > 1})
     if duplicated:
         raise DatasetError(f"{path}, line 1: duplicated column {duplicated[0]!r}")
@@ -169,9 +169,11 @@ def _refuse_duplicate_rows(rows: list[_Row], path: Path) -> None:
             repeats.append((seen, row))
     if repeats:
         seen, row = repeats[0]
-        raise DatasetError(f"{row.entry.where}: {row.entry.path} is listed again (first at"
-                           f" {seen.entry.where.rsplit(', ', 1)[-1]}); {len(repeats)} rows of {path} repeat an"
-                           f" image listed earlier; list every image once")
+        raise DatasetError(
+            f"{row.entry.where}: {row.entry.path} is listed again (first at"
+            f" {seen.entry.where.rsplit(', ', 1)[-1]}); {len(repeats)} rows of {path} repeat an"
+            f" image listed earlier; list every image once"
+        )
 
 
 def _masks(test_rows: list[_Row], columns: set[str], path: Path) -> dict[str, np.ndarray]:

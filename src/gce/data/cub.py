@@ -40,8 +40,10 @@ def load_cub(root: str | os.PathLike, *, skip_bad: bool = False) -> DatasetSplit
     entries = []
     for image_id, (path, line) in paths.items():
         if image_id not in labels:
-            raise DatasetError(f"{where(root / 'images.txt', line)}: image id {image_id} has no class"
-                               f" in {root / 'image_class_labels.txt'}")
+            raise DatasetError(
+                f"{where(root / 'images.txt', line)}: image id {image_id} has no class"
+                f" in {root / 'image_class_labels.txt'}"
+            )
         entries.append(Entry(path, labels[image_id], where(root / "images.txt", line)))
     entries = drop_missing(entries, NAME, skip_bad)
 

@@ -47,8 +47,7 @@ def load_dataset(name: str, root: str | os.PathLike, **options) -> DatasetSplits
     accepted = dataset_options(name)
     for option in options:
         if option not in accepted:
-            raise ConfigError(f"dataset {name!r} has no option {option!r};"
-                              f" its options are: {', '.join(accepted)}")
+            raise ConfigError(f"dataset {name!r} has no option {option!r}; its options are: {', '.join(accepted)}")
     check_root(root, name, allow_file=(name == "csv"))
     return loader(root, **options)
 

@@ -96,8 +96,7 @@ def load_emoji(root: str | os.PathLike, *, skip_bad: bool = False) -> DatasetSpl
     root = check_root(root, NAME)
     manifest = root / MANIFEST
     if not manifest.is_file():
-        raise DatasetError(f"{NAME}: {manifest} not found; build the dataset with"
-                           f" `gce data emoji --out {root}`")
+        raise DatasetError(f"{NAME}: {manifest} not found; build the dataset with `gce data emoji --out {root}`")
     return splits_from_csv(manifest, NAME, skip_bad=skip_bad)
 
 
@@ -122,9 +121,11 @@ def ensure_packages(cache_dir: Path, vendors: Sequence[str]) -> None:
         return
     npm = shutil.which("npm")
     if npm is None:
-        raise GceError("npm was not found: install Node.js (which provides npm) to download the emoji"
-                       f" images, or pass a cache folder whose node_modules already holds them"
-                       f" (missing: {', '.join(PACKAGES[v][0] for v in missing)})")
+        raise GceError(
+            "npm was not found: install Node.js (which provides npm) to download the emoji"
+            f" images, or pass a cache folder whose node_modules already holds them"
+            f" (missing: {', '.join(PACKAGES[v][0] for v in missing)})"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     specs = [f"{PACKAGES[v][0]}@{PACKAGES[v][1]}" for v in missing]
     command = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(cache_dir), *specs]
@@ -225,8 +226,7 @@ def _check_options(vendors: Sequence[str], min_vendors: int, size: int) -> list[
     if not chosen:
         raise ConfigError("vendors: choose at least one vendor")
     if not 1 <= min_vendors <= len(chosen):
-        raise ConfigError(f"min_vendors must be between 1 and the number of vendors ({len(chosen)}),"
-                          f" got {min_vendors}")
+        raise ConfigError(f"min_vendors must be between 1 and the number of vendors ({len(chosen)}), got {min_vendors}")
     if size < 1:
         raise ConfigError(f"size must be a positive number of pixels, got {size}")
     return chosen
@@ -257,8 +257,7 @@ def _check_replaceable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise GceError(f"{out} exists and is a file; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():
-        raise GceError(f"{out} is not empty and was not built by `gce data emoji`;"
-                       f" choose another output folder")
+        raise GceError(f"{out} is not empty and was not built by `gce data emoji`; choose another output folder")
 
 
 def _replace(tmp: Path, out: Path) -> None:

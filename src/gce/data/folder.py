@@ -76,9 +76,11 @@ def _pre_split_layout(root: Path) -> tuple[Path, Path] | None:
     by_name = {p.name.lower(): p for p in folders}
     retrieval = [by_name[n] for n in ("query", "gallery") if n in by_name]
     if retrieval:  # re-identification layouts: which images are queries is not a folder's to say
-        raise DatasetError(f"{NAME}: {retrieval[0]} looks like a query/gallery split, not a class; describe a"
-                           f" query-against-gallery test set with a CSV index (dataset csv, columns"
-                           f" path,label,split,is_query,is_gallery)")
+        raise DatasetError(
+            f"{NAME}: {retrieval[0]} looks like a query/gallery split, not a class; describe a"
+            f" query-against-gallery test set with a CSV index (dataset csv, columns"
+            f" path,label,split,is_query,is_gallery)"
+        )
     train = next((by_name[n] for n in TRAIN_NAMES if n in by_name), None)
     evals = [by_name[n] for n in EVAL_NAMES if n in by_name]
     split_like = [p for p in folders if p.name.lower() in TRAIN_NAMES + EVAL_NAMES]
@@ -87,23 +89,26 @@ def _pre_split_layout(root: Path) -> tuple[Path, Path] | None:
             raise DatasetError(
                 f"{NAME}: {split_like[0]} looks like a split folder, not a class, but {root} has no"
                 f" {'train' if train is None else 'test'} folder beside it; a pre-split layout is"
-                f" {root}/train/<class>/ and {root}/test/<class>/, otherwise rename that class folder")
+                f" {root}/train/<class>/ and {root}/test/<class>/, otherwise rename that class folder"
+            )
         if split_like:  # only split folders (e.g. train/ alone): not a class-folder root either
-            raise DatasetError(f"{NAME}: {root} holds only {', '.join(p.name + '/' for p in split_like)};"
-                               f" a pre-split layout needs both {root}/train and {root}/test (or val)")
+            raise DatasetError(
+                f"{NAME}: {root} holds only {', '.join(p.name + '/' for p in split_like)};"
+                f" a pre-split layout needs both {root}/train and {root}/test (or val)"
+            )
         return None
     others = [p for p in folders if p not in split_like]
     if others:
         names = ", ".join(p.name for p in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise DatasetError(f"{NAME}: {root} holds split folders ({train.name}/, {evals[0].name}/) beside other"
-                           f" folders ({names}); move those into a split folder or remove them")
+        raise DatasetError(
+            f"{NAME}: {root} holds split folders ({train.name}/, {evals[0].name}/) beside other"
+            f" folders ({names}); move those into a split folder or remove them"
+        )
     chosen = evals[0]
     unused = [p.name + "/" for p in evals[1:]]
     if chosen.name.lower() not in ("test", "testing") or unused:
-        extra = (f"; {', '.join(unused)} not used (validation classes come from data.val_fraction)"
-                 if unused else "")
-        warnings.warn(f"{NAME}: reading {train} as the train split and {chosen} as the test split{extra}",
-                      stacklevel=3)
+        extra = f"; {', '.join(unused)} not used (validation classes come from data.val_fraction)" if unused else ""
+        warnings.warn(f"{NAME}: reading {train} as the train split and {chosen} as the test split{extra}", stacklevel=3)
     return train, chosen
 
 
@@ -131,8 +136,10 @@ def scan_class_folders(root: Path, skip_bad: bool, visited: set[str] | None = No
     for class_dir in class_dirs:  # two class folders that are one folder (a link to a class)
         real = os.path.realpath(class_dir)
         if real in owner:
-            raise DatasetError(f"{NAME}: class folders {owner[real]} and {class_dir} are the same folder"
-                               f" (a link); one folder must be one class")
+            raise DatasetError(
+                f"{NAME}: class folders {owner[real]} and {class_dir} are the same folder"
+                f" (a link); one folder must be one class"
+            )
         owner[real] = class_dir
     entries: list[Entry] = []
     ignored = sum(1 for p in root.iterdir() if p.is_file() and not _hidden(p.name))
@@ -153,16 +160,23 @@ def scan_class_folders(root: Path, skip_bad: bool, visited: set[str] | None = No
             stacklevel=3,
         )
     if skipped_links:
-        warnings.warn(f"{NAME}: did not follow {len(skipped_links)} links to folders that are scanned already"
-                      f" (a loop, or a link to the root or another class; e.g. {skipped_links[0]})", stacklevel=3)
+        warnings.warn(
+            f"{NAME}: did not follow {len(skipped_links)} links to folders that are scanned already"
+            f" (a loop, or a link to the root or another class; e.g. {skipped_links[0]})",
+            stacklevel=3,
+        )
     if duplicates:
-        warnings.warn(f"{NAME}: listed {len(duplicates)} files once that a class folder reaches twice (links;"
-                      f" e.g. {duplicates[0]})", stacklevel=3)
+        warnings.warn(
+            f"{NAME}: listed {len(duplicates)} files once that a class folder reaches twice (links;"
+            f" e.g. {duplicates[0]})",
+            stacklevel=3,
+        )
     return entries
 
 
-def _images_under(class_dir: Path, visited: set[str], skipped_links: list[str],
-                  duplicates: list[str]) -> tuple[list[str], int]:
+def _images_under(
+    class_dir: Path, visited: set[str], skipped_links: list[str], duplicates: list[str]
+) -> tuple[list[str], int]:
     """Image files anywhere below ``class_dir`` (sorted) and the count of other files.
 
     Each real folder is walked once over the whole scan (``visited`` is shared); a file reached
@@ -204,8 +218,10 @@ def _report_empty(empty: list[Path], skip_bad: bool) -> None:
         return
     names = ", ".join(str(p) for p in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
     if not skip_bad:
-        raise DatasetError(f"{NAME}: {len(empty)} class folders contain no images: {names}"
-                           f" (remove them, or set skip_bad to leave them out)")
+        raise DatasetError(
+            f"{NAME}: {len(empty)} class folders contain no images: {names}"
+            f" (remove them, or set skip_bad to leave them out)"
+        )
     warnings.warn(f"{NAME}: skipped {len(empty)} class folders without images: {names}", stacklevel=4)
 
 

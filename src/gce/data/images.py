@@ -150,11 +150,13 @@ def _check_dimensions(size: tuple[int, int]) -> None:
     if width < 1 or height < 1:
         raise _HostileSize(f"empty image ({width} x {height} pixels)")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise _HostileSize(f"extreme aspect ratio ({width} x {height} pixels; at most 1:{MAX_ASPECT_RATIO}"
-                           f" is accepted)")
+        raise _HostileSize(
+            f"extreme aspect ratio ({width} x {height} pixels; at most 1:{MAX_ASPECT_RATIO} is accepted)"
+        )
     if width * height > MAX_PIXELS:
-        raise _HostileSize(f"too large ({width} x {height} = {width * height:,} pixels; at most"
-                           f" {MAX_PIXELS:,} are accepted)")
+        raise _HostileSize(
+            f"too large ({width} x {height} = {width * height:,} pixels; at most {MAX_PIXELS:,} are accepted)"
+        )
 
 
 def _check_file(path: str) -> None:
@@ -187,9 +189,7 @@ def check_image(path: str | os.PathLike) -> str | None:
         return err.reason
 
 
-def scan_images(
-    paths: Sequence[str], workers: int = 0, progress: bool = True
-) -> list[tuple[str, str]]:
+def scan_images(paths: Sequence[str], workers: int = 0, progress: bool = True) -> list[tuple[str, str]]:
     """Fully decode every image and return ``(path, reason)`` for each unreadable one.
 
     ``workers > 0`` decodes in that many threads (Pillow releases the GIL while decoding).
@@ -248,8 +248,12 @@ def check_records(
 
 def bad_images_message(bad: Sequence[tuple[str, str]], total: int, split: str) -> str:
     """A summary line, then one ``path: reason`` line for each of the first few bad images."""
-    lines = [(f"{len(bad)} of {total} images in the {split} split cannot be read"
-             f" (fix or delete them, or set skip_bad to leave them out):")]
+    lines = [
+        (
+            f"{len(bad)} of {total} images in the {split} split cannot be read"
+            f" (fix or delete them, or set skip_bad to leave them out):"
+        )
+    ]
     lines += [f"  {path}: {reason}" for path, reason in bad[:MAX_LISTED]]
     if len(bad) > MAX_LISTED:
         lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
@@ -263,9 +267,7 @@ class ImageDataset(torch.utils.data.Dataset):
     worker process. Without a ``transform`` the image is returned as a float tensor in [0, 1].
     """
 
-    def __init__(
-        self, records: ImageRecords, transform: Callable[[Image.Image], object] | None = None
-    ) -> None:
+    def __init__(self, records: ImageRecords, transform: Callable[[Image.Image], object] | None = None) -> None:
         self.records = records
         self.transform = transform
 

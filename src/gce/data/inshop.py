@@ -56,12 +56,13 @@ def load_inshop(root: str | os.PathLike, *, skip_bad: bool = False) -> DatasetSp
 
 def _locate(root: Path) -> tuple[Path, Path]:
     """Find the partition file and the folder its image names are relative to."""
-    for partition, image_root in ((root / PARTITION_FILE, root),
-                                  (root / "Eval" / PARTITION_FILE, root / "Img")):
+    for partition, image_root in ((root / PARTITION_FILE, root), (root / "Eval" / PARTITION_FILE, root / "Img")):
         if partition.is_file():
             return partition, image_root
-    raise DatasetError(f"{NAME}: {root / PARTITION_FILE} not found; expected list_eval_partition.txt"
-                       f" and the img/ folder (or the release's Eval/ and Img/ folders) in {root}")
+    raise DatasetError(
+        f"{NAME}: {root / PARTITION_FILE} not found; expected list_eval_partition.txt"
+        f" and the img/ folder (or the release's Eval/ and Img/ folders) in {root}"
+    )
 
 
 def _read_partition(path: Path, image_root: Path) -> list[tuple[Entry, str]]:
@@ -71,13 +72,13 @@ def _read_partition(path: Path, image_root: Path) -> list[tuple[Entry, str]]:
         raise DatasetError(f"{path}: expected a count line and a header line, found {len(lines)} lines")
     declared = parse_int(lines[0].strip(), where(path, 1), "the image count")
     if lines[1].split() != HEADER:
-        raise DatasetError(f"{where(path, 2)}: expected the header {' '.join(HEADER)!r},"
-                           f" found {lines[1].strip()!r}")
+        raise DatasetError(f"{where(path, 2)}: expected the header {' '.join(HEADER)!r}, found {lines[1].strip()!r}")
     rows = []
     for line, (name, item_id, status) in table_rows(path, 3, skip=2, lines=lines):
         if status not in STATUSES:
-            raise DatasetError(f"{where(path, line)}: evaluation_status must be one of"
-                               f" {', '.join(STATUSES)}, found {status!r}")
+            raise DatasetError(
+                f"{where(path, line)}: evaluation_status must be one of {', '.join(STATUSES)}, found {status!r}"
+            )
         rows.append((Entry(str(image_root / name), item_id, where(path, line)), status))
     if declared != len(rows):
         raise DatasetError(f"{where(path, 1)}: declares {declared} images but lists {len(rows)}")
@@ -92,5 +93,4 @@ def _check_queries(test, partition: Path) -> None:
     gallery_labels = set(test.labels[test.is_gallery].tolist())
     orphans = sum(1 for label in test.labels[test.is_query] if label not in gallery_labels)
     if orphans:
-        warnings.warn(f"{NAME}: {orphans} query images have no gallery image of the same item",
-                      stacklevel=3)
+        warnings.warn(f"{NAME}: {orphans} query images have no gallery image of the same item", stacklevel=3)

@@ -23,9 +23,7 @@ def split_validation(records: ImageRecords, fraction: float, seed: int) -> tuple
     classes = rng.permutation(records.num_classes)
     num_val = max(2, round(fraction * records.num_classes))
     if records.num_classes - num_val < 2:
-        raise ConfigError(
-            f"data.val_fraction={fraction} leaves fewer than 2 training classes of {records.num_classes}"
-        )
+        raise ConfigError(f"data.val_fraction={fraction} leaves fewer than 2 training classes of {records.num_classes}")
     is_val = np.isin(records.labels, classes[:num_val])
     return records.subset(np.flatnonzero(~is_val)), records.subset(np.flatnonzero(is_val))
 

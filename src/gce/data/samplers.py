@@ -97,8 +97,7 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
         if self.labels.size == 0:
             raise ValueError("labels is empty: nothing to sample")
         if classes_per_batch < 2:
-            raise ValueError(f"classes_per_batch must be >= 2 (triplets need 2 classes), "
-                             f"got {classes_per_batch}")
+            raise ValueError(f"classes_per_batch must be >= 2 (triplets need 2 classes), got {classes_per_batch}")
         if samples_per_class < 1:
             raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
         if batches_per_epoch is not None and batches_per_epoch < 1:
@@ -106,15 +105,15 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
         self.batches_per_epoch = batches_per_epoch or max(
-            1, len(self.labels) // (classes_per_batch * samples_per_class))
+            1, len(self.labels) // (classes_per_batch * samples_per_class)
+        )
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
         self.set_assignment(group_of_sample, num_groups)
 
     # ------------------------------------------------------------------ state
-    def set_assignment(self, group_of_sample: np.ndarray | list[int] | None,
-                       num_groups: int | None = None) -> None:
+    def set_assignment(self, group_of_sample: np.ndarray | list[int] | None, num_groups: int | None = None) -> None:
         """Use new subsets (after a meta-class update, or all zeros for fine-tuning).
 
         Raises ``ValueError`` naming the learner whose subset has fewer than 2 classes.
@@ -124,8 +123,7 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
         else:
             groups = _as_int_array("group_of_sample", group_of_sample)
         if groups.shape != self.labels.shape:
-            raise ValueError(f"group_of_sample has {groups.shape[0]} entries for "
-                             f"{self.labels.shape[0]} labels")
+            raise ValueError(f"group_of_sample has {groups.shape[0]} entries for {self.labels.shape[0]} labels")
         k = int(groups.max()) + 1 if num_groups is None else num_groups
         if k < int(groups.max()) + 1:
             raise ValueError(f"group_of_sample uses group {int(groups.max())} but num_groups={k}")
@@ -174,20 +172,20 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
             warnings.warn(
                 f"learner {learner}'s subset has only {len(pools)} classes, fewer than "
                 f"classes_per_batch={self.classes_per_batch}; its batches use all {len(pools)}",
-                UserWarning, stacklevel=3,
+                UserWarning,
+                stacklevel=3,
             )
         batch: list[int] = []
         for c in rng.choice(len(pools), size=num_classes, replace=False):
             pool = pools[c]
             # Small classes are drawn with replacement so every batch keeps the P x M layout.
-            picks = rng.choice(len(pool), size=self.samples_per_class,
-                               replace=len(pool) < self.samples_per_class)
+            picks = rng.choice(len(pool), size=self.samples_per_class, replace=len(pool) < self.samples_per_class)
             batch.extend(pool[picks].tolist())
         return batch
 
     # ------------------------------------------------------------ Sampler API
     def __iter__(self) -> Iterator[list[int]]:
-        for _, indices in self.plan_epoch(self.epoch)[self.start_batch:]:
+        for _, indices in self.plan_epoch(self.epoch)[self.start_batch :]:
             yield indices
 
     def __len__(self) -> int:

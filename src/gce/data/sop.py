@@ -54,8 +54,7 @@ def _read_list(path: Path, root: Path, names: dict[int, str]) -> list[Entry]:
     lines = read_lines(path)
     header = lines[0].split() if lines else []
     if header != HEADER:
-        raise DatasetError(f"{where(path, 1)}: expected the header {' '.join(HEADER)!r},"
-                           f" found {' '.join(header)!r}")
+        raise DatasetError(f"{where(path, 1)}: expected the header {' '.join(HEADER)!r}, found {' '.join(header)!r}")
     entries = []
     for line, (image_id, class_id, super_id, relative) in table_rows(path, 4, skip=1, lines=lines):
         location = where(path, line)

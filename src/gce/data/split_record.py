@@ -20,15 +20,22 @@ _FORMAT = 1
 
 
 def _digest(records: ImageRecords) -> str:
-    rows = sorted(f"{path}\t{records.class_names[label]}" for path, label in zip(records.paths, records.labels, strict=True))
+    rows = sorted(
+        f"{path}\t{records.class_names[label]}" for path, label in zip(records.paths, records.labels, strict=True)
+    )
     return hashlib.sha256("\n".join(rows).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def split_record(splits: dict[str, ImageRecords | None]) -> dict[str, Any]:
     """``{"format", "splits": {name: {"classes", "files", "digest"}}}`` for the splits that exist."""
-    return {"format": _FORMAT, "splits": {
-        name: {"classes": list(records.class_names), "files": len(records), "digest": _digest(records)}
-        for name, records in splits.items() if records is not None}}
+    return {
+        "format": _FORMAT,
+        "splits": {
+            name: {"classes": list(records.class_names), "files": len(records), "digest": _digest(records)}
+            for name, records in splits.items()
+            if records is not None
+        },
+    }
 
 
 def _names(items: list[str]) -> str:
@@ -61,18 +68,21 @@ def split_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return changes
 
 
-def check_same_split(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str,
-                     warn=print) -> None:
+def check_same_split(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str, warn=print) -> None:
     """Refuse (one line saying what changed) to resume on data other than the checkpoint's.
 
     A checkpoint written before splits were recorded cannot be checked: that is said, not refused.
     """
     if not isinstance(saved, dict) or saved.get("format") != _FORMAT or not isinstance(saved.get("splits"), dict):
-        warn(f"warning: {checkpoint} records no data split (written by an older gce); whether the data changed"
-             f" since cannot be checked")
+        warn(
+            f"warning: {checkpoint} records no data split (written by an older gce); whether the data changed"
+            f" since cannot be checked"
+        )
         return
     changes = split_changes(saved, current)
     if changes:
-        raise DatasetError(f"the data changed since {checkpoint} was written ({'; '.join(changes)}); resuming would"
-                           f" train and test on another split: restore the data, or start a new run in another"
-                           f" train.out_dir")
+        raise DatasetError(
+            f"the data changed since {checkpoint} was written ({'; '.join(changes)}); resuming would"
+            f" train and test on another split: restore the data, or start a new run in another"
+            f" train.out_dir"
+        )

@@ -18,7 +18,10 @@ def normalize() -> T.Normalize:
 
 
 def train_transform(
-    image_size: int, *, scale: tuple[float, float] = DEFAULT_CROP_SCALE, hflip: bool = True,
+    image_size: int,
+    *,
+    scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+    hflip: bool = True,
     random_crop: bool = True,
 ) -> T.Compose:
     """RandomResizedCrop(image_size, scale) + optional horizontal flip + tensor + normalisation.

@@ -88,7 +88,8 @@ def synchronise_batchnorm(module: nn.Module, device: torch.device) -> int:
     replaced = 0
     for name, child in list(module.named_children()):
         if isinstance(child, (nn.SyncBatchNorm, GlobalBatchNorm)) or (
-                isinstance(child, nn.modules.batchnorm._BatchNorm) and is_frozen_batchnorm(child)):
+            isinstance(child, nn.modules.batchnorm._BatchNorm) and is_frozen_batchnorm(child)
+        ):
             continue
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             if device.type == "cuda":

@@ -58,7 +58,7 @@ class _AllGatherRows(Function):
         _all_gather_into(out, padded)
         if all(size == longest for size in sizes):
             return out
-        return torch.cat([out[r * longest:r * longest + size] for r, size in enumerate(sizes)])
+        return torch.cat([out[r * longest : r * longest + size] for r, size in enumerate(sizes)])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -69,14 +69,14 @@ class _AllGatherRows(Function):
             if any(size != longest for size in sizes):  # back to the padded layout of the collective
                 layout = grad.new_zeros((len(sizes) * longest, *grad.shape[1:]))
                 for r, size in enumerate(sizes):
-                    layout[r * longest:r * longest + size] = grad[sum(sizes[:r]):sum(sizes[:r]) + size]
+                    layout[r * longest : r * longest + size] = grad[sum(sizes[:r]) : sum(sizes[:r]) + size]
                 grad = layout
             mine = grad.new_empty((longest, *grad.shape[1:]))
             _reduce_scatter_sum_into(mine, grad)
-            return mine[:sizes[rank]], None
+            return mine[: sizes[rank]], None
         total = grad.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total[offset:offset + sizes[rank]].clone(), None
+        return total[offset : offset + sizes[rank]].clone(), None
 
 
 class _AllReduceSum(Function):

@@ -86,8 +86,10 @@ def _env_int(name: str) -> int:
     raw = os.environ.get(name)
     if raw is None:
         missing = [key for key in _ENV_KEYS if key not in os.environ]
-        raise GceError(f"WORLD_SIZE is set but {', '.join(missing)} is not; start the job with torchrun "
-                       f"(torchrun --nproc_per_node=N -m gce train ...) or gce train ... --nproc N")
+        raise GceError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not; start the job with torchrun "
+            f"(torchrun --nproc_per_node=N -m gce train ...) or gce train ... --nproc N"
+        )
     try:
         return int(raw)
     except ValueError:
@@ -102,12 +104,16 @@ def _process_device(device_name: str, local_rank: int, world_size: int, key: str
             raise ConfigError(f"{key}={device_name}: multi-process runs support cpu (gloo) and cuda (NCCL)")
         return device
     if device.index is not None:
-        raise ConfigError(f"{key}={device_name} names one GPU; under {world_size} processes use {key}=cuda "
-                          f"(each process takes its local rank's GPU)")
+        raise ConfigError(
+            f"{key}={device_name} names one GPU; under {world_size} processes use {key}=cuda "
+            f"(each process takes its local rank's GPU)"
+        )
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ConfigError(f"{key}=cuda: local rank {local_rank} has no GPU of its own ({count} visible); "
-                          f"start at most {count} processes per machine")
+        raise ConfigError(
+            f"{key}=cuda: local rank {local_rank} has no GPU of its own ({count} visible); "
+            f"start at most {count} processes per machine"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -128,8 +134,10 @@ def init_distributed(device_name: str = "cpu", timeout_s: float = 1800.0, key: s
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
-        raise GceError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not match "
-                       f"RANK={rank} WORLD_SIZE={world_size}")
+        raise GceError(
+            f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not match "
+            f"RANK={rank} WORLD_SIZE={world_size}"
+        )
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, timeout_s=timeout_s)
 
 
@@ -146,8 +154,9 @@ def _is_timeout(exc: BaseException) -> bool:
 
 def _is_peer_failure(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return any(s in text for s in ("connection closed by peer", "connection reset", "broken pipe",
-                                   "socket closed", "no route"))
+    return any(
+        s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "socket closed", "no route")
+    )
 
 
 @contextmanager
@@ -161,10 +170,12 @@ def distributed_errors(ctx: DistContext) -> Iterator[None]:
         if _is_timeout(exc):
             raise CollectiveTimeout(
                 f"rank {ctx.rank}: a collective operation did not complete within train.dist_timeout_s="
-                f"{ctx.timeout_s:g} s; another rank hung or died (see its output)") from None
+                f"{ctx.timeout_s:g} s; another rank hung or died (see its output)"
+            ) from None
         if _is_peer_failure(exc):
-            raise CollectiveTimeout(f"rank {ctx.rank}: lost the connection to another rank, which probably "
-                                    f"died (see its output)") from None
+            raise CollectiveTimeout(
+                f"rank {ctx.rank}: lost the connection to another rank, which probably died (see its output)"
+            ) from None
         raise
 
 

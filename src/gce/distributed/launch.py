@@ -29,8 +29,17 @@ def torchrun_command(gce_args: list[str], nproc: int, max_restarts: int = 0) -> 
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if max_restarts < 0:
         raise ConfigError(f"--max-restarts must be at least 0, got {max_restarts}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "gce", *gce_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "gce",
+        *gce_args,
+    ]
 
 
 def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
@@ -56,8 +65,10 @@ def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
         codes = sorted({failure.exitcode for failure in exc.failures.values()})
         if codes == [130]:  # every failed worker stopped on an interrupt, and said so
             return 130
-        raise GceError(f"{len(exc.failures)} of {nproc} worker processes failed (exit code "
-                       f"{', '.join(map(str, codes))}); their errors are printed above") from None
+        raise GceError(
+            f"{len(exc.failures)} of {nproc} worker processes failed (exit code "
+            f"{', '.join(map(str, codes))}); their errors are printed above"
+        ) from None
     return 0
 
 

@@ -54,8 +54,9 @@ class ShardedTripletLoss(LearnerTripletLoss):
 
     def _add_unreduced(self) -> None:
         # Per-triplet losses, unreduced (same margin and distance): the reduction needs the global count.
-        self.unreduced = TripletMarginLoss(margin=self.loss.margin, distance=self.loss.distance,
-                                           reducer=DoNothingReducer())
+        self.unreduced = TripletMarginLoss(
+            margin=self.loss.margin, distance=self.loss.distance, reducer=DoNothingReducer()
+        )
 
     @classmethod
     def like(cls, base: LearnerTripletLoss) -> ShardedTripletLoss:
@@ -66,15 +67,15 @@ class ShardedTripletLoss(LearnerTripletLoss):
         new._add_unreduced()
         return new
 
-    def compute(self, embeddings: Tensor, labels: Tensor,
-                learner_slice: slice | None = None) -> tuple[Tensor, int]:
+    def compute(self, embeddings: Tensor, labels: Tensor, learner_slice: slice | None = None) -> tuple[Tensor, int]:
         rank, world = _rank_world()
         if world == 1:
             return super().compute(embeddings, labels, learner_slice)
         local = self.select(embeddings, learner_slice)
         if local.shape[1] == 0:
-            raise ValueError(f"learner_slice {learner_slice} selects no column of a "
-                             f"{embeddings.shape[1]}-dim embedding")
+            raise ValueError(
+                f"learner_slice {learner_slice} selects no column of a {embeddings.shape[1]}-dim embedding"
+            )
         sizes = gather_sizes(local.shape[0], local.device)  # a batch need not split evenly
         global_rows = all_gather_with_grad(local, sizes)
         global_labels = all_gather_with_grad(labels.contiguous(), sizes)  # integers: no gradient
@@ -87,8 +88,9 @@ class ShardedTripletLoss(LearnerTripletLoss):
             positive = losses[losses > 0]
         else:
             positive = local.new_zeros(0)
-        counts = all_reduce_sum(torch.tensor([positive.numel(), triplets[0].numel()], dtype=torch.float64,
-                                             device=local.device))
+        counts = all_reduce_sum(
+            torch.tensor([positive.numel(), triplets[0].numel()], dtype=torch.float64, device=local.device)
+        )
         num_positive, num_mined = (int(c) for c in counts.tolist())  # one device-to-host copy
         if num_positive == 0:  # like AvgNonZeroReducer: 0, still attached to the graph
             return (local * 0).sum() + (global_rows * 0).sum(), num_mined
@@ -103,8 +105,13 @@ class DistributedGCELoss(GCELoss):
     batch's, identical on every rank and equal to what one process computes on the whole batch.
     """
 
-    def __init__(self, margin: float = 0.1, mining: str = "semihard", full_embedding_weight: float = 0.0,
-                 distance: str = "euclidean") -> None:
+    def __init__(
+        self,
+        margin: float = 0.1,
+        mining: str = "semihard",
+        full_embedding_weight: float = 0.0,
+        distance: str = "euclidean",
+    ) -> None:
         super().__init__(margin, mining, full_embedding_weight, distance)  # type: ignore[arg-type]
         self.triplet = ShardedTripletLoss.like(self.triplet)
 
@@ -117,15 +124,17 @@ class DistributedGCELoss(GCELoss):
         new.triplet = ShardedTripletLoss.like(base.triplet)
         return new
 
-    def _with_full_loss(self, learner_loss: Tensor, learner_triplets: float, embeddings: Tensor, labels: Tensor,
-                        add_full: bool = True) -> tuple[Tensor, dict[str, float]]:
+    def _with_full_loss(
+        self, learner_loss: Tensor, learner_triplets: float, embeddings: Tensor, labels: Tensor, add_full: bool = True
+    ) -> tuple[Tensor, dict[str, float]]:
         total, parts = super()._with_full_loss(learner_loss, learner_triplets, embeddings, labels, add_full)
         _, world = _rank_world()
         if world > 1:
             # Each rank's share is W x its part: the global value is the mean of the shares.
             names = [name for name in ("learner_loss", "full_loss", "loss") if name in parts]
-            summed = all_reduce_sum(torch.tensor([parts[n] for n in names], dtype=torch.float64,
-                                                 device=embeddings.device))
+            summed = all_reduce_sum(
+                torch.tensor([parts[n] for n in names], dtype=torch.float64, device=embeddings.device)
+            )
             parts.update({n: float(v) / world for n, v in zip(names, summed.tolist(), strict=True)})
             # The value becomes the global loss (the same on every rank: logging and the finite-loss
             # check agree); the gradient stays this rank's share.

@@ -30,20 +30,40 @@ def shard_batches(size: int, batch_size: int, rank: int, world_size: int) -> lis
     return [i for b in batches for i in range(b * batch_size, min(size, (b + 1) * batch_size))]
 
 
-def extract_embeddings_sharded(model: torch.nn.Module, dataset: Dataset, ctx: DistContext, *, batch_size: int = 128,
-                               num_workers: int = 0, progress: bool = True, desc: str = "embedding",
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_embeddings_sharded(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    ctx: DistContext,
+    *,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`gce.evaluation.extract_embeddings` over ``ctx.world_size`` ranks: same result, on
     every rank (CPU tensors, dataset order); each rank embeds ~1/W of the batches."""
     if not ctx.enabled:
-        return extract_embeddings(model, dataset, batch_size=batch_size, num_workers=num_workers,
-                                  device=ctx.device, progress=progress, desc=desc)
+        return extract_embeddings(
+            model,
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=ctx.device,
+            progress=progress,
+            desc=desc,
+        )
     size = len(dataset)  # type: ignore[arg-type]
     mine = shard_batches(size, batch_size, ctx.rank, ctx.world_size)
     if mine:
-        embeddings, labels = extract_embeddings(model, Subset(dataset, mine), batch_size=batch_size,
-                                                num_workers=num_workers, device=ctx.device,
-                                                progress=progress and ctx.is_main, desc=desc)
+        embeddings, labels = extract_embeddings(
+            model,
+            Subset(dataset, mine),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=ctx.device,
+            progress=progress and ctx.is_main,
+            desc=desc,
+        )
     else:  # fewer batches than ranks: this rank has none, but still takes part in the gather
         dim = _embedding_dim(model, dataset, ctx.device)
         embeddings, labels = torch.zeros(0, dim), torch.zeros(0, dtype=torch.int64)

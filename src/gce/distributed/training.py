@@ -48,8 +48,18 @@ from gce.training.readings import MetaClassUpdate, Reading
 from gce.training.trainer import EpochObserver, Trainer
 from gce.training.writer import RunWriter
 
-__all__ = ["DistributedTrainer", "RankShare", "ShardedEmbedder", "SharedReading", "SilentWriter", "build_run",
-           "check_distributable", "ddp_without_buffer_sync", "distribute_parts", "local_rows"]
+__all__ = [
+    "DistributedTrainer",
+    "RankShare",
+    "ShardedEmbedder",
+    "SharedReading",
+    "SilentWriter",
+    "build_run",
+    "check_distributable",
+    "ddp_without_buffer_sync",
+    "distribute_parts",
+    "local_rows",
+]
 
 
 def local_rows(batch_size: int, rank: int, world_size: int) -> slice:
@@ -79,9 +89,15 @@ class ShardedEmbedder:
 
     def __call__(self, model: nn.Module, dataset: Dataset, desc: str) -> tuple[Tensor, Tensor]:
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        return extract_embeddings_sharded(model, dataset, self.ctx, batch_size=self.base.batch_size,
-                                          num_workers=self.base.workers,
-                                          progress=self.base.progress and self.ctx.is_main, desc=desc)
+        return extract_embeddings_sharded(
+            model,
+            dataset,
+            self.ctx,
+            batch_size=self.base.batch_size,
+            num_workers=self.base.workers,
+            progress=self.base.progress and self.ctx.is_main,
+            desc=desc,
+        )
 
 
 class SharedReading:
@@ -140,16 +156,21 @@ def check_distributable(cfg: ExperimentConfig, ctx: DistContext) -> None:
     """Fail before training when the global batch cannot be split over the ranks."""
     batch = cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class
     if batch < 2 * ctx.world_size:
-        raise ConfigError(f"the global batch (sampler.classes_per_batch x sampler.samples_per_class = {batch}) "
-                          f"needs at least 2 images per process; {ctx.world_size} processes need {2 * ctx.world_size}")
+        raise ConfigError(
+            f"the global batch (sampler.classes_per_batch x sampler.samples_per_class = {batch}) "
+            f"needs at least 2 images per process; {ctx.world_size} processes need {2 * ctx.world_size}"
+        )
 
 
 def ddp_without_buffer_sync(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
     """``model`` in ``DistributedDataParallel`` without the buffer sync at every forward: BatchNorm
     statistics are global (the same on every rank) here. torch 2.14 renamed ``broadcast_buffers``
     to ``forward_sync_buffers`` (the old name warns); either is used, whichever the torch has."""
-    sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
-        nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    sync: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **sync)
 
@@ -170,17 +191,30 @@ def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
     if not ctx.is_main:
         writer.close()
         writer = SilentWriter(parts.writer.out)
-    return replace(parts, train_model=compiled(train_model, cfg), loss=DistributedGCELoss.like(parts.loss),
-                   embed=ShardedEmbedder(parts.embed, ctx), reading=SharedReading(parts.reading, ctx),
-                   writer=writer, progress=parts.progress and ctx.is_main,
-                   batch_part=RankShare(ctx.rank, ctx.world_size))
+    return replace(
+        parts,
+        train_model=compiled(train_model, cfg),
+        loss=DistributedGCELoss.like(parts.loss),
+        embed=ShardedEmbedder(parts.embed, ctx),
+        reading=SharedReading(parts.reading, ctx),
+        writer=writer,
+        progress=parts.progress and ctx.is_main,
+        batch_part=RankShare(ctx.rank, ctx.world_size),
+    )
 
 
 class DistributedTrainer(Trainer):
     """:class:`~gce.training.trainer.Trainer` for one rank of a multi-process run."""
 
-    def __init__(self, parts: RunParts, ctx: DistContext, *, resume: bool = False,
-                 log: Callable[[str], None] = print, observers: Sequence[EpochObserver] = ()) -> None:
+    def __init__(
+        self,
+        parts: RunParts,
+        ctx: DistContext,
+        *,
+        resume: bool = False,
+        log: Callable[[str], None] = print,
+        observers: Sequence[EpochObserver] = (),
+    ) -> None:
         super().__init__(parts, resume=resume, log=log if ctx.is_main else _silent, observers=observers)
         self.ctx = ctx
 
@@ -194,8 +228,9 @@ class DistributedTrainer(Trainer):
     def evaluate(self, dataset, desc: str, clustering: bool | None = None) -> EvalResult:
         metrics = self.parts.metrics if clustering is None else replace(self.parts.metrics, clustering=clustering)
         embedded = self.parts.embed(self.parts.model, dataset, desc)  # every rank embeds its shard
-        return compute_on_main(self.ctx, lambda: evaluate_split(self.parts.model, dataset, lambda *_: embedded,
-                                                                metrics, desc).result)
+        return compute_on_main(
+            self.ctx, lambda: evaluate_split(self.parts.model, dataset, lambda *_: embedded, metrics, desc).result
+        )
 
     def _rng_state(self) -> dict[str, Any]:
         """Every rank's random state (rank 0 writes the checkpoint; each rank restores its own)."""
@@ -220,12 +255,18 @@ def _silent(_: str) -> None:
     pass
 
 
-def build_run(cfg: ExperimentConfig, ctx: DistContext, *, resume: bool = False, progress: bool = True,
-              log: Callable[[str], None] = print, observers: Sequence[EpochObserver] = ()) -> Trainer:
+def build_run(
+    cfg: ExperimentConfig,
+    ctx: DistContext,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    observers: Sequence[EpochObserver] = (),
+) -> Trainer:
     """The trainer of this process: single-process, or one rank of ``ctx.world_size``."""
     parts = build_parts(cfg, resume=resume, progress=progress and ctx.is_main)
     parts = distribute_parts(parts, ctx)
     if not ctx.enabled:
         return Trainer(parts, resume=resume, log=log, observers=observers)
     return DistributedTrainer(parts, ctx, resume=resume, log=log, observers=observers)
-

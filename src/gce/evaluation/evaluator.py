@@ -36,8 +36,10 @@ def default_recall_ks(dataset_name: str) -> tuple[int, ...]:
     try:
         return _RECALL_KS[dataset_name.lower()]
     except KeyError:
-        raise ConfigError(f"data.dataset: unknown dataset {dataset_name!r} for default recall K "
-                          f"(known: {', '.join(sorted(_RECALL_KS))}); set eval.recall_ks") from None
+        raise ConfigError(
+            f"data.dataset: unknown dataset {dataset_name!r} for default recall K "
+            f"(known: {', '.join(sorted(_RECALL_KS))}); set eval.recall_ks"
+        ) from None
 
 
 @dataclass
@@ -67,8 +69,15 @@ class EvalResult:
             out["nmi"] = self.nmi
         if self.f1 is not None:
             out["f1"] = self.f1
-        out.update({"map@r": self.map_at_r, "r_precision": self.r_precision, "num_queries": self.num_queries,
-                    "num_classes": self.num_classes, "excluded_queries": self.excluded_queries})
+        out.update(
+            {
+                "map@r": self.map_at_r,
+                "r_precision": self.r_precision,
+                "num_queries": self.num_queries,
+                "num_classes": self.num_classes,
+                "excluded_queries": self.excluded_queries,
+            }
+        )
         return out
 
     def format_table(self) -> str:
@@ -79,9 +88,14 @@ class EvalResult:
         width = max(len(name) for name, _ in rows)
         lines = [f"{'metric':<{width}}  {'%':>6}", f"{'-' * width}  {'-' * 6}"]
         lines += [f"{name:<{width}}  {_percent(v):>6}" for name, v in rows]
-        lines.append(f"{self.num_queries} queries, {self.num_classes} classes"
-                     + (f", {self.excluded_queries} queries excluded (no other gallery item of their class)"
-                        if self.excluded_queries else ""))
+        lines.append(
+            f"{self.num_queries} queries, {self.num_classes} classes"
+            + (
+                f", {self.excluded_queries} queries excluded (no other gallery item of their class)"
+                if self.excluded_queries
+                else ""
+            )
+        )
         return "\n".join(lines)
 
 
@@ -90,8 +104,7 @@ def _percent(value: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- evaluation
-def _query_gallery_split(n: int, is_query: Any, is_gallery: Any
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _query_gallery_split(n: int, is_query: Any, is_gallery: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(query_rows, gallery_rows, self_index)`` or ``None`` for leave-one-out retrieval.
 
     A mask left ``None`` while the other is given means "every image". ``self_index[q]`` is the
@@ -107,8 +120,10 @@ def _query_gallery_split(n: int, is_query: Any, is_gallery: Any
         masks.append(m)
     q_mask, g_mask = masks
     if not q_mask.any() or not g_mask.any():
-        raise GceError(f"evaluation needs at least one query and one gallery image "
-                       f"(got {int(q_mask.sum())} queries, {int(g_mask.sum())} gallery images)")
+        raise GceError(
+            f"evaluation needs at least one query and one gallery image "
+            f"(got {int(q_mask.sum())} queries, {int(g_mask.sum())} gallery images)"
+        )
     gallery_pos = np.cumsum(g_mask) - 1
     query_rows = np.flatnonzero(q_mask)
     self_index = np.where(g_mask[query_rows], gallery_pos[query_rows], -1)
@@ -122,10 +137,19 @@ def _check_ks(recall_ks: Sequence[int]) -> tuple[int, ...]:
     return ks
 
 
-def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | Sequence[int],
-                        *, recall_ks: Sequence[int] = (1, 2, 4, 8), is_query: Any = None, is_gallery: Any = None,
-                        clustering: bool = True, backend: Backend = "torch", seed: int = 0,
-                        chunk_size: int | None = None, progress: bool = False) -> EvalResult:
+def evaluate_embeddings(
+    embeddings: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    *,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    is_query: Any = None,
+    is_gallery: Any = None,
+    clustering: bool = True,
+    backend: Backend = "torch",
+    seed: int = 0,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
     """Recall@K, MAP@R, R-Precision and (optionally) NMI and pairwise F1 of labelled embeddings.
 
     Retrieval (cosine similarity, the embeddings being L2-normalised by the model):
@@ -156,22 +180,39 @@ def evaluate_embeddings(embeddings: torch.Tensor | np.ndarray, labels: torch.Ten
         q_rows, g_rows, self_index = split
         q, q_lab, g, g_lab = x[q_rows], y[q_rows], x[g_rows], y[g_rows]
         relevant = M.num_relevant(q_lab, g_lab, query_in_gallery=self_index >= 0)
-    neighbor_labels, recall = _retrieve(q, q_lab, g, y if g_lab is None else g_lab, self_index,
-                                        ks, relevant, backend, chunk_size, progress, same_set=g is None)
+    neighbor_labels, recall = _retrieve(
+        q,
+        q_lab,
+        g,
+        y if g_lab is None else g_lab,
+        self_index,
+        ks,
+        relevant,
+        backend,
+        chunk_size,
+        progress,
+        same_set=g is None,
+    )
     nmi = f1 = None
     if clustering:  # the gallery (all images in leave-one-out mode)
         nmi, clusters = M.nmi(x if g is None else g, y if g_lab is None else g_lab, seed=seed)
         f1 = M.f1_score_pairwise(y if g_lab is None else g_lab, clusters)
     excluded = int((relevant <= 0).sum())
     return EvalResult(
-        recall=recall, nmi=nmi, f1=f1,
+        recall=recall,
+        nmi=nmi,
+        f1=f1,
         map_at_r=M.map_at_r(neighbor_labels, q_lab, relevant),
         r_precision=M.r_precision(neighbor_labels, q_lab, relevant),
-        num_queries=len(q_lab) - excluded, num_classes=len(np.unique(y)), excluded_queries=excluded,
+        num_queries=len(q_lab) - excluded,
+        num_classes=len(np.unique(y)),
+        excluded_queries=excluded,
     )
 
 
-def _checked_inputs(embeddings: torch.Tensor | np.ndarray, labels: Any, backend: str) -> tuple[torch.Tensor, np.ndarray]:
+def _checked_inputs(
+    embeddings: torch.Tensor | np.ndarray, labels: Any, backend: str
+) -> tuple[torch.Tensor, np.ndarray]:
     x = as_float_tensor(embeddings)
     y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).reshape(-1)
     if len(x) == 0:
@@ -185,16 +226,37 @@ def _checked_inputs(embeddings: torch.Tensor | np.ndarray, labels: Any, backend:
     return x, y
 
 
-def _retrieve(q: torch.Tensor, q_lab: np.ndarray, g: torch.Tensor | None, g_lab: np.ndarray, self_index: np.ndarray | None,
-              ks: tuple[int, ...], relevant: np.ndarray, backend: str, chunk_size: int | None, progress: bool,
-              *, same_set: bool) -> tuple[np.ndarray, dict[int, float]]:
+def _retrieve(
+    q: torch.Tensor,
+    q_lab: np.ndarray,
+    g: torch.Tensor | None,
+    g_lab: np.ndarray,
+    self_index: np.ndarray | None,
+    ks: tuple[int, ...],
+    relevant: np.ndarray,
+    backend: str,
+    chunk_size: int | None,
+    progress: bool,
+    *,
+    same_set: bool,
+) -> tuple[np.ndarray, dict[int, float]]:
     """Neighbour labels (``max R`` or more per query) and Recall@K (see :func:`evaluate_embeddings`)."""
     gallery = None if same_set else g
     gallery_labels = None if same_set else g_lab
     max_r = int(relevant.max(initial=0))
     if backend == "torch":
-        found = knn_with_first_positive(q, q_lab, gallery, gallery_labels, k=max_r, self_index=self_index,
-                                        max_rank=ks[-1], chunk_size=chunk_size, progress=progress, desc="retrieval")
+        found = knn_with_first_positive(
+            q,
+            q_lab,
+            gallery,
+            gallery_labels,
+            k=max_r,
+            self_index=self_index,
+            max_rank=ks[-1],
+            chunk_size=chunk_size,
+            progress=progress,
+            desc="retrieval",
+        )
         assert found.first_positive_rank is not None  # always set by knn_with_first_positive
         return g_lab[found.indices.numpy()], M.recall_at_k_from_ranks(found.first_positive_rank, ks, relevant)
     found = exact_knn(q, gallery, k=max(ks[-1], max_r), backend="faiss", self_index=self_index)
@@ -203,9 +265,16 @@ def _retrieve(q: torch.Tensor, q_lab: np.ndarray, g: torch.Tensor | None, g_lab:
 
 
 # ----------------------------------------------------------------------------------- extraction
-def extract_embeddings(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 128, num_workers: int = 0,
-                       device: str | torch.device = "cpu", progress: bool = True, desc: str = "embedding",
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_embeddings(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "embedding",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` over ``dataset`` in order: ``(embeddings float32 (N, D) on CPU, labels int64 (N,))``.
 
     Items are ``(image_tensor, label)``. The model runs in eval mode under ``torch.inference_mode``
@@ -221,8 +290,14 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, *, batch_size: 
     from tqdm.auto import tqdm
 
     on_gpu = torch.device(device).type == "cuda"
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=on_gpu,
-                        worker_init_fn=loader_worker_ignores_sigterm if num_workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=on_gpu,
+        worker_init_fn=loader_worker_ignores_sigterm if num_workers > 0 else None,
+    )
     was_training = model.training
     model.eval()
     chunks, label_chunks = [], []
@@ -231,8 +306,10 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, *, batch_size: 
             for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
                 out = model(images.to(device, non_blocking=True))
                 if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                    raise GceError(f"{desc}: the model must return an (N, D) tensor, got "
-                                   f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+                    raise GceError(
+                        f"{desc}: the model must return an (N, D) tensor, got "
+                        f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
+                    )
                 # Non-blocking on a GPU: the next batch is queued while this one is copied back.
                 chunks.append(out.float().to("cpu", non_blocking=on_gpu))
                 label_chunks.append(torch.as_tensor(labels).reshape(-1).to(torch.int64))

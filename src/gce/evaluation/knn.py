@@ -85,8 +85,9 @@ def as_float_tensor(x: torch.Tensor | np.ndarray, name: str = "embeddings") -> t
     return t
 
 
-def _self_index(n_query: int, n_gallery: int, self_index: torch.Tensor | np.ndarray | None,
-                same_set: bool) -> torch.Tensor | None:
+def _self_index(
+    n_query: int, n_gallery: int, self_index: torch.Tensor | np.ndarray | None, same_set: bool
+) -> torch.Tensor | None:
     """Per query, the gallery index of the query itself (-1 if it is not in the gallery)."""
     if same_set:
         return torch.arange(n_query, dtype=torch.int64)
@@ -98,9 +99,13 @@ def _self_index(n_query: int, n_gallery: int, self_index: torch.Tensor | np.ndar
     return s
 
 
-def _prepare(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray | None,
-             self_index: torch.Tensor | np.ndarray | None, k: int, metric: str
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, bool]:
+def _prepare(
+    query: torch.Tensor | np.ndarray,
+    gallery: torch.Tensor | np.ndarray | None,
+    self_index: torch.Tensor | np.ndarray | None,
+    k: int,
+    metric: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, bool]:
     """Checked ``(query, gallery, self_index, k capped, same_set)`` for the searches below."""
     _check_metric(metric)
     q = as_float_tensor(query, "query embeddings")
@@ -129,10 +134,15 @@ def auto_chunk_size(n_gallery: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) 
 
 
 # ----------------------------------------------------------------------------------- score blocks
-def score_blocks(query: torch.Tensor, gallery: torch.Tensor, *, metric: Metric = "cosine",
-                 self_index: torch.Tensor | None = None, chunk_size: int | None = None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
+def score_blocks(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    *,
+    metric: Metric = "cosine",
+    self_index: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, block)`` with ``block[i, j] = score(query[start + i], gallery[j])``.
 
     Larger scores are nearer (see the module docstring). The query's own gallery item (from
@@ -159,9 +169,15 @@ def score_blocks(query: torch.Tensor, gallery: torch.Tensor, *, metric: Metric =
         yield start, stop, block
 
 
-def symmetric_topk(x: torch.Tensor, k: int, *, tile: int | None = None,
-                   memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False,
-                   desc: str = "kNN") -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_topk(
+    x: torch.Tensor,
+    k: int,
+    *,
+    tile: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
+    desc: str = "kNN",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Leave-one-out top-``k`` inner products of the rows of ``x``, in ``(-score, index)`` order.
 
     Only the tiles ``x[I] @ x[J].T`` with ``J >= I`` are computed (half the flops of the full
@@ -182,11 +198,12 @@ def symmetric_topk(x: torch.Tensor, k: int, *, tile: int | None = None,
     starts = list(range(0, n, tile))
     from tqdm.auto import tqdm  # only for the optional progress bar
 
-    bar = tqdm(total=len(starts) * (len(starts) + 1) // 2, desc=desc, disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(starts) * (len(starts) + 1) // 2, desc=desc, disable=not progress, leave=False, dynamic_ncols=True
+    )
     for a in starts:
         rows = slice(a, min(a + tile, n))
-        for b in starts[a // tile:]:
+        for b in starts[a // tile :]:
             cols = slice(b, min(b + tile, n))
             block = _contiguous_view(buffer, rows.stop - a, cols.stop - b)
             torch.mm(x[rows], x[cols].t(), out=block)
@@ -208,12 +225,19 @@ def _contiguous_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor
     return buffer[: rows * cols].view(rows, cols)
 
 
-def _merge_into(values: torch.Tensor, indices: torch.Tensor, rows: slice, new_values: torch.Tensor,
-                new_indices: torch.Tensor, offset: int) -> None:
+def _merge_into(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    rows: slice,
+    new_values: torch.Tensor,
+    new_indices: torch.Tensor,
+    offset: int,
+) -> None:
     """Merge a tile's sorted top-k into the running lists of ``rows`` (order ``(-score, index)``)."""
     k = values.shape[1]
-    merged_v, merged_i = sort_by_score_then_index(torch.cat([values[rows], new_values], 1),
-                                                  torch.cat([indices[rows], new_indices + offset], 1))
+    merged_v, merged_i = sort_by_score_then_index(
+        torch.cat([values[rows], new_values], 1), torch.cat([indices[rows], new_indices + offset], 1)
+    )
     values[rows], indices[rows] = merged_v[:, :k], merged_i[:, :k]
 
 
@@ -226,8 +250,7 @@ def _to_output_scores(values: torch.Tensor, query_rows: torch.Tensor, metric: Me
 
 
 # ------------------------------------------------------------------------------- deterministic top-k
-def sort_by_score_then_index(values: torch.Tensor, indices: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_score_then_index(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row by ``(-value, index)``: a stable descending sort after an index sort."""
     indices, perm = indices.sort(dim=1)
     values = values.gather(1, perm)
@@ -263,8 +286,7 @@ def sorted_topk(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return sort_by_score_then_index(values, indices)
 
 
-def _topk_with_index_tiebreak(rows: torch.Tensor, kth: torch.Tensor, k: int
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_with_index_tiebreak(rows: torch.Tensor, kth: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of rows whose k-th value ``kth`` is tied: all ``> kth``, then ``== kth`` by index."""
     above = rows > kth[:, None]
     tied = rows == kth[:, None]
@@ -275,10 +297,18 @@ def _topk_with_index_tiebreak(rows: torch.Tensor, kth: torch.Tensor, k: int
 
 
 # ------------------------------------------------------------------------------------ public knn
-def exact_knn(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray | None = None,
-              k: int = 10, *, metric: Metric = "cosine", backend: Backend = "torch",
-              self_index: torch.Tensor | np.ndarray | None = None, chunk_size: int | None = None,
-              memory_budget: int = DEFAULT_MEMORY_BUDGET, symmetric: bool = True) -> KnnResult:
+def exact_knn(
+    query: torch.Tensor | np.ndarray,
+    gallery: torch.Tensor | np.ndarray | None = None,
+    k: int = 10,
+    *,
+    metric: Metric = "cosine",
+    backend: Backend = "torch",
+    self_index: torch.Tensor | np.ndarray | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    symmetric: bool = True,
+) -> KnnResult:
     """Exact ``k`` nearest gallery items of every query, nearest first.
 
     ``gallery=None``: leave-one-out search within ``query`` (each item excluded by identity).
@@ -307,8 +337,9 @@ def exact_knn(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarr
         values, indices = symmetric_topk(q, k, tile=chunk_size, memory_budget=memory_budget)
         return KnnResult(indices=indices, scores=values)
     all_values, all_indices = [], []
-    for start, stop, block in score_blocks(q, g, metric=metric, self_index=own,
-                                           chunk_size=chunk_size, memory_budget=memory_budget):
+    for start, stop, block in score_blocks(
+        q, g, metric=metric, self_index=own, chunk_size=chunk_size, memory_budget=memory_budget
+    ):
         values, indices = sorted_topk(block, k)
         all_values.append(_to_output_scores(values, q[start:stop], metric))
         all_indices.append(indices)
@@ -319,8 +350,7 @@ def _cat(parts: list[torch.Tensor], k: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, k, dtype=dtype)
 
 
-def _faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, metric: Metric,
-               own: torch.Tensor | None) -> KnnResult:
+def _faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, metric: Metric, own: torch.Tensor | None) -> KnnResult:
     try:
         import faiss
     except ImportError as exc:  # an optional dependency: say how to get it
@@ -341,8 +371,7 @@ def _faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, metric: Metric,
     return KnnResult(indices=idx, scores=key if metric == "cosine" else -key)
 
 
-def _drop_self(dist: torch.Tensor, idx: torch.Tensor, own: torch.Tensor, k: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _drop_self(dist: torch.Tensor, idx: torch.Tensor, own: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove one column per row: the query's own index where present, else the last column."""
     drop = idx == own[:, None]
     missing = ~drop.any(1)
@@ -353,13 +382,22 @@ def _drop_self(dist: torch.Tensor, idx: torch.Tensor, own: torch.Tensor, k: int
 
 
 # --------------------------------------------------------------- neighbours + first-positive rank
-def knn_with_first_positive(query: torch.Tensor | np.ndarray, query_labels: np.ndarray | torch.Tensor,
-                            gallery: torch.Tensor | np.ndarray | None = None,
-                            gallery_labels: np.ndarray | torch.Tensor | None = None, k: int = 10, *,
-                            metric: Metric = "cosine", self_index: torch.Tensor | np.ndarray | None = None,
-                            max_rank: int | None = None, chunk_size: int | None = None,
-                            memory_budget: int = DEFAULT_MEMORY_BUDGET, symmetric: bool = True,
-                            progress: bool = False, desc: str = "kNN") -> KnnResult:
+def knn_with_first_positive(
+    query: torch.Tensor | np.ndarray,
+    query_labels: np.ndarray | torch.Tensor,
+    gallery: torch.Tensor | np.ndarray | None = None,
+    gallery_labels: np.ndarray | torch.Tensor | None = None,
+    k: int = 10,
+    *,
+    metric: Metric = "cosine",
+    self_index: torch.Tensor | np.ndarray | None = None,
+    max_rank: int | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    symmetric: bool = True,
+    progress: bool = False,
+    desc: str = "kNN",
+) -> KnnResult:
     """:func:`exact_knn` (torch backend) plus each query's first-positive rank, from the same blocks.
 
     The first-positive rank of query ``q`` is its position (1-based) of the first same-class item
@@ -388,39 +426,56 @@ def knn_with_first_positive(query: torch.Tensor | np.ndarray, query_labels: np.n
     has_positive = members.count_of(q_lab) > _is_own_class(own, q_lab, g_lab)
     count_beyond_list = max_rank is None or max_rank > k
     if same_set and symmetric and metric == "cosine":
-        return _symmetric_with_rank(q, q_lab, k, members, has_positive, count_beyond_list, chunk_size,
-                                    memory_budget, progress, desc)
+        return _symmetric_with_rank(
+            q, q_lab, k, members, has_positive, count_beyond_list, chunk_size, memory_budget, progress, desc
+        )
     from tqdm.auto import tqdm  # only for the optional progress bar
 
     bar = tqdm(total=len(q), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     out_v, out_i, out_r = [], [], []
-    for start, stop, block in score_blocks(q, g, metric=metric, self_index=own, chunk_size=chunk_size,
-                                           memory_budget=memory_budget):
+    for start, stop, block in score_blocks(
+        q, g, metric=metric, self_index=own, chunk_size=chunk_size, memory_budget=memory_budget
+    ):
         values, indices = sorted_topk(block, k)
         labels = q_lab[start:stop]
         rank, unresolved = _ranks_in_lists(g_lab[indices.numpy()], labels, has_positive[start:stop])
         if len(unresolved):
-            rank[unresolved] = (_rank_by_counting(block.numpy(), unresolved, labels[unresolved], members)
-                                if count_beyond_list else k + 1)
+            rank[unresolved] = (
+                _rank_by_counting(block.numpy(), unresolved, labels[unresolved], members)
+                if count_beyond_list
+                else k + 1
+            )
         out_v.append(_to_output_scores(values, q[start:stop], metric))
         out_i.append(indices)
         out_r.append(torch.from_numpy(rank))
         bar.update(stop - start)
     bar.close()
-    return KnnResult(indices=_cat(out_i, k, torch.int64), scores=_cat(out_v, k, torch.float32),
-                     first_positive_rank=torch.cat(out_r) if out_r else torch.empty(0, dtype=torch.int64))
+    return KnnResult(
+        indices=_cat(out_i, k, torch.int64),
+        scores=_cat(out_v, k, torch.float32),
+        first_positive_rank=torch.cat(out_r) if out_r else torch.empty(0, dtype=torch.int64),
+    )
 
 
-def _symmetric_with_rank(x: torch.Tensor, labels: np.ndarray, k: int, members: _ClassMembers,
-                         has_positive: np.ndarray, count_beyond_list: bool, chunk_size: int | None,
-                         memory_budget: int, progress: bool, desc: str) -> KnnResult:
-    values, indices = symmetric_topk(x, k, tile=chunk_size, memory_budget=memory_budget, progress=progress,
-                                     desc=desc)
+def _symmetric_with_rank(
+    x: torch.Tensor,
+    labels: np.ndarray,
+    k: int,
+    members: _ClassMembers,
+    has_positive: np.ndarray,
+    count_beyond_list: bool,
+    chunk_size: int | None,
+    memory_budget: int,
+    progress: bool,
+    desc: str,
+) -> KnnResult:
+    values, indices = symmetric_topk(x, k, tile=chunk_size, memory_budget=memory_budget, progress=progress, desc=desc)
     rank, unresolved = _ranks_in_lists(labels[indices.numpy()], labels, has_positive)
     if len(unresolved) and count_beyond_list:
         own = torch.from_numpy(unresolved)
-        for start, stop, block in score_blocks(x[own], x, self_index=own, chunk_size=chunk_size,
-                                               memory_budget=memory_budget):
+        for start, stop, block in score_blocks(
+            x[own], x, self_index=own, chunk_size=chunk_size, memory_budget=memory_budget
+        ):
             part = unresolved[start:stop]
             counted = _rank_by_counting(block.numpy(), np.arange(stop - start), labels[part], members)
             rank[part] = np.maximum(counted, k + 1)
@@ -449,8 +504,10 @@ def _is_own_class(own: torch.Tensor | None, q_lab: np.ndarray, g_lab: np.ndarray
     return same
 
 
-def first_positive_rank(neighbor_labels: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
-                        query_labels: np.ndarray | torch.Tensor | Sequence[int]) -> np.ndarray:
+def first_positive_rank(
+    neighbor_labels: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
+    query_labels: np.ndarray | torch.Tensor | Sequence[int],
+) -> np.ndarray:
     """1-based position of the first same-class item in each list, :data:`NO_POSITIVE` if none.
 
     >>> first_positive_rank(np.array([[3, 0, 0], [2, 2, 2]]), np.array([0, 1])).tolist()[0]
@@ -464,8 +521,9 @@ def first_positive_rank(neighbor_labels: np.ndarray | torch.Tensor | Sequence[Se
     return np.where(hit.any(1), rank, NO_POSITIVE)
 
 
-def _ranks_in_lists(neighbor_labels: np.ndarray, labels: np.ndarray, has_positive: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _ranks_in_lists(
+    neighbor_labels: np.ndarray, labels: np.ndarray, has_positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Ranks read off the lists, and the rows with a positive somewhere beyond their list."""
     rank = first_positive_rank(neighbor_labels, labels)
     return rank, np.flatnonzero(has_positive & (rank == NO_POSITIVE))
@@ -501,8 +559,9 @@ class _ClassMembers:
         return rows, self.order[self.offsets[slot][rows] + within]
 
 
-def _best_positive(a: np.ndarray, rows: np.ndarray, labels: np.ndarray, members: _ClassMembers
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _best_positive(
+    a: np.ndarray, rows: np.ndarray, labels: np.ndarray, members: _ClassMembers
+) -> tuple[np.ndarray, np.ndarray]:
     """For block rows ``rows`` (each with at least one positive besides itself): the best positive's
     score and its gallery index (the smallest index among equal scores)."""
     seg, cols = members.positives(labels)
@@ -513,8 +572,7 @@ def _best_positive(a: np.ndarray, rows: np.ndarray, labels: np.ndarray, members:
     return best, np.minimum.reduceat(at_best, starts)
 
 
-def _rank_by_counting(a: np.ndarray, rows: np.ndarray, labels: np.ndarray, members: _ClassMembers
-                      ) -> np.ndarray:
+def _rank_by_counting(a: np.ndarray, rows: np.ndarray, labels: np.ndarray, members: _ClassMembers) -> np.ndarray:
     """Exact first-positive rank of block rows ``rows`` (``labels``: theirs; all have a positive).
 
     rank = 1 + #{s > s*} + #{s = s*, index < p*}. The last term needs a third pass, so it is only

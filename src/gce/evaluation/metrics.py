@@ -44,8 +44,9 @@ def _mean_over_retrievable(per_query: np.ndarray, num_relevant: np.ndarray) -> f
 
 
 # --------------------------------------------------------------------------------- relevance counts
-def num_relevant(query_labels: ArrayLike, gallery_labels: ArrayLike | None = None, *,
-                 query_in_gallery: ArrayLike | None = None) -> np.ndarray:
+def num_relevant(
+    query_labels: ArrayLike, gallery_labels: ArrayLike | None = None, *, query_in_gallery: ArrayLike | None = None
+) -> np.ndarray:
     """``R_q`` = number of gallery items with the query's label, the query itself excluded.
 
     ``gallery_labels=None`` is leave-one-out retrieval (every query is also a gallery item):
@@ -72,8 +73,9 @@ def num_relevant(query_labels: ArrayLike, gallery_labels: ArrayLike | None = Non
 
 
 # -------------------------------------------------------------------------------------- Recall@K
-def recall_at_k_from_ranks(first_positive_ranks: ArrayLike, ks: Iterable[int],
-                           num_relevant: ArrayLike) -> dict[int, float]:
+def recall_at_k_from_ranks(
+    first_positive_ranks: ArrayLike, ks: Iterable[int], num_relevant: ArrayLike
+) -> dict[int, float]:
     """Recall@K from the first-positive rank of each query.
 
     Recall@K = (1 / |Q'|) * sum_{q in Q'} [rank_q <= K],   Q' = {q : R_q > 0}
@@ -90,9 +92,12 @@ def recall_at_k_from_ranks(first_positive_ranks: ArrayLike, ks: Iterable[int],
     return {int(k): _mean_over_retrievable((ranks <= k).astype(np.float64), r) for k in sorted(set(ks))}
 
 
-def recall_at_k(neighbor_labels: np.ndarray | torch.Tensor | Sequence[Sequence[int]], query_labels: ArrayLike,
-                ks: Iterable[int],
-                num_relevant: ArrayLike) -> dict[int, float]:
+def recall_at_k(
+    neighbor_labels: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
+    query_labels: ArrayLike,
+    ks: Iterable[int],
+    num_relevant: ArrayLike,
+) -> dict[int, float]:
     """Recall@K for every K in ``ks`` from neighbour lists (see :func:`recall_at_k_from_ranks`).
 
     The lists must be at least ``max(ks)`` long, or hold every candidate: a positive beyond the
@@ -105,8 +110,9 @@ def recall_at_k(neighbor_labels: np.ndarray | torch.Tensor | Sequence[Sequence[i
 
 
 # ----------------------------------------------------------------------------- MAP@R, R-Precision
-def _relevance_within_r(neighbor_labels: ArrayLike, query_labels: ArrayLike, num_relevant: ArrayLike
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def _relevance_within_r(
+    neighbor_labels: ArrayLike, query_labels: ArrayLike, num_relevant: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
     """``rel[q, i] = [label of neighbour i == label(q)] * [i < R_q]`` and ``R`` as arrays."""
     nl = _np(neighbor_labels)
     r = _np(num_relevant).astype(np.int64)
@@ -151,8 +157,15 @@ def map_at_r(neighbor_labels: ArrayLike, query_labels: ArrayLike, num_relevant: 
 
 
 # ------------------------------------------------------------------------------------- clustering
-def kmeans(points: ArrayLike, n_clusters: int, *, seed: int = 0, n_init: int = 1, init: np.ndarray | None = None,
-           backend: Literal["auto", "sklearn", "faiss"] = "auto") -> tuple[np.ndarray, np.ndarray]:
+def kmeans(
+    points: ArrayLike,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    n_init: int = 1,
+    init: np.ndarray | None = None,
+    backend: Literal["auto", "sklearn", "faiss"] = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded k-means: ``(cluster index of every row, centroids)``; the one k-means of the project.
 
     ``sklearn``: ``KMeans(n_clusters, n_init=n_init, random_state=seed)`` (k-means++ init, Lloyd
@@ -175,8 +188,11 @@ def kmeans(points: ArrayLike, n_clusters: int, *, seed: int = 0, n_init: int = 1
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
-    km = KMeans(n_clusters=n_clusters, init=init, n_init=1, random_state=seed) if init is not None else \
-        KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
+    km = (
+        KMeans(n_clusters=n_clusters, init=init, n_init=1, random_state=seed)
+        if init is not None
+        else KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         labels = km.fit_predict(x)
@@ -187,8 +203,16 @@ def _faiss_kmeans(x: np.ndarray, n_clusters: int, seed: int, n_init: int) -> tup
     import faiss
 
     # min_points_per_centroid=1: DML test sets have ~5-60 images per class, which is fine here.
-    km = faiss.Kmeans(x.shape[1], n_clusters, niter=20, nredo=n_init, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+    km = faiss.Kmeans(
+        x.shape[1],
+        n_clusters,
+        niter=20,
+        nredo=n_init,
+        seed=seed,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=1 << 30,
+    )
     km.train(x)
     assert km.centroids is not None  # set by train()
     return km.index.search(x, 1)[1][:, 0].astype(np.int64), km.centroids
@@ -202,8 +226,14 @@ def _has_faiss() -> bool:
     return True
 
 
-def nmi(embeddings: ArrayLike, labels: ArrayLike, seed: int = 0, *, n_init: int = 1,
-        kmeans_backend: Literal["auto", "sklearn", "faiss"] = "auto") -> tuple[float, np.ndarray]:
+def nmi(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    seed: int = 0,
+    *,
+    n_init: int = 1,
+    kmeans_backend: Literal["auto", "sklearn", "faiss"] = "auto",
+) -> tuple[float, np.ndarray]:
     """Normalised mutual information between classes and a k-means clustering of the embeddings.
 
     k-means (see :func:`kmeans`) with as many clusters as distinct labels, then

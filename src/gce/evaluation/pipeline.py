@@ -49,8 +49,15 @@ class DatasetEmbedder:
         return cls(batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device, progress=progress)
 
     def __call__(self, model: nn.Module, dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract_embeddings(model, dataset, batch_size=self.batch_size, num_workers=self.workers,
-                                  device=self.device, progress=self.progress, desc=desc)
+        return extract_embeddings(
+            model,
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            device=self.device,
+            progress=self.progress,
+            desc=desc,
+        )
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,7 @@ class MetricSettings:
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> MetricSettings:
         ks = cfg.eval.recall_ks or default_recall_ks(cfg.data.dataset)
-        return cls(recall_ks=tuple(ks), clustering=cfg.eval.clustering, backend=cfg.eval.backend,
-                   seed=cfg.train.seed)
+        return cls(recall_ks=tuple(ks), clustering=cfg.eval.clustering, backend=cfg.eval.backend, seed=cfg.train.seed)
 
 
 @dataclass
@@ -77,13 +83,20 @@ class Evaluated:
     embeddings: torch.Tensor
 
 
-def evaluate_split(model: nn.Module, dataset: ImageDataset, embed: EmbedFn, metrics: MetricSettings,
-                   desc: str) -> Evaluated:
+def evaluate_split(
+    model: nn.Module, dataset: ImageDataset, embed: EmbedFn, metrics: MetricSettings, desc: str
+) -> Evaluated:
     """Embed ``dataset`` with ``model`` and compute ``metrics``; query/gallery roles come from its records."""
     embeddings, labels = embed(model, dataset, desc)
     records = dataset.records
     result = evaluate_embeddings(
-        embeddings, labels, recall_ks=metrics.recall_ks, is_query=records.is_query, is_gallery=records.is_gallery,
-        clustering=metrics.clustering, backend=metrics.backend, seed=metrics.seed,
+        embeddings,
+        labels,
+        recall_ks=metrics.recall_ks,
+        is_query=records.is_query,
+        is_gallery=records.is_gallery,
+        clustering=metrics.clustering,
+        backend=metrics.backend,
+        seed=metrics.seed,
     )
     return Evaluated(result, embeddings)

@@ -84,7 +84,7 @@ def remove_stale_temporaries(path: Path) -> None:
     except OSError:
         return
     for name in names:
-        pid = name[len(prefix):] if name.startswith(prefix) else ""
+        pid = name[len(prefix) :] if name.startswith(prefix) else ""
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             with suppress(OSError):
                 os.unlink(path.parent / name)

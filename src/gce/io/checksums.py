@@ -13,6 +13,7 @@ from gce.io.paths import CHECKSUM_SUFFIX, checksum_path
 
 __all__ = ["CHECKSUM_SUFFIX", "checksum_path", "sha256_file", "sha256_of", "verify_checksum", "write_checksum"]
 
+
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -31,8 +32,9 @@ def write_checksum(path: str | os.PathLike, data: bytes | None = None) -> Path:
     return write_text(checksum_path(path), digest + "\n", what="checksum")
 
 
-def verify_checksum(path: str | os.PathLike, data: bytes | None = None, *,
-                    error: type[GceError] = CheckpointError) -> None:
+def verify_checksum(
+    path: str | os.PathLike, data: bytes | None = None, *, error: type[GceError] = CheckpointError
+) -> None:
     """Check ``path`` (or its already-read ``data``) against ``<path>.sha256``.
 
     A missing or unreadable checksum file is a failed check, like a mismatch: a file that gce

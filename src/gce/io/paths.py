@@ -159,11 +159,14 @@ def refuse_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
         if os.path.isdir(folder):
             real_folder = os.path.realpath(folder)
             if real == real_folder or real.startswith(real_folder.rstrip(os.sep) + os.sep):
-                raise OutputError(f"{what} {path} is inside {folder}, one of this command's inputs;"
-                                  f" choose a path outside it")
+                raise OutputError(
+                    f"{what} {path} is inside {folder}, one of this command's inputs; choose a path outside it"
+                )
 
 
-def refuse_input_files(path: str | os.PathLike, files: Iterable[str | os.PathLike | None], what: str = "output") -> None:
+def refuse_input_files(
+    path: str | os.PathLike, files: Iterable[str | os.PathLike | None], what: str = "output"
+) -> None:
     """Fail if the existing file ``path`` is the same file (same inode) as one of ``files``.
 
     A path that does not exist yet cannot be an input, so nothing is checked then.
@@ -179,8 +182,9 @@ def refuse_input_files(path: str | os.PathLike, files: Iterable[str | os.PathLik
         raise OutputError(f"{what} {path} is one of this command's inputs ({same}); choose another path")
 
 
-def check_output_file(path: str | os.PathLike | None, *, what: str = "output",
-                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+def check_output_file(
+    path: str | os.PathLike | None, *, what: str = "output", inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
     """Check, before any work, that ``path`` can be written without destroying anything.
 
     Returns the path to write (``~`` expanded; a symlink resolved to the file it points to).
@@ -215,8 +219,10 @@ def check_output_file(path: str | os.PathLike | None, *, what: str = "output",
             return target
         refuse_inputs(target, inputs, what)
         if checksum_path(target).exists():  # a model, checkpoint or index gce reads back as truth
-            raise OutputError(f"{what} {given} is a file gce verifies (it has {checksum_path(target).name});"
-                              f" it is not overwritten: choose another path")
+            raise OutputError(
+                f"{what} {given} is a file gce verifies (it has {checksum_path(target).name});"
+                f" it is not overwritten: choose another path"
+            )
         # Atomic replacement needs the folder, not only the file, to be writable.
         _check_folder_writable(target.parent, given, what)
         return target
@@ -225,8 +231,9 @@ def check_output_file(path: str | os.PathLike | None, *, what: str = "output",
     return target
 
 
-def check_output_dir(path: str | os.PathLike | None, *, what: str = "output folder",
-                     inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+def check_output_dir(
+    path: str | os.PathLike | None, *, what: str = "output folder", inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
     """Check, before any work, that the folder ``path`` exists or can be created and written.
 
     Returns it with ``~`` expanded. Raises :class:`OutputError` when it is empty, exists as
@@ -249,11 +256,11 @@ def check_output_dir(path: str | os.PathLike | None, *, what: str = "output fold
         source = os.path.realpath(os.path.expanduser(os.fspath(p)))
         real = os.path.realpath(folder)
         if real == source or (os.path.isdir(source) and real.startswith(source.rstrip(os.sep) + os.sep)):
-            raise OutputError(f"{what} {folder} is inside {p}, one of this command's inputs; choose a folder outside it")
+            raise OutputError(
+                f"{what} {folder} is inside {p}, one of this command's inputs; choose a folder outside it"
+            )
     _check_folder_writable(folder, folder, what)
     return folder
-
-
 
 
 def check_run_folder(folder: Path, what: str = "output folder") -> None:

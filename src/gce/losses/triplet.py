@@ -60,15 +60,13 @@ class LearnerTripletLoss(nn.Module):
         distance: ``"euclidean"`` (on normalised vectors, in ``[0, 2]``) or ``"cosine"``.
     """
 
-    def __init__(self, margin: float = 0.1, mining: Mining = "semihard",
-                 distance: Distance = "euclidean") -> None:
+    def __init__(self, margin: float = 0.1, mining: Mining = "semihard", distance: Distance = "euclidean") -> None:
         super().__init__()
         if mining not in MINING_TYPES:
             raise ValueError(f"unknown mining {mining!r}; valid: {', '.join(MINING_TYPES)}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        self.miner = TripletMarginMiner(margin=margin, type_of_triplets=mining,
-                                        distance=_make_distance(distance))
+        self.miner = TripletMarginMiner(margin=margin, type_of_triplets=mining, distance=_make_distance(distance))
         self.loss = TripletMarginLoss(margin=margin, distance=_make_distance(distance))
 
     @staticmethod
@@ -83,18 +81,17 @@ class LearnerTripletLoss(nn.Module):
         with torch.no_grad():
             return self.miner(self.select(embeddings, learner_slice), labels)
 
-    def compute(self, embeddings: Tensor, labels: Tensor,
-                learner_slice: slice | None = None) -> tuple[Tensor, int]:
+    def compute(self, embeddings: Tensor, labels: Tensor, learner_slice: slice | None = None) -> tuple[Tensor, int]:
         """Loss and number of mined triplets."""
         sub = self.select(embeddings, learner_slice)
         if sub.shape[1] == 0:
-            raise ValueError(f"learner_slice {learner_slice} selects no column of a "
-                             f"{embeddings.shape[1]}-dim embedding")
+            raise ValueError(
+                f"learner_slice {learner_slice} selects no column of a {embeddings.shape[1]}-dim embedding"
+            )
         triplets = self.miner(sub, labels)
         return self.loss(sub, labels, triplets), int(triplets[0].numel())
 
-    def forward(self, embeddings: Tensor, labels: Tensor,
-                learner_slice: slice | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, learner_slice: slice | None = None) -> Tensor:
         return self.compute(embeddings, labels, learner_slice)[0]
 
 
@@ -112,22 +109,30 @@ class GCELoss(nn.Module):
     when computed, ``full_loss`` and ``full_triplets``.
     """
 
-    def __init__(self, margin: float = 0.1, mining: Mining = "semihard",
-                 full_embedding_weight: float = 0.0, distance: Distance = "euclidean") -> None:
+    def __init__(
+        self,
+        margin: float = 0.1,
+        mining: Mining = "semihard",
+        full_embedding_weight: float = 0.0,
+        distance: Distance = "euclidean",
+    ) -> None:
         super().__init__()
         if full_embedding_weight < 0:
             raise ValueError(f"full_embedding_weight must be >= 0, got {full_embedding_weight}")
         self.full_embedding_weight = full_embedding_weight
         self.triplet = LearnerTripletLoss(margin, mining, distance)
 
-    def forward(self, embeddings: Tensor, labels: Tensor,
-                learner_slice: slice | None = None) -> tuple[Tensor, dict[str, float]]:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, learner_slice: slice | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
         learner_loss, learner_triplets = self.triplet.compute(embeddings, labels, learner_slice)
-        return self._with_full_loss(learner_loss, float(learner_triplets), embeddings, labels,
-                                    add_full=learner_slice is not None)
+        return self._with_full_loss(
+            learner_loss, float(learner_triplets), embeddings, labels, add_full=learner_slice is not None
+        )
 
-    def _with_full_loss(self, learner_loss: Tensor, learner_triplets: float, embeddings: Tensor, labels: Tensor,
-                        add_full: bool = True) -> tuple[Tensor, dict[str, float]]:
+    def _with_full_loss(
+        self, learner_loss: Tensor, learner_triplets: float, embeddings: Tensor, labels: Tensor, add_full: bool = True
+    ) -> tuple[Tensor, dict[str, float]]:
         """``learner_loss + full_embedding_weight * full_loss`` (when weighted and ``add_full``) and its parts."""
         total = learner_loss
         parts: dict[str, float] = {"triplets": learner_triplets}
@@ -142,8 +147,9 @@ class GCELoss(nn.Module):
         parts.update(zip(values, torch.stack([v.detach() for v in values.values()]).tolist(), strict=True))
         return total, parts
 
-    def all_learners(self, embeddings: Tensor, labels: Tensor, learner_slices: list[slice],
-                     learner_labels: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def all_learners(
+        self, embeddings: Tensor, labels: Tensor, learner_slices: list[slice], learner_labels: list[Tensor]
+    ) -> tuple[Tensor, dict[str, float]]:
         """The ``learner_data: all`` reading: every learner on the whole batch, with its own labels.
 
         ``total = mean_k triplet(embeddings[:, slice_k], learner_labels[k])
@@ -152,8 +158,10 @@ class GCELoss(nn.Module):
         mined per learner.
         """
         if len(learner_slices) != len(learner_labels) or not learner_slices:
-            raise ValueError(f"need one label vector per learner slice, got {len(learner_slices)} slices "
-                             f"and {len(learner_labels)} label vectors")
+            raise ValueError(
+                f"need one label vector per learner slice, got {len(learner_slices)} slices "
+                f"and {len(learner_labels)} label vectors"
+            )
         losses, mined = [], 0
         for part, meta in zip(learner_slices, learner_labels, strict=True):
             loss, count = self.triplet.compute(embeddings, meta, part)

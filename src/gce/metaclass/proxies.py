@@ -21,16 +21,11 @@ def _check_inputs(embeddings: Tensor, labels: Tensor, num_classes: int) -> None:
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be N x D, got shape {tuple(embeddings.shape)}")
     if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"labels must lie in 0..{num_classes - 1}, got range "
-            f"{int(labels.min())}..{int(labels.max())}"
-        )
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got range {int(labels.min())}..{int(labels.max())}")
 
 
 def _class_sums(embeddings: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

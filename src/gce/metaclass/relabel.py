@@ -44,8 +44,10 @@ class PerLearnerMetaClasses:
 
     def __init__(self, base: MetaClassStrategy, num_learners: int) -> None:
         if not isinstance(base, (ClassProxyStrategy, RandomStrategy)):
-            raise ValueError(f"per-learner meta-classes need a class-level strategy (class_proxy or random), "
-                             f"got {type(base).__name__}")
+            raise ValueError(
+                f"per-learner meta-classes need a class-level strategy (class_proxy or random), "
+                f"got {type(base).__name__}"
+            )
         if num_learners < 1:
             raise ValueError(f"num_learners must be >= 1, got {num_learners}")
         self.base = base
@@ -56,22 +58,34 @@ class PerLearnerMetaClasses:
     def needs_embeddings(self) -> bool:
         return isinstance(self.base, ClassProxyStrategy)
 
-    def assign(self, embeddings: ArrayLike | None, labels: ArrayLike, num_classes: int,
-               learner_slices: list[slice], previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    def assign(
+        self,
+        embeddings: ArrayLike | None,
+        labels: ArrayLike,
+        num_classes: int,
+        learner_slices: list[slice],
+        previous: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
         if len(learner_slices) != self.num_learners:
             raise ValueError(f"expected {self.num_learners} learner slices, got {len(learner_slices)}")
         if previous is not None:
             previous = np.asarray(previous, dtype=np.int64)
             if previous.shape != (self.num_learners, num_classes):
-                raise ValueError(f"previous must have shape ({self.num_learners}, {num_classes}), "
-                                 f"got {previous.shape}")
+                raise ValueError(f"previous must have shape ({self.num_learners}, {num_classes}), got {previous.shape}")
         emb = None if embeddings is None else _to_numpy(embeddings, np.float64)  # also a GPU tensor
         if self.needs_embeddings and emb is None:
             raise ValueError("class_proxy meta-classes need embeddings")
         rows = []
         for k, part in enumerate(learner_slices):
             own = None if emb is None else emb[:, part]
-            rows.append(self.base.assign(own, labels, num_classes,
-                                         previous=None if previous is None else previous[k],
-                                         seed=learner_seed(seed, k)))
+            rows.append(
+                self.base.assign(
+                    own,
+                    labels,
+                    num_classes,
+                    previous=None if previous is None else previous[k],
+                    seed=learner_seed(seed, k),
+                )
+            )
         return np.stack(rows).astype(np.int64)

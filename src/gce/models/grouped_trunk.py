@@ -70,8 +70,9 @@ def _keep_output_channels(layer: nn.Sequential, rows: slice) -> nn.Sequential:
     new_conv = nn.Conv2d(
         conv.in_channels, len(keep), kernel_size, stride, padding, dilation, bias=conv.bias is not None
     )
-    new_bn = nn.BatchNorm2d(len(keep), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                            track_running_stats=bn.track_running_stats)
+    new_bn = nn.BatchNorm2d(
+        len(keep), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats
+    )
     with torch.no_grad():
         _copy_rows(new_conv.weight, conv.weight, rows)
         _copy_rows(new_conv.bias, conv.bias, rows)  # both absent without a bias

@@ -32,6 +32,7 @@ __all__ = [
     "check_head_config",
 ]
 
+
 class GlobalPool(nn.Module):
     """Global pooling ``B x C x h x w -> B x C``: average, max, or their sum (``"avg+max"``).
 
@@ -237,6 +238,7 @@ def _grouped_block(kind: str, in_channels: int, out_channels: int, groups: int, 
     BN -> ReLU, two grouped layers. ``none``: no layer (pool the trunk channels of each group
     directly). ``final_relu=False`` leaves the last ReLU to the residual sum.
     """
+
     def conv_bn(cin: int, size: int) -> list[nn.Module]:
         conv = nn.Conv2d(cin, out_channels, size, padding=size // 2, groups=groups, bias=False)
         return [conv, nn.BatchNorm2d(out_channels)]

@@ -45,8 +45,9 @@ def normalize_learners(x: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
     return out
 
 
-def model_fingerprint(model: torch.nn.Module, preprocessing: dict[str, Any],
-                      model_config: dict[str, Any] | None = None) -> str:
+def model_fingerprint(
+    model: torch.nn.Module, preprocessing: dict[str, Any], model_config: dict[str, Any] | None = None
+) -> str:
     """sha256 of what decides the embeddings: architecture config, preprocessing and every weight.
 
     It names the *model*, not a file: ``model.pt`` and the training checkpoint it was exported
@@ -69,9 +70,17 @@ class Embedder:
     (:attr:`learner_slices`) has unit length, as the model was trained.
     """
 
-    def __init__(self, model: EmbeddingModel, *, image_size: int, resize_to: int | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 64, source: str | None = None,
-                 model_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        *,
+        image_size: int,
+        resize_to: int | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        source: str | None = None,
+        model_config: dict[str, Any] | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.image_size = int(image_size)
@@ -96,21 +105,41 @@ class Embedder:
         # pretrained=False: the weights come from the checkpoint (and the id stays what it was
         # when the model carried its build arguments itself)
         model_config = {**cfg.model.model_dump(), "pretrained": False}
-        return cls(model, image_size=cfg.data.image_size, resize_to=cfg.data.test_resize, device=device,
-                   batch_size=batch_size, source=str(path), model_config=model_config)
+        return cls(
+            model,
+            image_size=cfg.data.image_size,
+            resize_to=cfg.data.test_resize,
+            device=device,
+            batch_size=batch_size,
+            source=str(path),
+            model_config=model_config,
+        )
 
     # ------------------------------------------------------------------ description
     def preprocessing(self) -> dict[str, Any]:
         """What an image must go through before the model (for exports and other runtimes)."""
-        return {"resize_short_side": self.resize_to, "center_crop": self.image_size, "color": "RGB",
-                "scale": "pixels / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "layout": "NCHW float32", "alpha": "composited onto white"}
+        return {
+            "resize_short_side": self.resize_to,
+            "center_crop": self.image_size,
+            "color": "RGB",
+            "scale": "pixels / 255",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "layout": "NCHW float32",
+            "alpha": "composited onto white",
+        }
 
     def metadata(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "embedding_dim": self.embedding_dim, "num_learners": self.num_learners,
-                "learner_slices": slices_to_json(self.learner_slices), "image_size": self.image_size,
-                "preprocessing": self.preprocessing(), "model": dict(self.model_config),
-                "source": self.source}
+        return {
+            "model_id": self.model_id,
+            "embedding_dim": self.embedding_dim,
+            "num_learners": self.num_learners,
+            "learner_slices": slices_to_json(self.learner_slices),
+            "image_size": self.image_size,
+            "preprocessing": self.preprocessing(),
+            "model": dict(self.model_config),
+            "source": self.source,
+        }
 
     # ------------------------------------------------------------------ embedding
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
@@ -118,7 +147,9 @@ class Embedder:
         with torch.inference_mode():
             out = self.model(batch.to(self.device))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != self.embedding_dim:
-            raise GceError(f"the model returned {getattr(out, 'shape', type(out).__name__)}, expected (B, {self.embedding_dim})")
+            raise GceError(
+                f"the model returned {getattr(out, 'shape', type(out).__name__)}, expected (B, {self.embedding_dim})"
+            )
         return normalize_learners(out.float().cpu().numpy(), self.learner_slices)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -126,16 +157,20 @@ class Embedder:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.transform(to_rgb(im)) for im in images[start:start + self.batch_size]])
+            batch = torch.stack([self.transform(to_rgb(im)) for im in images[start : start + self.batch_size]])
             chunks.append(self.embed_tensors(batch))
         return np.concatenate(chunks)
 
     def embed_paths(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """Embed image files; an unreadable one raises :class:`~gce.errors.BadImageError` naming it."""
-        chunks = [self.embed_images([load_rgb(p) for p in paths[start:start + self.batch_size]])
-                  for start in range(0, len(paths), self.batch_size)]
+        chunks = [
+            self.embed_images([load_rgb(p) for p in paths[start : start + self.batch_size]])
+            for start in range(0, len(paths), self.batch_size)
+        ]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.embedding_dim), dtype=np.float32)
 
     def __repr__(self) -> str:
-        return (f"Embedder(K={self.num_learners}, D={self.embedding_dim}, {self.image_size} px,"
-                f" model_id={self.model_id[:12]}, source={Path(self.source).name if self.source else None})")
+        return (
+            f"Embedder(K={self.num_learners}, D={self.embedding_dim}, {self.image_size} px,"
+            f" model_id={self.model_id[:12]}, source={Path(self.source).name if self.source else None})"
+        )

@@ -31,19 +31,33 @@ EXTRA_FILE = "gce.json"
 
 
 def _metadata(embedder: Embedder, fmt: str) -> dict[str, Any]:
-    return {**embedder.metadata(), "format": fmt, "input": {"name": "images", "shape": ["batch", 3,
-            embedder.image_size, embedder.image_size], "dtype": "float32"},
-            "output": {"name": "embedding", "shape": ["batch", embedder.embedding_dim],
-                       "note": "each learner slice is L2-normalised"}}
+    return {
+        **embedder.metadata(),
+        "format": fmt,
+        "input": {
+            "name": "images",
+            "shape": ["batch", 3, embedder.image_size, embedder.image_size],
+            "dtype": "float32",
+        },
+        "output": {
+            "name": "embedding",
+            "shape": ["batch", embedder.embedding_dim],
+            "note": "each learner slice is L2-normalised",
+        },
+    }
 
 
-def export_model(embedder: Embedder, out: str | os.PathLike, fmt: str = "onnx", *, opset: int | None = None) -> dict[str, Any]:
+def export_model(
+    embedder: Embedder, out: str | os.PathLike, fmt: str = "onnx", *, opset: int | None = None
+) -> dict[str, Any]:
     """Write ``out`` (atomically) and ``out.json``; return the metadata."""
     if fmt not in FORMATS:
         raise GceError(f"unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir():
-        raise GceError(f"{out} is a folder; give the file to write, e.g. {out / ('model.' + ('onnx' if fmt == 'onnx' else 'ts'))}")
+        raise GceError(
+            f"{out} is a folder; give the file to write, e.g. {out / ('model.' + ('onnx' if fmt == 'onnx' else 'ts'))}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     model = embedder.model.to("cpu").eval()
     size = embedder.image_size
@@ -67,16 +81,26 @@ def export_model(embedder: Embedder, out: str | os.PathLike, fmt: str = "onnx", 
     return meta
 
 
-def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any], opset: int | None) -> None:
+def _export_onnx(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any], opset: int | None
+) -> None:
     require_extra("export")
     import onnx
+
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs: dict[str, Any] = {"opset_version": opset} if opset else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],
-                                    output_names=["embedding"], dynamic_shapes=({0: batch},),
-                                    verbose=False, **kwargs)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=["embedding"],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+            **kwargs,
+        )
     if program is None:
         raise GceError("torch.onnx.export returned nothing")
     program.save(str(path))

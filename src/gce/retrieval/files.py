@@ -30,8 +30,10 @@ def read_manifest(path: Path, what: str, expected_format: str) -> dict[str, Any]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path}: damaged manifest ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(values, dict) or values.get("format") != expected_format:
-        raise DatasetError(f"{path}: not a {what} manifest (format {values.get('format') if isinstance(values, dict) else None!r},"
-                           f" expected {expected_format!r})")
+        raise DatasetError(
+            f"{path}: not a {what} manifest (format {values.get('format') if isinstance(values, dict) else None!r},"
+            f" expected {expected_format!r})"
+        )
     return values
 
 

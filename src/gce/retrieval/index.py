@@ -88,16 +88,24 @@ class BuildReport:
     chosen: dict[str, Any]
 
     def format_table(self) -> str:
-        lines = [(f"{self.index_type} index: {self.size:,} vectors, built in {self.build_seconds:.1f} s,"
-                 f" {self.index_bytes / 2**20:.1f} MiB")]
+        lines = [
+            (
+                f"{self.index_type} index: {self.size:,} vectors, built in {self.build_seconds:.1f} s,"
+                f" {self.index_bytes / 2**20:.1f} MiB"
+            )
+        ]
         if self.rows:
-            lines.append(f"recall@{self.k} against exact search on {self.sample} gallery items as queries"
-                         f" (each one's own id left out); queries/s: one batch of them, fastest of 3:")
+            lines.append(
+                f"recall@{self.k} against exact search on {self.sample} gallery items as queries"
+                f" (each one's own id left out); queries/s: one batch of them, fastest of 3:"
+            )
             lines.append(f"  {'setting':<14} {'recall@' + str(self.k):>10} {'learner 0 only':>15} {'queries/s':>10}")
             for row in self.rows:
                 mark = "  <- default" if row["setting"] == self.chosen.get("setting") else ""
-                lines.append(f"  {row['setting']:<14} {row['recall']:>10.3f} {row['recall_learner0']:>15.3f}"
-                             f" {row['qps']:>10,.0f}{mark}")
+                lines.append(
+                    f"  {row['setting']:<14} {row['recall']:>10.3f} {row['recall_learner0']:>15.3f}"
+                    f" {row['qps']:>10,.0f}{mark}"
+                )
         return "\n".join(lines)
 
 
@@ -107,8 +115,9 @@ def stored_vectors(embeddings: np.ndarray, slices: Sequence[slice]) -> np.ndarra
     return normalize_learners(embeddings, slices) / np.float32(math.sqrt(len(slices)))
 
 
-def learner_weights(num_learners: int, learners: Sequence[int] | None = None,
-                    weights: Sequence[float] | None = None) -> np.ndarray:
+def learner_weights(
+    num_learners: int, learners: Sequence[int] | None = None, weights: Sequence[float] | None = None
+) -> np.ndarray:
     """Per-learner weights summing to 1 from a learner subset or explicit weights (one-line errors)."""
     if learners is not None and weights is not None:
         raise GceError("give learners or weights, not both")
@@ -132,8 +141,12 @@ def learner_weights(num_learners: int, learners: Sequence[int] | None = None,
     return w / w.sum()
 
 
-def query_vectors(queries: np.ndarray, slices: Sequence[slice], learners: Sequence[int] | None = None,
-                  weights: Sequence[float] | None = None) -> np.ndarray:
+def query_vectors(
+    queries: np.ndarray,
+    slices: Sequence[slice],
+    learners: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
+) -> np.ndarray:
     """Queries as the index searches them: learner-normalised, learner k scaled by ``w_k sqrt(K)``."""
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim == 1:
@@ -214,15 +227,16 @@ def _topk_without_self(index, queries: np.ndarray, own: np.ndarray, k: int) -> n
     return _drop_self(index.search(queries, k + 1)[1], own, k)
 
 
-def exact_topk(queries: np.ndarray, embeddings: np.ndarray, slices: Sequence[slice], k: int,
-               chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    queries: np.ndarray, embeddings: np.ndarray, slices: Sequence[slice], k: int, chunk: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of (already rescaled) queries against stored forms of ``embeddings``,
     a gallery chunk at a time (no second copy of a large gallery)."""
     faiss = _faiss()
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(embeddings), chunk):
-        part = stored_vectors(embeddings[start:start + chunk], slices)
+        part = stored_vectors(embeddings[start : start + chunk], slices)
         s, i = faiss.knn(np.ascontiguousarray(queries), part, min(k, len(part)), metric=faiss.METRIC_INNER_PRODUCT)
         best_s, best_i = np.hstack([best_s, s]), np.hstack([best_i, i + start])
         order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
@@ -230,8 +244,16 @@ def exact_topk(queries: np.ndarray, embeddings: np.ndarray, slices: Sequence[sli
     return best_s, best_i
 
 
-def measure_settings(index, index_type: str, embeddings: np.ndarray, slices: Sequence[slice], *,
-                     sample: int = 500, k: int = 10, seed: int = 0) -> tuple[list[dict[str, Any]], int]:
+def measure_settings(
+    index,
+    index_type: str,
+    embeddings: np.ndarray,
+    slices: Sequence[slice],
+    *,
+    sample: int = 500,
+    k: int = 10,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
     """Recall@k (full embedding and learner 0 alone) against exact search, and batch queries/s,
     for each search setting of an approximate index. Queries are sampled gallery items, each
     one's own id left out of both lists."""
@@ -252,9 +274,15 @@ def measure_settings(index, index_type: str, embeddings: np.ndarray, slices: Seq
             start = time.perf_counter()
             found = _topk_without_self(index, full_q, own, k)
             seconds = min(seconds, time.perf_counter() - start)
-        rows.append({"setting": name, **params, "recall": _recall(found, truth_full),
-                     "recall_learner0": _recall(_topk_without_self(index, one_q, own, k), truth_one),
-                     "qps": len(own) / max(seconds, 1e-9)})
+        rows.append(
+            {
+                "setting": name,
+                **params,
+                "recall": _recall(found, truth_full),
+                "recall_learner0": _recall(_topk_without_self(index, one_q, own, k), truth_one),
+                "qps": len(own) / max(seconds, 1e-9),
+            }
+        )
     return rows, len(own)
 
 
@@ -266,8 +294,15 @@ def _choose(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
     return max(good, key=lambda r: r["qps"]) if good else max(rows, key=lambda r: (r["recall"], r["qps"]))
 
 
-def build_faiss(embeddings: np.ndarray, index_type: str, slices: Sequence[slice], params: dict[str, Any] | None = None,
-                *, seed: int = 0, progress: bool = False):
+def build_faiss(
+    embeddings: np.ndarray,
+    index_type: str,
+    slices: Sequence[slice],
+    params: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+):
     """A faiss index of the stored forms of learner-normalised ``embeddings``, converted a chunk at
     a time. IVF types train k-means on at most 64 points per cell (PQ: at least 256 x 39)."""
     faiss = _faiss()
@@ -284,9 +319,10 @@ def build_faiss(embeddings: np.ndarray, index_type: str, slices: Sequence[slice]
     step = 100_000
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, n, step), desc=f"adding to {index_type}", disable=not progress or n <= step,
-                      leave=False, unit="chunk"):
-        index.add(stored_vectors(embeddings[start:start + step], slices))
+    for start in tqdm(
+        range(0, n, step), desc=f"adding to {index_type}", disable=not progress or n <= step, leave=False, unit="chunk"
+    ):
+        index.add(stored_vectors(embeddings[start : start + step], slices))
     return index, used
 
 
@@ -314,21 +350,35 @@ def _write_generation(folder: Path, index, items: ItemTable, manifest: dict[str,
         tmp_index.unlink(missing_ok=True)
         tmp_items.unlink(missing_ok=True)
         raise GceError(f"cannot write the index to {folder}: {exc}; the previous index is kept") from None
-    files = {key: {"name": name, "sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
-             for key, name in names.items()}
-    write_json_atomic(folder / MANIFEST, {**manifest, "format": FORMAT, "generation": gen, "files": files,
-                                          "size": int(index.ntotal)})
+    files = {
+        key: {"name": name, "sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+        for key, name in names.items()
+    }
+    write_json_atomic(
+        folder / MANIFEST, {**manifest, "format": FORMAT, "generation": gen, "files": files, "size": int(index.ntotal)}
+    )
     keep = set(names.values()) | {MANIFEST}
     for path in folder.iterdir():  # older generations and temporaries of killed writers
         if path.name not in keep and (path.name.startswith(("index.", "items.", ".index.", ".items.", f".{MANIFEST}"))):
             path.unlink(missing_ok=True)
 
 
-def build_index(embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[str | None] | None,
-                out_dir: str | os.PathLike, model: dict[str, Any], *, index_type: str = "flat",
-                params: dict[str, Any] | None = None, overwrite: bool = False, sample: int = 500,
-                target_recall: float = TARGET_RECALL, seed: int = 0, progress: bool = False,
-                sources: list[dict[str, Any]] | None = None) -> tuple[SearchIndex, BuildReport]:
+def build_index(
+    embeddings: np.ndarray,
+    paths: Sequence[str],
+    labels: Sequence[str | None] | None,
+    out_dir: str | os.PathLike,
+    model: dict[str, Any],
+    *,
+    index_type: str = "flat",
+    params: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    sample: int = 500,
+    target_recall: float = TARGET_RECALL,
+    seed: int = 0,
+    progress: bool = False,
+    sources: list[dict[str, Any]] | None = None,
+) -> tuple[SearchIndex, BuildReport]:
     """Build an index folder from learner-normalised ``embeddings`` (N x D) and their paths/labels.
 
     ``model`` holds ``model_id``, ``embedding_dim``, ``num_learners`` and ``learner_slices`` (as
@@ -362,16 +412,28 @@ def build_index(embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[s
     apply_search_params(index, search_params)
     items = ItemTable()
     items.extend(paths, labels)
-    manifest = {"index_type": index_type, "params": used, "search_params": search_params,
-                "model": {key: model[key] for key in ("model_id", "embedding_dim", "num_learners", "learner_slices")},
-                "sources": list(sources or []), "generation": -1}
+    manifest = {
+        "index_type": index_type,
+        "params": used,
+        "search_params": search_params,
+        "model": {key: model[key] for key in ("model_id", "embedding_dim", "num_learners", "learner_slices")},
+        "sources": list(sources or []),
+        "generation": -1,
+    }
     if overwrite and (out / MANIFEST).exists():
         with contextlib.suppress(DatasetError):
             manifest["generation"] = int(read_manifest(out / MANIFEST, "gce index", FORMAT).get("generation", -1))
     _write_generation(out, index, items, manifest)
-    report = BuildReport(index_type, int(index.ntotal), build_seconds,
-                         int((out / _current_files(out)["index"]).stat().st_size), n_sample, 10, rows,
-                         {key: chosen[key] for key in ("setting",) if key in chosen})
+    report = BuildReport(
+        index_type,
+        int(index.ntotal),
+        build_seconds,
+        int((out / _current_files(out)["index"]).stat().st_size),
+        n_sample,
+        10,
+        rows,
+        {key: chosen[key] for key in ("setting",) if key in chosen},
+    )
     loaded = SearchIndex(index, items, read_manifest(out / MANIFEST, "gce index", FORMAT), out)
     write_json_atomic(out / "build_report.json", asdict(report))
     return loaded, report
@@ -426,12 +488,16 @@ class SearchIndex:
         try:
             index = faiss.read_index(str(files["index"]))
         except RuntimeError as exc:
-            raise DatasetError(f"{files['index']}: cannot be read by faiss ({str(exc).splitlines()[0][:200]})") from None
+            raise DatasetError(
+                f"{files['index']}: cannot be read by faiss ({str(exc).splitlines()[0][:200]})"
+            ) from None
         items = ItemTable.load(files["items"])
         size, dim = int(manifest["size"]), int(manifest["model"]["embedding_dim"])
         if index.ntotal != size or len(items) != size or index.d != dim:
-            raise DatasetError(f"{folder}: inconsistent index (manifest: {size} x {dim}, faiss: {index.ntotal} x"
-                               f" {index.d}, item table: {len(items)})")
+            raise DatasetError(
+                f"{folder}: inconsistent index (manifest: {size} x {dim}, faiss: {index.ntotal} x"
+                f" {index.d}, item table: {len(items)})"
+            )
         loaded = cls(index, items, manifest, folder)
         apply_search_params(index, loaded.search_params)
         return loaded
@@ -456,8 +522,10 @@ class SearchIndex:
     def check_model(self, model_id: str, what: str = "the model") -> None:
         """Refuse queries embedded by another model than the one the index was built with."""
         if model_id != self.model_id:
-            raise GceError(f"{self.path}: the index was built with model {self.model_id[:12]}, but {what} is"
-                           f" model {model_id[:12]}; embed the catalogue with this model or use its index")
+            raise GceError(
+                f"{self.path}: the index was built with model {self.model_id[:12]}, but {what} is"
+                f" model {model_id[:12]}; embed the catalogue with this model or use its index"
+            )
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Override the build-time default (more cells probed / a wider graph search: slower, more recall)."""
@@ -470,8 +538,9 @@ class SearchIndex:
         self.search_params.update({k: v for k, v in params.items() if v is not None})
 
     # ---------------------------------------------------------------- search
-    def search_arrays(self, queries: np.ndarray, k: int, learners: Sequence[int] | None = None,
-                      weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_arrays(
+        self, queries: np.ndarray, k: int, learners: Sequence[int] | None = None, weights: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)``, each ``(n, k)``; ids of -1 (score -inf) where fewer than k items exist.
 
         Scores are the weighted mean of the learners' cosine similarities (the plain cosine of the
@@ -484,13 +553,20 @@ class SearchIndex:
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids.astype(np.int64)
 
-    def search(self, queries: np.ndarray, k: int = 10, learners: Sequence[int] | None = None,
-               weights: Sequence[float] | None = None) -> list[list[SearchHit]]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        learners: Sequence[int] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> list[list[SearchHit]]:
         """The top-``k`` hits of each query (``N x D`` learner-normalised embeddings), best first."""
         scores, ids = self.search_arrays(queries, k, learners, weights)
         paths, labels = self._items.paths, self._items.labels
-        return [[SearchHit(int(i), float(s), paths[i], labels[i]) for s, i in zip(srow, irow, strict=True) if i >= 0]
-                for srow, irow in zip(scores, ids, strict=True)]
+        return [
+            [SearchHit(int(i), float(s), paths[i], labels[i]) for s, i in zip(srow, irow, strict=True) if i >= 0]
+            for srow, irow in zip(scores, ids, strict=True)
+        ]
 
     def item(self, id: int) -> SearchHit:
         i = int(id)
@@ -513,8 +589,15 @@ class SearchIndex:
         return normalize_learners(vector[None, :], self.learner_slices)[0]
 
     # ---------------------------------------------------------------- growing
-    def add(self, embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[str | None] | None = None,
-            *, model_id: str, source: dict[str, Any] | None = None) -> range:
+    def add(
+        self,
+        embeddings: np.ndarray,
+        paths: Sequence[str],
+        labels: Sequence[str | None] | None = None,
+        *,
+        model_id: str,
+        source: dict[str, Any] | None = None,
+    ) -> range:
         """Append items (same model, same dimension) and rewrite the folder atomically; returns their ids."""
         self.check_model(model_id, "the new embeddings'")
         x = np.asarray(embeddings)
@@ -528,7 +611,7 @@ class SearchIndex:
         # Work on a copy so that a failed write leaves this object as it was on disk.
         index = faiss.clone_index(self._index)
         for start in range(0, len(x), 100_000):
-            index.add(stored_vectors(x[start:start + 100_000], self.learner_slices))
+            index.add(stored_vectors(x[start : start + 100_000], self.learner_slices))
         items = ItemTable(list(self._items.paths), list(self._items.labels))
         items.extend(paths, labels)
         manifest = {key: value for key, value in self.manifest.items() if key not in ("files", "size")}

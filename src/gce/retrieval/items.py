@@ -22,7 +22,7 @@ def _pack(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
     raw = blob.tobytes()
-    return [raw[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+    return [raw[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
 @dataclass
@@ -53,8 +53,14 @@ class ItemTable:
         name_blob, name_offsets = _pack(names)
         codes = np.array([-1 if label is None else code[label] for label in self.labels], dtype=np.int64)
         buffer = io.BytesIO()
-        np.savez(buffer, path_blob=path_blob, path_offsets=path_offsets, name_blob=name_blob,
-                 name_offsets=name_offsets, label_codes=codes)
+        np.savez(
+            buffer,
+            path_blob=path_blob,
+            path_offsets=path_offsets,
+            name_blob=name_blob,
+            name_offsets=name_offsets,
+            label_codes=codes,
+        )
         return buffer.getvalue()
 
     @classmethod

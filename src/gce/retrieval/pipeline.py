@@ -24,10 +24,16 @@ def records_to_items(images: ImageRecords | Sequence[str | os.PathLike]) -> tupl
     return paths, [None] * len(paths)
 
 
-def build_index_from_images(checkpoint: str | os.PathLike | Embedder,
-                            images: ImageRecords | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                            index_type: str = "flat", *, device: str = "cpu", overwrite: bool = False,
-                            **kwargs: Any) -> tuple[SearchIndex, BuildReport]:
+def build_index_from_images(
+    checkpoint: str | os.PathLike | Embedder,
+    images: ImageRecords | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    index_type: str = "flat",
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> tuple[SearchIndex, BuildReport]:
     """Embed images in memory and build an index of them (small catalogues, tests, notebooks).
 
     Large catalogues go through ``gce embed`` (sharded, resumable) and :func:`build_index_from_store`.
@@ -37,17 +43,35 @@ def build_index_from_images(checkpoint: str | os.PathLike | Embedder,
     if not paths:
         raise GceError("no images to index")
     embeddings = embedder.embed_paths(paths)
-    return build_index(embeddings, paths, labels, out_dir, embedder.metadata(), index_type=index_type,
-                       overwrite=overwrite, sources=[{"images": len(paths), "checkpoint": embedder.source}], **kwargs)
+    return build_index(
+        embeddings,
+        paths,
+        labels,
+        out_dir,
+        embedder.metadata(),
+        index_type=index_type,
+        overwrite=overwrite,
+        sources=[{"images": len(paths), "checkpoint": embedder.source}],
+        **kwargs,
+    )
 
 
-def build_index_from_store(store: str | os.PathLike, out_dir: str | os.PathLike, index_type: str = "flat",
-                           **kwargs: Any) -> tuple[SearchIndex, BuildReport]:
+def build_index_from_store(
+    store: str | os.PathLike, out_dir: str | os.PathLike, index_type: str = "flat", **kwargs: Any
+) -> tuple[SearchIndex, BuildReport]:
     data = read_store(store)
     if len(data.embeddings) == 0:
         raise GceError(f"{store}: holds no embeddings (every image was skipped)")
-    return build_index(data.embeddings, data.paths, data.labels, out_dir, data.model, index_type=index_type,
-                       sources=[{"embeddings": str(Path(store).resolve()), "count": len(data.embeddings)}], **kwargs)
+    return build_index(
+        data.embeddings,
+        data.paths,
+        data.labels,
+        out_dir,
+        data.model,
+        index_type=index_type,
+        sources=[{"embeddings": str(Path(store).resolve()), "count": len(data.embeddings)}],
+        **kwargs,
+    )
 
 
 def add_store_to_index(index_dir: str | os.PathLike, store: str | os.PathLike) -> tuple[SearchIndex, range]:
@@ -57,6 +81,11 @@ def add_store_to_index(index_dir: str | os.PathLike, store: str | os.PathLike) -
     if dim != index.dim:
         raise GceError(f"{store}: embeddings of dimension {dim}, the index {index_dir} holds {index.dim}")
     index.check_model(data.model["model_id"], f"the embeddings in {store} come from")
-    ids = index.add(data.embeddings, data.paths, data.labels, model_id=data.model["model_id"],
-                    source={"embeddings": str(Path(store).resolve()), "count": len(data.embeddings)})
+    ids = index.add(
+        data.embeddings,
+        data.paths,
+        data.labels,
+        model_id=data.model["model_id"],
+        source={"embeddings": str(Path(store).resolve()), "count": len(data.embeddings)},
+    )
     return index, ids

@@ -93,9 +93,21 @@ def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.npz"
 
 
-def embed_to_store(embedder, paths: Sequence[str], labels: Sequence[str | None] | None, out_dir: str | os.PathLike,
-                   *, dtype: str = "float32", shard_size: int = 4096, skip_bad: bool = False, batch_size: int = 64,
-                   workers: int = 0, progress: bool = True, source: str = "", overwrite: bool = False) -> StoreInfo:
+def embed_to_store(
+    embedder,
+    paths: Sequence[str],
+    labels: Sequence[str | None] | None,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    shard_size: int = 4096,
+    skip_bad: bool = False,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = True,
+    source: str = "",
+    overwrite: bool = False,
+) -> StoreInfo:
     """Embed ``paths`` into ``out_dir`` shard by shard, resuming a previous run of the same job.
 
     A store of another model, input list, dtype or shard size is refused (``overwrite`` starts over).
@@ -114,15 +126,27 @@ def embed_to_store(embedder, paths: Sequence[str], labels: Sequence[str | None] 
     if out.exists() and not out.is_dir():
         raise GceError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    job = {"model": embedder.metadata(), "items_total": len(paths), "items_sha256": _items_digest(paths, labels),
-           "dtype": dtype, "shard_size": int(shard_size), "labels_known": any(label is not None for label in labels)}
+    job = {
+        "model": embedder.metadata(),
+        "items_total": len(paths),
+        "items_sha256": _items_digest(paths, labels),
+        "dtype": dtype,
+        "shard_size": int(shard_size),
+        "labels_known": any(label is not None for label in labels),
+    }
     manifest = _resume_or_start(out, job, overwrite)
     done = sum(s["stop"] - s["start"] for s in manifest["shards"])
     resumed_from = done
     skipped = sum(s["skipped"] for s in manifest["shards"])
     bad: list[tuple[str, str]] = [tuple(b) for s in manifest["shards"] for b in s.get("bad", [])]
-    bar = tqdm(total=len(paths), initial=done, desc=f"embedding into {out.name}", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(paths),
+        initial=done,
+        desc=f"embedding into {out.name}",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         while done < len(paths):
             number = len(manifest["shards"])
@@ -131,15 +155,28 @@ def embed_to_store(embedder, paths: Sequence[str], labels: Sequence[str | None] 
             keep_paths = [paths[i] for i in ids]
             keep_labels = ["" if labels[i] is None else str(labels[i]) for i in ids]
             buffer = io.BytesIO()
-            np.savez(buffer, ids=ids, embeddings=emb.astype(dtype), paths=np.array(keep_paths, dtype=str),
-                     labels=np.array(keep_labels, dtype=str))
+            np.savez(
+                buffer,
+                ids=ids,
+                embeddings=emb.astype(dtype),
+                paths=np.array(keep_paths, dtype=str),
+                labels=np.array(keep_labels, dtype=str),
+            )
             final = out / _shard_name(number)
             tmp = out / f".{final.name}.tmp-{os.getpid()}"
             tmp.write_bytes(buffer.getvalue())
             commit_file(tmp, final)
-            manifest["shards"].append({"file": final.name, "start": start, "stop": stop, "count": len(ids),
-                                       "skipped": len(shard_bad), "bad": shard_bad,
-                                       "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
+            manifest["shards"].append(
+                {
+                    "file": final.name,
+                    "start": start,
+                    "stop": stop,
+                    "count": len(ids),
+                    "skipped": len(shard_bad),
+                    "bad": shard_bad,
+                    "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+                }
+            )
             done = stop
             skipped += len(shard_bad)
             bad += shard_bad
@@ -158,13 +195,19 @@ def _resume_or_start(out: Path, job: dict[str, Any], overwrite: bool) -> dict[st
     path = out / MANIFEST
     if path.exists() and not overwrite:
         old = read_manifest(path, "gce embedding store", FORMAT)
-        for key, what in (("model", "model"), ("items_sha256", "list of images"), ("dtype", "dtype"),
-                          ("shard_size", "shard size")):
+        for key, what in (
+            ("model", "model"),
+            ("items_sha256", "list of images"),
+            ("dtype", "dtype"),
+            ("shard_size", "shard size"),
+        ):
             mine = job[key]["model_id"] if key == "model" else job[key]
             theirs = old.get(key, {}).get("model_id") if key == "model" else old.get(key)
             if mine != theirs:
-                raise GceError(f"{out} holds embeddings of another {what} ({str(theirs)[:12]} there,"
-                               f" {str(mine)[:12]} now); use another --out, or --overwrite to start over")
+                raise GceError(
+                    f"{out} holds embeddings of another {what} ({str(theirs)[:12]} there,"
+                    f" {str(mine)[:12]} now); use another --out, or --overwrite to start over"
+                )
         for shard in old["shards"]:  # a resumed run trusts only complete, intact shards
             check_checksum(out / shard["file"], shard["sha256"])
         listed = {s["file"] for s in old["shards"]}
@@ -214,8 +257,10 @@ def read_store(path: str | os.PathLike, *, require_complete: bool = True) -> Emb
         raise DatasetError(f"{folder / MANIFEST}: damaged manifest (missing or bad {exc})") from None
     if require_complete and not manifest.get("complete"):
         done = sum(s["stop"] - s["start"] for s in shards)
-        raise DatasetError(f"{folder}: incomplete ({done} of {manifest['items_total']} images embedded);"
-                           f" rerun the same gce embed command to finish it")
+        raise DatasetError(
+            f"{folder}: incomplete ({done} of {manifest['items_total']} images embedded);"
+            f" rerun the same gce embed command to finish it"
+        )
     embs, ids, paths, labels = [], [], [], []
     for shard in shards:
         file = folder / shard["file"]
@@ -232,5 +277,6 @@ def read_store(path: str | os.PathLike, *, require_complete: bool = True) -> Emb
         paths += p.tolist()
         labels += [label if labels_known else None for label in lab.tolist()]
     embeddings = np.concatenate(embs) if embs else np.zeros((0, dim), dtype=np.float32)
-    return EmbeddingSet(embeddings, np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), paths, labels,
-                        model, folder)
+    return EmbeddingSet(
+        embeddings, np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), paths, labels, model, folder
+    )

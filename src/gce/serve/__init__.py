@@ -12,7 +12,9 @@ from gce.serve.settings import ServeSettings
 __all__ = ["RequestError", "SearchService", "ServeSettings", "create_app", "load_service"]
 
 
-def load_service(index_dir: str | Path, checkpoint: str | Path | None, settings: ServeSettings | None = None) -> SearchService:
+def load_service(
+    index_dir: str | Path, checkpoint: str | Path | None, settings: ServeSettings | None = None
+) -> SearchService:
     """Load the index and the model that built it (``checkpoint=None``: search by item id only)."""
     from gce.retrieval import Embedder, SearchIndex
 

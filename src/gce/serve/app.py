@@ -37,6 +37,7 @@ STATIC_DIR = resources.files("gce.serve") / "static"
 
 # -- response models (they make the OpenAPI docs at /docs precise) ---------------------------------
 
+
 class ErrorResponse(BaseModel):
     error: str
 
@@ -86,13 +87,18 @@ class InfoResponse(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in ((400, "undecodable image or malformed request"), (404, "unknown item id"),
-                       (413, "upload or image over the limits"), (415, "not a form or not an image"),
-                       (422, "bad k, learners or weights"))
+    for code, text in (
+        (400, "undecodable image or malformed request"),
+        (404, "unknown item id"),
+        (413, "upload or image over the limits"),
+        (415, "not a form or not an image"),
+        (422, "bad k, learners or weights"),
+    )
 }
 
 
 # -- the body-size guard ---------------------------------------------------------------------------
+
 
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` with a 413 before any of it reaches a parser.
@@ -139,18 +145,30 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send, size: int) -> None:
-        body = json.dumps({"error": f"request body of {size}+ bytes is over the limit of {self.max_bytes} "
-                                    f"bytes"}, separators=(",", ":")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            {"error": f"request body of {size}+ bytes is over the limit of {self.max_bytes} bytes"},
+            separators=(",", ":"),
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 # -- the app ---------------------------------------------------------------------------------------
 
+
 def create_app(service: SearchService) -> FastAPI:
     settings = service.settings
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -161,7 +179,7 @@ def create_app(service: SearchService) -> FastAPI:
         title="gce search",
         version=__version__,
         description="Image search with a GCE embedding model: upload an image (or name an indexed item) "
-                    "and get its nearest neighbours, optionally with a subset of the ensemble's learners.",
+        "and get its nearest neighbours, optionally with a subset of the ensemble's learners.",
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     _add_error_handlers(app)
@@ -185,8 +203,11 @@ def create_app(service: SearchService) -> FastAPI:
     ) -> dict[str, Any]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in FORM_TYPES:
-            raise RequestError(415, f"send the query as multipart/form-data (field 'image' or 'id'), "
-                                    f"not {kind or 'a body without content type'}")
+            raise RequestError(
+                415,
+                f"send the query as multipart/form-data (field 'image' or 'id'), "
+                f"not {kind or 'a body without content type'}",
+            )
         subset = service.parse_learners(learners)
         weight_list = service.parse_weights(weights)
         if (image is None) == (id is None):
@@ -198,11 +219,16 @@ def create_app(service: SearchService) -> FastAPI:
         data = image.file.read(settings.max_upload_bytes + 1)  # in memory already: bounded by BodyLimit
         return service.search_upload(data, k, subset, weight_list)
 
-    @app.get("/items/{item_id}/thumbnail", response_class=Response, summary="thumbnail of an indexed item",
-             responses={200: {"content": {"image/png": {}}}, 404: ERRORS[404]})
+    @app.get(
+        "/items/{item_id}/thumbnail",
+        response_class=Response,
+        summary="thumbnail of an indexed item",
+        responses={200: {"content": {"image/png": {}}}, 404: ERRORS[404]},
+    )
     def thumbnail(item_id: int) -> Response:
-        return Response(service.thumbnail(item_id), media_type="image/png",
-                        headers={"Cache-Control": "public, max-age=3600"})
+        return Response(
+            service.thumbnail(item_id), media_type="image/png", headers={"Cache-Control": "public, max-age=3600"}
+        )
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -222,8 +248,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         text = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and text == "Not Found":
             text = f"not found: {request.url.path}"
-        return JSONResponse({"error": " ".join(text.split())}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"error": " ".join(text.split())}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

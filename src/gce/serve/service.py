@@ -37,8 +37,13 @@ class SearchService:
     at most ``settings.max_parallel_decodes`` uploads are decoded at once, which bounds memory.
     """
 
-    def __init__(self, index: Any, embedder: Any | None, settings: ServeSettings | None = None,
-                 index_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        index: Any,
+        embedder: Any | None,
+        settings: ServeSettings | None = None,
+        index_dir: str | Path | None = None,
+    ) -> None:
         self.index = index
         self.embedder = embedder
         self.settings = settings or ServeSettings()
@@ -97,8 +102,9 @@ class SearchService:
         try:
             learners = [int(part) for part in text.split(",")]
         except ValueError:
-            raise RequestError(422, f"learners must be comma-separated learner numbers 0..{count - 1}, "
-                                    f"got {text!r}") from None
+            raise RequestError(
+                422, f"learners must be comma-separated learner numbers 0..{count - 1}, got {text!r}"
+            ) from None
         bad = [n for n in learners if not 0 <= n < count]
         if bad:
             raise RequestError(422, f"learners: {bad[0]} is not a learner of this model (0..{count - 1})")
@@ -131,15 +137,15 @@ class SearchService:
 
     # -- searching ---------------------------------------------------------------------------------
 
-    def search_upload(self, data: bytes, k: int | None, learners: list[int] | None,
-                      weights: list[float] | None) -> dict[str, Any]:
+    def search_upload(
+        self, data: bytes, k: int | None, learners: list[int] | None, weights: list[float] | None
+    ) -> dict[str, Any]:
         if self.embedder is None or self._embed is None:  # (both are set, or neither)
             raise RequestError(409, "this service was started without a checkpoint: search by item id only")
         k = self.check_k(k)
         started = time.perf_counter()
         with self._decode_slots:  # the decoded image is the big thing: at most this many at once
-            image = decode_upload(data, max_bytes=self.settings.max_upload_bytes,
-                                  max_pixels=self.settings.max_pixels)
+            image = decode_upload(data, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_pixels)
             try:
                 tensor = self.embedder.transform(image)  # the model's preprocessing: a small tensor
             finally:
@@ -148,20 +154,23 @@ class SearchService:
         hits = self._find(query, k, learners, weights)
         return self._response({"type": "upload"}, k, learners, weights, hits, started)
 
-    def search_item(self, item: int, k: int | None, learners: list[int] | None,
-                    weights: list[float] | None) -> dict[str, Any]:
+    def search_item(
+        self, item: int, k: int | None, learners: list[int] | None, weights: list[float] | None
+    ) -> dict[str, Any]:
         item = self.item_id(item)
         k = self.check_k(k, exclude_self=True)
         started = time.perf_counter()
         with self._index_lock:
             query = np.asarray(self.index.embedding(item), dtype=np.float32).reshape(-1)
         hits = [hit for hit in self._find(query, k + 1, learners, weights) if hit.id != item][:k]
-        return self._response({"type": "item", "id": item, "thumbnail": thumbnail_url(item)},
-                              k, learners, weights, hits, started)
+        return self._response(
+            {"type": "item", "id": item, "thumbnail": thumbnail_url(item)}, k, learners, weights, hits, started
+        )
 
     def _find(self, query: np.ndarray, k: int, learners, weights) -> list:
-        job = _SearchJob(query, k, tuple(learners) if learners is not None else None,
-                         tuple(weights) if weights is not None else None)
+        job = _SearchJob(
+            query, k, tuple(learners) if learners is not None else None, tuple(weights) if weights is not None else None
+        )
         try:
             return self._search(job)
         except GceError as exc:  # e.g. a learner/weight combination the index refuses
@@ -188,10 +197,14 @@ class SearchService:
             k = max(jobs[n].k for n in members)
             queries = np.stack([jobs[n].query for n in members])
             with self._index_lock:
-                hits = self.index.search(queries, k, learners=list(learners) if learners is not None else None,
-                                         weights=list(weights) if weights is not None else None)
+                hits = self.index.search(
+                    queries,
+                    k,
+                    learners=list(learners) if learners is not None else None,
+                    weights=list(weights) if weights is not None else None,
+                )
             for n, found in zip(members, hits, strict=True):
-                results[n] = found[:jobs[n].k]
+                results[n] = found[: jobs[n].k]
         return results
 
     def close(self) -> None:
@@ -207,8 +220,13 @@ class SearchService:
             "learners": learners if learners is not None else list(range(int(self.index.num_learners))),
             "weights": weights,
             "results": [
-                {"rank": rank, "id": int(hit.id), "score": float(hit.score), "label": hit.label,
-                 "thumbnail": thumbnail_url(int(hit.id))}
+                {
+                    "rank": rank,
+                    "id": int(hit.id),
+                    "score": float(hit.score),
+                    "label": hit.label,
+                    "thumbnail": thumbnail_url(int(hit.id)),
+                }
                 for rank, hit in enumerate(hits, start=1)
             ],
             "took_ms": round((time.perf_counter() - started) * 1000.0, 3),

@@ -29,8 +29,9 @@ def check_content_type(content_type: str | None) -> None:
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind.startswith("image/") or kind in GENERIC_CONTENT_TYPES:
         return
-    raise RequestError(415, f"unsupported content type {kind!r} for the image: send an image "
-                            f"({', '.join(ACCEPTED_FORMATS)})")
+    raise RequestError(
+        415, f"unsupported content type {kind!r} for the image: send an image ({', '.join(ACCEPTED_FORMATS)})"
+    )
 
 
 def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -46,8 +47,10 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Imag
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise RequestError(413, f"image of {width}x{height} = {width * height} pixels is over the "
-                                            f"limit of {max_pixels} pixels")
+                    raise RequestError(
+                        413,
+                        f"image of {width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels",
+                    )
                 problem = dimension_problem(width, height)  # the training data's rule (aspect ratio)
                 if problem is not None:
                     raise RequestError(400, f"image: {problem}")

@@ -68,8 +68,9 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     except OSError as exc:  # disk full, quota, folder gone: the old checkpoints are untouched
         tmp.unlink(missing_ok=True)
         sha_tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write a checkpoint to {folder}: {exc.strerror or exc};"
-                              f" the previous checkpoint is kept") from None
+        raise CheckpointError(
+            f"cannot write a checkpoint to {folder}: {exc.strerror or exc}; the previous checkpoint is kept"
+        ) from None
     if last.exists():
         try:
             verify_checksum(last)
@@ -180,18 +181,36 @@ _EXPECTED: dict[str, tuple[Any, str]] = {
     "config": (lambda v: isinstance(v, dict), "a mapping of config sections"),
     "epoch": (_is_count, "a non-negative integer"),
     "batch": (_is_count, "a non-negative integer"),
-    "partial": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool)
-                                                     for k in ("loss_sum", "steps", "triplets")),
-                "a mapping with loss_sum, steps and triplets"),
+    "partial": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(
+                isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool)
+                for k in ("loss_sum", "steps", "triplets")
+            )
+        ),
+        "a mapping with loss_sum, steps and triplets",
+    ),
     "best_val": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "model": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
-              "a mapping of parameter names to tensors"),
+    "model": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+        "a mapping of parameter names to tensors",
+    ),
     "optimizer": (lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v, "an optimiser state"),
     "scheduler": (lambda v: isinstance(v, dict), "a scheduler state"),
-    "assignment": (lambda v: v is None or (isinstance(v, torch.Tensor) and v.dtype == torch.int64 and v.dim() in (1, 2)),
-                   "none or an integer tensor"),
-    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor) and v["torch"].dtype == torch.uint8
-            and isinstance(v.get("python"), tuple), "torch and python RNG states"),
+    "assignment": (
+        lambda v: v is None or (isinstance(v, torch.Tensor) and v.dtype == torch.int64 and v.dim() in (1, 2)),
+        "none or an integer tensor",
+    ),
+    "rng": (
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("torch"), torch.Tensor)
+            and v["torch"].dtype == torch.uint8
+            and isinstance(v.get("python"), tuple)
+        ),
+        "torch and python RNG states",
+    ),
 }
 
 
@@ -207,8 +226,9 @@ def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | os.Pa
     for key in keys:
         check, words = _EXPECTED.get(key, (lambda v: True, ""))
         if not check(state[key]):
-            raise CheckpointError(f"{path}: not a gce checkpoint ('{key}' should be {words},"
-                                  f" found {type(state[key]).__name__})")
+            raise CheckpointError(
+                f"{path}: not a gce checkpoint ('{key}' should be {words}, found {type(state[key]).__name__})"
+            )
 
 
 #: Keys outside the model/data/training sections that still change what a run means: a resume
@@ -270,5 +290,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), cfg

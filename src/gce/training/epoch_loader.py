@@ -43,10 +43,15 @@ class EpochLoader:
 
     def __init__(self, dataset: Dataset, workers: int, pin_memory: bool, seed: int) -> None:
         self.batches = PlannedBatches()
-        self.loader = DataLoader(dataset, batch_sampler=self.batches, num_workers=workers,
-                                 persistent_workers=workers > 0, pin_memory=pin_memory,
-                                 generator=torch.Generator().manual_seed(seed),
-                                 worker_init_fn=loader_worker_ignores_sigterm if workers > 0 else None)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.batches,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=loader_worker_ignores_sigterm if workers > 0 else None,
+        )
 
     def loader_for(self, batches: Sequence[list[Any]]) -> DataLoader:
         self.batches.batches = list(batches)

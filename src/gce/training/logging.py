@@ -33,8 +33,11 @@ class MetricsLogger:
 
                 self._writer = SummaryWriter(log_dir=str(self._tensorboard_dir))
             except ImportError:  # the 'tensorboard' extra is optional: metrics.jsonl has every record
-                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only"
-                              " (pip install 'gce-dml[tensorboard]' for TensorBoard event files)", stacklevel=2)
+                warnings.warn(
+                    "tensorboard is not installed: metrics go to metrics.jsonl only"
+                    " (pip install 'gce-dml[tensorboard]' for TensorBoard event files)",
+                    stacklevel=2,
+                )
                 self._tensorboard_dir = None
         return self._writer
 
@@ -43,9 +46,14 @@ class MetricsLogger:
         of epoch ``epoch`` whose event is in ``keep_at_epoch`` (written before a mid-epoch checkpoint)."""
         if not self.path.exists():
             return
-        self._rewrite([line for line in self.path.read_text().splitlines()
-                       if line.strip() and (_epoch_of(line) < epoch
-                                            or (_epoch_of(line) == epoch and _event_of(line) in keep_at_epoch))])
+        self._rewrite(
+            [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip()
+                and (_epoch_of(line) < epoch or (_epoch_of(line) == epoch and _event_of(line) in keep_at_epoch))
+            ]
+        )
 
     def clear(self) -> None:
         """Drop every record (a fresh run in a folder left by one killed before its first checkpoint)."""

@@ -103,13 +103,17 @@ def check_sampler_feasible(cfg: ExperimentConfig, train: ImageRecords) -> None:
             f" the training split has {classes}"
         )
     if s.classes_per_batch > classes:
-        raise ConfigError(f"sampler.classes_per_batch={s.classes_per_batch} is larger than the {classes} training classes")
+        raise ConfigError(
+            f"sampler.classes_per_batch={s.classes_per_batch} is larger than the {classes} training classes"
+        )
     m = cfg.metaclass
     if m.learner_data == "all" and k > 1:  # batches come from all data
         if m.num_metaclasses * 2 > classes:
-            raise ConfigError(f"metaclass.num_metaclasses={m.num_metaclasses} needs at least "
-                              f"{2 * m.num_metaclasses} training classes (2 per meta-class);"
-                              f" the training split has {classes}")
+            raise ConfigError(
+                f"metaclass.num_metaclasses={m.num_metaclasses} needs at least "
+                f"{2 * m.num_metaclasses} training classes (2 per meta-class);"
+                f" the training split has {classes}"
+            )
         return
     _check_smallest_subset(cfg, classes)
 
@@ -121,7 +125,8 @@ def _check_smallest_subset(cfg: ExperimentConfig, classes: int) -> None:
     # the sampler then warns and uses all classes of a subset that is short.)
     s, m, k = cfg.sampler, cfg.metaclass, cfg.model.num_learners
     even = (m.strategy == "random" and m.balance_by == "classes") or (
-        m.strategy == "class_proxy" and m.balanced and m.balance_by == "classes")
+        m.strategy == "class_proxy" and m.balanced and m.balance_by == "classes"
+    )
     if k > 1 and even and s.classes_per_batch > classes // k:
         raise ConfigError(
             f"sampler.classes_per_batch={s.classes_per_batch} is larger than the {classes // k} classes of the "
@@ -140,12 +145,14 @@ def _prepare_run_folder(cfg: ExperimentConfig, resume: bool) -> Path:
     return out
 
 
-def _datasets(cfg: ExperimentConfig, data: RunData) -> tuple[SeededAugmentedDataset, ImageDataset,
-                                                             ImageDataset | None, ImageDataset]:
+def _datasets(
+    cfg: ExperimentConfig, data: RunData
+) -> tuple[SeededAugmentedDataset, ImageDataset, ImageDataset | None, ImageDataset]:
     """Augmented training images; un-augmented train (meta-class refreshes), validation and test images."""
     d = cfg.data
     train = SeededAugmentedDataset(
-        data.train, train_transform(d.image_size, scale=d.crop_scale, hflip=d.hflip, random_crop=d.random_crop))
+        data.train, train_transform(d.image_size, scale=d.crop_scale, hflip=d.hflip, random_crop=d.random_crop)
+    )
     eval_tf = test_transform(d.image_size, resize_to=d.test_resize)
     val = ImageDataset(data.val, eval_tf) if data.val is not None else None
     return train, ImageDataset(data.train, eval_tf), val, ImageDataset(data.test, eval_tf)
@@ -179,16 +186,35 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     s = cfg.sampler
     train_set, train_eval_set, val_set, test_set = _datasets(cfg, data)
     return RunParts(
-        cfg=cfg, device=device, data=data, model=model, train_model=compiled(model, cfg), optimizer=optimizer,
+        cfg=cfg,
+        device=device,
+        data=data,
+        model=model,
+        train_model=compiled(model, cfg),
+        optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg),
         reading=build_reading(cfg, model.learner_slices(), data.train.labels, data.train.num_classes, device),
-        loss=GCELoss(margin=cfg.loss.margin, mining=cfg.loss.mining,
-                     full_embedding_weight=cfg.loss.full_embedding_weight, distance=cfg.loss.distance),
-        train_set=train_set, train_eval_set=train_eval_set, val_set=val_set, test_set=test_set,
+        loss=GCELoss(
+            margin=cfg.loss.margin,
+            mining=cfg.loss.mining,
+            full_embedding_weight=cfg.loss.full_embedding_weight,
+            distance=cfg.loss.distance,
+        ),
+        train_set=train_set,
+        train_eval_set=train_eval_set,
+        val_set=val_set,
+        test_set=test_set,
         sampler=SubsetBalancedBatchSampler(
-            labels=data.train.labels, group_of_sample=None, classes_per_batch=s.classes_per_batch,
-            samples_per_class=s.samples_per_class, batches_per_epoch=s.batches_per_epoch, seed=cfg.train.seed,
-            num_groups=1),
-        embed=DatasetEmbedder.from_config(cfg, device, progress), metrics=MetricSettings.from_config(cfg),
-        writer=RunWriter(out), progress=progress,
+            labels=data.train.labels,
+            group_of_sample=None,
+            classes_per_batch=s.classes_per_batch,
+            samples_per_class=s.samples_per_class,
+            batches_per_epoch=s.batches_per_epoch,
+            seed=cfg.train.seed,
+            num_groups=1,
+        ),
+        embed=DatasetEmbedder.from_config(cfg, device, progress),
+        metrics=MetricSettings.from_config(cfg),
+        writer=RunWriter(out),
+        progress=progress,
     )

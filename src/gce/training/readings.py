@@ -71,8 +71,17 @@ class Reading(Protocol):
 class _Refreshed:
     """What both readings share: the training labels, the learner slices and the refresh schedule."""
 
-    def __init__(self, learner_slices: list[slice], labels: np.ndarray, num_classes: int, *, update_every: int,
-                 seed: int, needs_embeddings: bool, refreshes: bool) -> None:
+    def __init__(
+        self,
+        learner_slices: list[slice],
+        labels: np.ndarray,
+        num_classes: int,
+        *,
+        update_every: int,
+        seed: int,
+        needs_embeddings: bool,
+        refreshes: bool,
+    ) -> None:
         self.learner_slices = learner_slices
         self.labels = labels
         self.num_classes = num_classes
@@ -89,22 +98,45 @@ class _Refreshed:
 class SubsetReading(_Refreshed):
     """``learner_data: subset``: learner ``k`` sees the classes of meta-class ``k``, with their labels."""
 
-    def __init__(self, strategy: MetaClassStrategy, learner_slices: list[slice], labels: np.ndarray,
-                 num_classes: int, *, update_every: int, seed: int) -> None:
-        super().__init__(learner_slices, labels, num_classes, update_every=update_every, seed=seed,
-                         needs_embeddings=strategy.needs_embeddings, refreshes=strategy.refreshes)
+    def __init__(
+        self,
+        strategy: MetaClassStrategy,
+        learner_slices: list[slice],
+        labels: np.ndarray,
+        num_classes: int,
+        *,
+        update_every: int,
+        seed: int,
+    ) -> None:
+        super().__init__(
+            learner_slices,
+            labels,
+            num_classes,
+            update_every=update_every,
+            seed=seed,
+            needs_embeddings=strategy.needs_embeddings,
+            refreshes=strategy.refreshes,
+        )
         self.strategy = strategy
 
     def update(self, epoch: int, embeddings: Tensor | None) -> MetaClassUpdate:
-        new = self.strategy.assign(embeddings, self.labels, self.num_classes, previous=self.assignment,
-                                   seed=self.seed + epoch)
-        stats = assignment_stats(new, self.labels, self.num_classes, previous=self.assignment,
-                                 level=self.strategy.level)
+        new = self.strategy.assign(
+            embeddings, self.labels, self.num_classes, previous=self.assignment, seed=self.seed + epoch
+        )
+        stats = assignment_stats(
+            new, self.labels, self.num_classes, previous=self.assignment, level=self.strategy.level
+        )
         self.assignment = np.asarray(new, dtype=np.int64)
-        values = {"classes_per_learner": stats.classes_per_learner, "images_per_learner": stats.images_per_learner,
-                  "moved_fraction": stats.moved_fraction}
-        return MetaClassUpdate(values, f"meta-classes updated: classes/learner {stats.classes_per_learner}, "
-                                       f"images/learner {stats.images_per_learner}, moved {stats.moved_fraction:.1%}")
+        values = {
+            "classes_per_learner": stats.classes_per_learner,
+            "images_per_learner": stats.images_per_learner,
+            "moved_fraction": stats.moved_fraction,
+        }
+        return MetaClassUpdate(
+            values,
+            f"meta-classes updated: classes/learner {stats.classes_per_learner}, "
+            f"images/learner {stats.images_per_learner}, moved {stats.moved_fraction:.1%}",
+        )
 
     def restore(self, assignment: np.ndarray) -> None:
         self.assignment = np.asarray(assignment, dtype=np.int64)
@@ -124,29 +156,61 @@ class SubsetReading(_Refreshed):
 class AllDataReading(_Refreshed):
     """``learner_data: all``: every learner sees all data, labelled by its own meta-classes (K x C)."""
 
-    def __init__(self, per_learner: PerLearnerMetaClasses, learner_slices: list[slice], labels: np.ndarray,
-                 num_classes: int, *, update_every: int, seed: int, device: torch.device) -> None:
-        super().__init__(learner_slices, labels, num_classes, update_every=update_every, seed=seed,
-                         needs_embeddings=per_learner.needs_embeddings, refreshes=per_learner.base.refreshes)
+    def __init__(
+        self,
+        per_learner: PerLearnerMetaClasses,
+        learner_slices: list[slice],
+        labels: np.ndarray,
+        num_classes: int,
+        *,
+        update_every: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        super().__init__(
+            learner_slices,
+            labels,
+            num_classes,
+            update_every=update_every,
+            seed=seed,
+            needs_embeddings=per_learner.needs_embeddings,
+            refreshes=per_learner.base.refreshes,
+        )
         self.per_learner = per_learner
         self.device = device
         self.meta_labels: Tensor | None = None
 
     def update(self, epoch: int, embeddings: Tensor | None) -> MetaClassUpdate:
-        new = self.per_learner.assign(embeddings, self.labels, self.num_classes, self.learner_slices,
-                                      previous=self.assignment, seed=self.seed + epoch)
+        new = self.per_learner.assign(
+            embeddings,
+            self.labels,
+            self.num_classes,
+            self.learner_slices,
+            previous=self.assignment,
+            seed=self.seed + epoch,
+        )
         previous = self.assignment if self.assignment is not None else [None] * len(new)
-        rows = [assignment_stats(row, self.labels, self.num_classes, previous=old,
-                                 num_metaclasses=self.per_learner.num_metaclasses) for row, old in zip(new, previous, strict=True)]
+        rows = [
+            assignment_stats(
+                row, self.labels, self.num_classes, previous=old, num_metaclasses=self.per_learner.num_metaclasses
+            )
+            for row, old in zip(new, previous, strict=True)
+        ]
         self.restore(new)
         moved = float(np.mean([r.moved_fraction for r in rows]))
         # Every learner sees every class; the sizes that matter are its meta-classes'.
-        values = {"classes_per_learner": [self.num_classes] * len(rows),
-                  "images_per_learner": [len(self.labels)] * len(rows),
-                  "moved_fraction": moved, "classes_per_metaclass": [r.classes_per_learner for r in rows]}
+        values = {
+            "classes_per_learner": [self.num_classes] * len(rows),
+            "images_per_learner": [len(self.labels)] * len(rows),
+            "moved_fraction": moved,
+            "classes_per_metaclass": [r.classes_per_learner for r in rows],
+        }
         sizes = rows[0].classes_per_learner
-        return MetaClassUpdate(values, f"per-learner meta-classes updated: {len(rows)} learners x {len(sizes)} "
-                                       f"meta-classes of {min(sizes)}-{max(sizes)} classes, moved {moved:.1%}")
+        return MetaClassUpdate(
+            values,
+            f"per-learner meta-classes updated: {len(rows)} learners x {len(sizes)} "
+            f"meta-classes of {min(sizes)}-{max(sizes)} classes, moved {moved:.1%}",
+        )
 
     def restore(self, assignment: np.ndarray) -> None:
         self.assignment = np.asarray(assignment, dtype=np.int64)
@@ -162,19 +226,26 @@ class AllDataReading(_Refreshed):
         return loss.all_learners(embeddings, labels, self.learner_slices, [row[labels] for row in self.meta_labels])
 
 
-def build_reading(cfg: ExperimentConfig, learner_slices: list[slice], labels: np.ndarray, num_classes: int,
-                  device: torch.device) -> Reading:
+def build_reading(
+    cfg: ExperimentConfig, learner_slices: list[slice], labels: np.ndarray, num_classes: int, device: torch.device
+) -> Reading:
     """The reading ``cfg.metaclass.learner_data`` names, with its meta-class strategy.
 
     With one learner both readings are the single-metric baseline; it is run as a subset reading.
     """
     mc, num_learners = cfg.metaclass, cfg.model.num_learners
     relabel = mc.learner_data == "all" and num_learners > 1
-    strategy = build_strategy(mc.strategy, num_metaclasses=mc.num_metaclasses if relabel else num_learners,
-                              balanced=mc.balanced, balance_by=mc.balance_by, redraw=mc.redraw,
-                              warm_start=mc.warm_start)
+    strategy = build_strategy(
+        mc.strategy,
+        num_metaclasses=mc.num_metaclasses if relabel else num_learners,
+        balanced=mc.balanced,
+        balance_by=mc.balance_by,
+        redraw=mc.redraw,
+        warm_start=mc.warm_start,
+    )
     common = {"update_every": mc.update_every, "seed": cfg.train.seed}
     if relabel:
-        return AllDataReading(PerLearnerMetaClasses(strategy, num_learners), learner_slices, labels, num_classes,
-                              device=device, **common)
+        return AllDataReading(
+            PerLearnerMetaClasses(strategy, num_learners), learner_slices, labels, num_classes, device=device, **common
+        )
     return SubsetReading(strategy, learner_slices, labels, num_classes, **common)

@@ -38,8 +38,18 @@ from gce.training.parts import RunParts, build_parts
 
 EXIT_INTERRUPTED = 130
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-CHECKPOINT_KEYS = ("config", "epoch", "batch", "partial", "best_val", "model", "optimizer", "scheduler",
-                   "assignment", "rng")
+CHECKPOINT_KEYS = (
+    "config",
+    "epoch",
+    "batch",
+    "partial",
+    "best_val",
+    "model",
+    "optimizer",
+    "scheduler",
+    "assignment",
+    "rng",
+)
 
 
 class TrainingInterrupted(GceError):
@@ -66,8 +76,14 @@ def _fresh_partial() -> dict[str, float]:
 class Trainer:
     """Trains the run that ``parts`` make up; ``run()`` returns the final test metrics."""
 
-    def __init__(self, parts: RunParts, *, resume: bool = False, log: Callable[[str], None] = print,
-                 observers: Sequence[EpochObserver] = ()) -> None:
+    def __init__(
+        self,
+        parts: RunParts,
+        *,
+        resume: bool = False,
+        log: Callable[[str], None] = print,
+        observers: Sequence[EpochObserver] = (),
+    ) -> None:
         self.parts = parts
         self.cfg: ExperimentConfig = parts.cfg
         self.resume = resume
@@ -83,8 +99,15 @@ class Trainer:
         self._epoch_loader: EpochLoader | None = None
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = print, observers: Sequence[EpochObserver] = ()) -> Trainer:
+    def from_config(
+        cls,
+        cfg: ExperimentConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+        observers: Sequence[EpochObserver] = (),
+    ) -> Trainer:
         return cls(build_parts(cfg, resume=resume, progress=progress), resume=resume, log=log, observers=observers)
 
     # -------------------------------------------------------------- checkpoint
@@ -98,9 +121,14 @@ class Trainer:
     def _state(self, epoch: int, batch: int) -> dict[str, Any]:
         p, assignment = self.parts, self.parts.reading.assignment
         return {
-            "config": self.cfg.to_dict(), "split": self.split(), "epoch": epoch, "batch": batch,
+            "config": self.cfg.to_dict(),
+            "split": self.split(),
+            "epoch": epoch,
+            "batch": batch,
             "partial": dict(self.partial),
-            "best_val": self.best_val, "model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+            "best_val": self.best_val,
+            "model": p.model.state_dict(),
+            "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(),
             "assignment": None if assignment is None else torch.from_numpy(assignment.copy()),
             "rng": self._rng_state(),
@@ -198,13 +226,19 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _loader(self, epoch: int, plan: list[tuple[int, list[int]]], first: int) -> DataLoader:
         # Seeds follow positions in the whole planned batch, so a part of it is augmented the same way.
-        keyed = [self.parts.batch_part([(idx, item_seed(self.cfg.train.seed, epoch, b, pos))
-                                        for pos, idx in enumerate(indices)])
-                 for b, (_, indices) in enumerate(plan)][first:]
+        keyed = [
+            self.parts.batch_part(
+                [(idx, item_seed(self.cfg.train.seed, epoch, b, pos)) for pos, idx in enumerate(indices)]
+            )
+            for b, (_, indices) in enumerate(plan)
+        ][first:]
         if self._epoch_loader is None:  # one loader for the run: its workers persist between epochs
-            self._epoch_loader = EpochLoader(self.parts.train_set, self.cfg.data.workers,
-                                             pin_memory=self.parts.device.type == "cuda",
-                                             seed=item_seed(self.cfg.train.seed, 0, 0, 0))
+            self._epoch_loader = EpochLoader(
+                self.parts.train_set,
+                self.cfg.data.workers,
+                pin_memory=self.parts.device.type == "cuda",
+                seed=item_seed(self.cfg.train.seed, 0, 0, 0),
+            )
         return self._epoch_loader.loader_for(keyed)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, learner: int | None) -> tuple[float, int]:
@@ -236,8 +270,14 @@ class Trainer:
         first = self.start_batch if epoch == self.start_epoch else 0
         if first == 0:
             self.partial = _fresh_partial()
-        bar = tqdm(total=len(plan), initial=first, desc=f"epoch {epoch}", disable=not self.parts.progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(plan),
+            initial=first,
+            desc=f"epoch {epoch}",
+            disable=not self.parts.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for b, (images, labels) in enumerate(self._loader(epoch, plan, first), start=first):
             loss, triplets = self._step(images, labels, None if finetune else plan[b][0])
             self.partial["loss_sum"] += loss
@@ -321,7 +361,11 @@ class Trainer:
         if self._interrupt_requested:
             # Ctrl-C during the epoch's last step or its evaluation, the final epoch's too: stop
             # here; a resume of a finished run only evaluates and exports.
-            done = " (training is complete; resuming evaluates and exports model.pt)" if epoch + 1 == self.total_epochs else ""
+            done = (
+                " (training is complete; resuming evaluates and exports model.pt)"
+                if epoch + 1 == self.total_epochs
+                else ""
+            )
             raise TrainingInterrupted(f"interrupted: checkpoint written to {path}{done}")
 
     def run(self) -> EvalResult:
@@ -334,8 +378,10 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS} if _is_main_thread() else {}
         try:
             if self.start_epoch == 0 and self.start_batch == 0:
-                self.log(f"training {self.cfg.name}: {len(p.data.train)} images / {p.data.train.num_classes} classes,"
-                         f" {p.sampler.batches_per_epoch} batches per epoch, {self.total_epochs} epochs -> {p.writer.out}")
+                self.log(
+                    f"training {self.cfg.name}: {len(p.data.train)} images / {p.data.train.num_classes} classes,"
+                    f" {p.sampler.batches_per_epoch} batches per epoch, {self.total_epochs} epochs -> {p.writer.out}"
+                )
                 self._observe(-1)
             for epoch in range(self.start_epoch, self.total_epochs):
                 self._run_epoch(epoch)

@@ -54,8 +54,10 @@ def check_fresh_folder(out: Path) -> None:
     for name in _RUN_FILES:
         path = out / name
         if os.path.lexists(path) and (not path.is_file() or not _written_by_gce(path)):
-            raise OutputError(f"train.out_dir {out} holds a {name} that no gce run wrote; a new run would"
-                              f" replace it: choose another train.out_dir")
+            raise OutputError(
+                f"train.out_dir {out} holds a {name} that no gce run wrote; a new run would"
+                f" replace it: choose another train.out_dir"
+            )
 
 
 class RunWriter:
