@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from gce.ablation import load_ablation, mean_std, run_config
 from gce.evaluation import evaluate_embeddings
 from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
-from gce.training.trainer import Trainer, build_optimizer, build_scheduler
+from gce.training.optim import build_optimizer, build_scheduler
+from gce.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_diagnostics import nearest_neighbours  # benchmarks/ is not a package

@@ -28,10 +28,11 @@ from gce.io import check_run_folder
 from gce.losses import GCELoss
 from gce.models import EmbeddingModel, model_from_config
 from gce.runtime import flush_denormals, resolve_device, seed_everything
+from gce.training.optim import build_optimizer, build_scheduler
 from gce.training.readings import Reading, build_reading
 from gce.training.writer import RunWriter, check_fresh_folder
 
-__all__ = ["RunParts", "build_optimizer", "build_parts", "build_scheduler", "check_sampler_feasible", "compiled"]
+__all__ = ["RunParts", "build_parts", "check_sampler_feasible", "compiled"]
 
 
 KeyedItem = tuple[int, int]  # (image index, augmentation seed)
@@ -72,26 +73,6 @@ class RunParts:
     writer: RunWriter
     progress: bool = True
     batch_part: Callable[[list[KeyedItem]], list[KeyedItem]] = whole_batch
-
-
-def build_optimizer(model: EmbeddingModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = model.param_groups(backbone_lr=o.backbone_lr or o.lr, head_lr=o.lr, weight_decay=o.weight_decay)
-    # foreach=True: one fused kernel per parameter group instead of a Python loop (also on CPU).
-    if o.name == "adam":
-        return torch.optim.Adam(groups, foreach=True)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, foreach=True)
-    return torch.optim.SGD(groups, momentum=o.momentum, nesterov=o.momentum > 0, foreach=True)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    o, total = cfg.optim, cfg.train.epochs + cfg.train.finetune_epochs
-    if o.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if o.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def check_sampler_feasible(cfg: ExperimentConfig, train: ImageRecords) -> None:
