@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gce"
 LAYERS: dict[str, int] = {
     "gce.errors": 0,
     "gce.extras": 0,
+    "gce.registry": 0,
     "gce.io": 1,
     "gce.config": 2,
     "gce.runtime": 2,

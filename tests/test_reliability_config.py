@@ -71,7 +71,7 @@ BAD_OVERRIDES = [
     (["data.crop_scale=[0.9, 0.1]"], "data.crop_scale=[0.9, 0.1] must satisfy"),
     (["train.device=gpu"], "bad value for 'train.device': 'gpu' is not a torch device"),
     (["train.device=cuda:7"], "train.device=cuda:7, but"),
-    (["data.dataset=imagenet"], "unknown dataset 'imagenet'; valid names: cub"),
+    (["data.dataset=imagenet"], "bad value for 'data.dataset': Input should be 'cub', 'cars196'"),
     (["data.options.tst_fraction=0.5"], "dataset 'folder' has no option 'tst_fraction'"),
     (["data.root=/nonexistent/gce-data"], "dataset root /nonexistent/gce-data does not exist"),
     (

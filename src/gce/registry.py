@@ -30,8 +30,10 @@ class Registry(Generic[F]):
     def register(self, name: str) -> Callable[[F], F]:
         """Decorator: ``factory`` builds the ``name`` of this kind."""
         if name not in self.vocabulary:
-            raise ValueError(f"{self.kind} {name!r} is not in the vocabulary ({', '.join(self.vocabulary)});"
-                             f" add it to gce.config.vocabulary first")
+            raise ValueError(
+                f"{self.kind} {name!r} is not in the vocabulary ({', '.join(self.vocabulary)});"
+                f" add it to gce.config.vocabulary first"
+            )
         if name in self._factories:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
 

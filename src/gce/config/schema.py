@@ -17,6 +17,7 @@ from gce.config.vocabulary import (
     BackboneName,
     BalanceBy,
     BlockKind,
+    DatasetName,
     Distance,
     EvalBackend,
     Head,
@@ -39,7 +40,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: str = Field(description="cub, cars196, sop, inshop, folder, csv or emoji")
+    dataset: DatasetName = Field(description="cub, cars196, sop, inshop, folder, csv or emoji")
     root: str = Field(description="dataset root folder (csv: the CSV file)")
     image_size: int = Field(224, ge=8)
     test_resize: int | None = Field(None, ge=8, description="resize before the centre crop; default size*256/224")

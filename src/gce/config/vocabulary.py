@@ -14,6 +14,7 @@ __all__ = [
     "BACKBONE_NAMES",
     "BALANCE_BY",
     "BLOCK_KINDS",
+    "DATASET_NAMES",
     "DISTANCES",
     "EMOJI_PACKAGES",
     "EVAL_BACKENDS",
@@ -29,6 +30,7 @@ __all__ = [
     "BackboneName",
     "BalanceBy",
     "BlockKind",
+    "DatasetName",
     "Distance",
     "EvalBackend",
     "Head",
@@ -40,6 +42,10 @@ __all__ = [
     "SchedulerName",
     "StrategyName",
 ]
+
+#: Dataset loaders: the four benchmarks, a folder per class, a CSV list, the emoji benchmark.
+DatasetName = Literal["cub", "cars196", "sop", "inshop", "folder", "csv", "emoji"]
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 # Each choice is a Literal type (what the config schema and mypy check) and its names as a tuple.
 BackboneName = Literal["resnet18", "resnet50", "googlenet", "mobilenet_v2"]

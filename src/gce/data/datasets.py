@@ -6,6 +6,7 @@ import inspect
 import os
 from collections.abc import Callable
 
+from gce.config.vocabulary import DATASET_NAMES
 from gce.data._common import check_root
 from gce.data.cars196 import load_cars196
 from gce.data.csvdata import load_csv
@@ -16,19 +17,22 @@ from gce.data.inshop import load_inshop
 from gce.data.records import DatasetSplits
 from gce.data.sop import load_sop
 from gce.errors import ConfigError, DatasetError
+from gce.registry import Registry
 
 Loader = Callable[..., DatasetSplits]
 
 #: name -> loader(root, **options). Every loader accepts ``skip_bad``.
-DATASETS: dict[str, Loader] = {
-    "cub": load_cub,
-    "cars196": load_cars196,
-    "sop": load_sop,
-    "inshop": load_inshop,
-    "folder": load_folder,
-    "csv": load_csv,
-    "emoji": load_emoji,
-}
+DATASETS: Registry[Loader] = Registry("dataset", "data.dataset", DATASET_NAMES)
+for _name, _loader_of in (
+    ("cub", load_cub),
+    ("cars196", load_cars196),
+    ("sop", load_sop),
+    ("inshop", load_inshop),
+    ("folder", load_folder),
+    ("csv", load_csv),
+    ("emoji", load_emoji),
+):
+    DATASETS.register(_name)(_loader_of)
 
 
 def dataset_options(name: str) -> list[str]:

@@ -38,6 +38,7 @@ negative class; otherwise at least one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -49,6 +50,7 @@ from gce.config.vocabulary import BALANCE_BY, STRATEGY_NAMES
 from gce.evaluation.metrics import kmeans
 from gce.metaclass.matching import match_to_previous, moved_fraction
 from gce.metaclass.proxies import class_proxies
+from gce.registry import Registry
 
 __all__ = [
     "STRATEGY_NAMES",
@@ -563,19 +565,51 @@ def build_strategy(
     if num_metaclasses < 1:
         raise ValueError(f"num_metaclasses must be >= 1, got {num_metaclasses}")
     _check_balance_by(balance_by)
-    if name == "class_proxy":
-        return ClassProxyStrategy(num_metaclasses, balanced, balance_by, n_init=kmeans_n_init, warm_start=warm_start)
-    if name == "random":
-        return RandomStrategy(num_metaclasses, balance_by, redraw)
-    if name == "samples":
-        return SampleKMeansStrategy(num_metaclasses, balanced, n_init=kmeans_n_init)
-    if name == "none":
-        if num_metaclasses != 1:
-            raise ValueError(
-                f"strategy 'none' is the single-learner baseline and needs num_metaclasses=1, got {num_metaclasses}"
-            )
-        return NoneStrategy()
-    raise ValueError(f"unknown meta-class strategy {name!r}; valid names: {', '.join(STRATEGY_NAMES)}")
+    if name not in STRATEGY_REGISTRY:
+        raise ValueError(f"unknown meta-class strategy {name!r}; valid names: {', '.join(STRATEGY_NAMES)}")
+    options = StrategyOptions(balanced, balance_by, redraw, kmeans_n_init, warm_start)
+    return STRATEGY_REGISTRY[name](num_metaclasses, options)
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """The options of :func:`build_strategy`; each strategy reads the ones that concern it."""
+
+    balanced: bool
+    balance_by: str
+    redraw: bool
+    kmeans_n_init: int
+    warm_start: bool
+
+
+StrategyFactory = Callable[[int, StrategyOptions], MetaClassStrategy]
+STRATEGY_REGISTRY: Registry[StrategyFactory] = Registry("meta-class strategy", "metaclass.strategy", STRATEGY_NAMES)
+
+
+@STRATEGY_REGISTRY.register("class_proxy")
+def _class_proxy(num_metaclasses: int, o: StrategyOptions) -> MetaClassStrategy:
+    return ClassProxyStrategy(
+        num_metaclasses, o.balanced, o.balance_by, n_init=o.kmeans_n_init, warm_start=o.warm_start
+    )
+
+
+@STRATEGY_REGISTRY.register("random")
+def _random(num_metaclasses: int, o: StrategyOptions) -> MetaClassStrategy:
+    return RandomStrategy(num_metaclasses, o.balance_by, o.redraw)
+
+
+@STRATEGY_REGISTRY.register("samples")
+def _samples(num_metaclasses: int, o: StrategyOptions) -> MetaClassStrategy:
+    return SampleKMeansStrategy(num_metaclasses, o.balanced, n_init=o.kmeans_n_init)
+
+
+@STRATEGY_REGISTRY.register("none")
+def _none(num_metaclasses: int, o: StrategyOptions) -> MetaClassStrategy:
+    if num_metaclasses != 1:
+        raise ValueError(
+            f"strategy 'none' is the single-learner baseline and needs num_metaclasses=1, got {num_metaclasses}"
+        )
+    return NoneStrategy()
 
 
 # --------------------------------------------------------------------------------------------

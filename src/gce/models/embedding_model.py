@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +14,7 @@ from gce.config.vocabulary import HEADS
 from gce.models.backbones import build_trunk, freeze_batchnorm, is_frozen_batchnorm
 from gce.models.grouped_trunk import GroupedTrunk
 from gce.models.heads import EmbeddingHead, GroupChannelwiseHead, LinearSplitHead
+from gce.registry import Registry
 
 if TYPE_CHECKING:
     from gce.config import ModelConfig
@@ -143,20 +146,46 @@ def build_model(
         trunk = GroupedTrunk(trunk, channels, num_learners, grouped_trunk_layers)
     if freeze_bn:
         freeze_batchnorm(trunk)
-    if head == "gce":
-        head_module: EmbeddingHead = GroupChannelwiseHead(
-            channels,
-            num_learners,
-            embedding_dim,
-            block_channels,
-            pooling=pooling,
-            input_mixing=input_mixing,
-            block=block,
-            block_residual=block_residual,
-        )
-    else:
-        head_module = LinearSplitHead(channels, num_learners, embedding_dim, pooling=pooling)
-    return EmbeddingModel(trunk, head_module)
+    shape = HeadShape(
+        channels, num_learners, embedding_dim, pooling, block_channels, input_mixing, block, block_residual
+    )
+    return EmbeddingModel(trunk, HEAD_REGISTRY[head](shape))
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """What a head is built from: the trunk's channels and the ``model.*`` head values."""
+
+    in_channels: int
+    num_learners: int
+    embedding_dim: int
+    pooling: str
+    block_channels: int | None
+    input_mixing: str
+    block: str
+    block_residual: bool
+
+
+HEAD_REGISTRY: Registry[Callable[[HeadShape], EmbeddingHead]] = Registry("head", "model.head", HEADS)
+
+
+@HEAD_REGISTRY.register("gce")
+def _group_channelwise(s: HeadShape) -> EmbeddingHead:
+    return GroupChannelwiseHead(
+        s.in_channels,
+        s.num_learners,
+        s.embedding_dim,
+        s.block_channels,
+        pooling=s.pooling,
+        input_mixing=s.input_mixing,
+        block=s.block,
+        block_residual=s.block_residual,
+    )
+
+
+@HEAD_REGISTRY.register("linear_split")
+def _linear_split(s: HeadShape) -> EmbeddingHead:
+    return LinearSplitHead(s.in_channels, s.num_learners, s.embedding_dim, pooling=s.pooling)
 
 
 def model_from_config(model: ModelConfig, *, pretrained: bool | None = None) -> EmbeddingModel:

@@ -31,7 +31,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import numpy as np
 from gce.config.vocabulary import INDEX_TYPES
 from gce.errors import DatasetError, GceError
 from gce.io import sha256_file
+from gce.registry import Registry
 from gce.retrieval.embedder import normalize_learners, slices_from_json
 from gce.retrieval.files import (
     check_checksum,
@@ -164,32 +165,65 @@ def query_vectors(
 
 
 # -------------------------------------------------------------------------------- building
+@dataclass(frozen=True)
+class IndexShape:
+    """What an index type is built from: dimensions, gallery size, learner slices, build parameters."""
+
+    dim: int
+    n: int
+    slices: Sequence[slice]
+    params: dict[str, Any]
+
+
+#: index type -> (empty faiss index, the build parameters it used)
+IndexFactory = Callable[[IndexShape], tuple[Any, dict[str, Any]]]
+INDEX_REGISTRY: Registry[IndexFactory] = Registry("index type", "--type", INDEX_TYPES)
+
+
 def _make_index(index_type: str, dim: int, n: int, slices: Sequence[slice], params: dict[str, Any]):
+    if index_type not in INDEX_REGISTRY:
+        raise GceError(f"unknown index type {index_type!r}; valid types: {', '.join(INDEX_TYPES)}")
+    return INDEX_REGISTRY[index_type](IndexShape(dim, n, slices, params))
+
+
+@INDEX_REGISTRY.register("flat")
+def _flat(s: IndexShape) -> tuple[Any, dict[str, Any]]:
+    return _faiss().IndexFlatIP(s.dim), {}
+
+
+@INDEX_REGISTRY.register("hnsw")
+def _hnsw(s: IndexShape) -> tuple[Any, dict[str, Any]]:
     faiss = _faiss()
-    ip = faiss.METRIC_INNER_PRODUCT
-    if index_type == "flat":
-        return faiss.IndexFlatIP(dim), {}
-    if index_type == "hnsw":
-        m = int(params.get("hnsw_m", 32))
-        index = faiss.IndexHNSWFlat(dim, m, ip)
-        index.hnsw.efConstruction = int(params.get("ef_construction", 80))
-        return index, {"hnsw_m": m, "ef_construction": index.hnsw.efConstruction}
-    # IVF types: about sqrt(N) cells, capped so that each trains on >= 39 points (faiss' minimum advice)
-    nlist = int(params.get("nlist") or max(1, min(round(math.sqrt(n)), n // 39 or 1)))
-    quantizer = faiss.IndexFlatIP(dim)
-    if index_type == "ivf":
-        return faiss.IndexIVFFlat(quantizer, dim, nlist, ip), {"nlist": nlist}
-    if index_type == "ivfpq":
-        # Sub-vectors of 8 dimensions that never straddle two learners (so each learner's part of
-        # a score is decoded from its own codes); fewer bits for tiny galleries (k-means needs 2^bits points).
-        learner_dim = slices[0].stop - slices[0].start
-        sub = int(params.get("pq_dim", 8))
-        if learner_dim % sub:
-            sub = math.gcd(learner_dim, sub)
-        m = dim // sub
-        nbits = int(params.get("nbits") or max(1, min(8, int(math.log2(max(2, n // 4))))))
-        return faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, ip), {"nlist": nlist, "pq_m": m, "nbits": nbits}
-    raise GceError(f"unknown index type {index_type!r}; valid types: {', '.join(INDEX_TYPES)}")
+    m = int(s.params.get("hnsw_m", 32))
+    index = faiss.IndexHNSWFlat(s.dim, m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = int(s.params.get("ef_construction", 80))
+    return index, {"hnsw_m": m, "ef_construction": index.hnsw.efConstruction}
+
+
+def _nlist(s: IndexShape) -> int:
+    """IVF types: about sqrt(N) cells, capped so that each trains on >= 39 points (faiss' minimum advice)."""
+    return int(s.params.get("nlist") or max(1, min(round(math.sqrt(s.n)), s.n // 39 or 1)))
+
+
+@INDEX_REGISTRY.register("ivf")
+def _ivf(s: IndexShape) -> tuple[Any, dict[str, Any]]:
+    faiss, nlist = _faiss(), _nlist(s)
+    return faiss.IndexIVFFlat(faiss.IndexFlatIP(s.dim), s.dim, nlist, faiss.METRIC_INNER_PRODUCT), {"nlist": nlist}
+
+
+@INDEX_REGISTRY.register("ivfpq")
+def _ivfpq(s: IndexShape) -> tuple[Any, dict[str, Any]]:
+    # Sub-vectors of 8 dimensions that never straddle two learners (so each learner's part of
+    # a score is decoded from its own codes); fewer bits for tiny galleries (k-means needs 2^bits points).
+    faiss, nlist = _faiss(), _nlist(s)
+    learner_dim = s.slices[0].stop - s.slices[0].start
+    sub = int(s.params.get("pq_dim", 8))
+    if learner_dim % sub:
+        sub = math.gcd(learner_dim, sub)
+    m = s.dim // sub
+    nbits = int(s.params.get("nbits") or max(1, min(8, int(math.log2(max(2, s.n // 4))))))
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(s.dim), s.dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    return index, {"nlist": nlist, "pq_m": m, "nbits": nbits}
 
 
 def _search_settings(index_type: str, index) -> list[tuple[str, dict[str, int]]]:

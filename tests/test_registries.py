@@ -1,0 +1,48 @@
+"""Every kind of thing has one registry, and every name its config accepts has a factory there."""
+
+from __future__ import annotations
+
+import pytest
+
+from gce.config import vocabulary
+from gce.data.datasets import DATASETS
+from gce.errors import ConfigError
+from gce.metaclass.strategies import STRATEGY_REGISTRY
+from gce.models.backbones import BACKBONES
+from gce.models.embedding_model import HEAD_REGISTRY
+from gce.registry import Registry
+from gce.retrieval.index import INDEX_REGISTRY
+from gce.training.optim import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
+
+REGISTRIES = {
+    "dataset": (DATASETS, vocabulary.DATASET_NAMES),
+    "head": (HEAD_REGISTRY, vocabulary.HEADS),
+    "strategy": (STRATEGY_REGISTRY, vocabulary.STRATEGY_NAMES),
+    "optimiser": (OPTIMIZER_REGISTRY, vocabulary.OPTIMIZERS),
+    "scheduler": (SCHEDULER_REGISTRY, vocabulary.SCHEDULERS),
+    "index type": (INDEX_REGISTRY, vocabulary.INDEX_TYPES),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRIES))
+def test_every_name_the_config_accepts_has_a_factory(kind):
+    registry, names = REGISTRIES[kind]
+    assert registry.missing() == []
+    assert set(registry) == set(names)
+
+
+def test_backbones_match_the_vocabulary_and_its_channel_table():
+    assert tuple(BACKBONES) == vocabulary.BACKBONE_NAMES
+    assert {name: spec.channels for name, spec in BACKBONES.items()} == vocabulary.BACKBONE_CHANNELS
+
+
+def test_a_registry_refuses_names_outside_its_vocabulary_and_twice():
+    registry: Registry = Registry("widget", "model.widget", ("a", "b"))
+    registry.register("a")(len)
+    with pytest.raises(ValueError, match="'c' is not in the vocabulary"):
+        registry.register("c")
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("a")
+    assert registry.missing() == ["b"]
+    with pytest.raises(ConfigError, match="model.widget='b' is unknown; valid widget names: a"):
+        registry["b"]
