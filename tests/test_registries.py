@@ -44,5 +44,5 @@ def test_a_registry_refuses_names_outside_its_vocabulary_and_twice():
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("a")
     assert registry.missing() == ["b"]
-    with pytest.raises(ConfigError, match="model.widget='b' is unknown; valid widget names: a"):
+    with pytest.raises(ConfigError, match=r"model\.widget='b' is unknown; valid widget names: a"):
         registry["b"]
