@@ -207,6 +207,7 @@ def test_the_wheel_installs_in_a_clean_venv_and_runs_train_to_search(tmp_path):
         "data.workers=0",
         "data.options={test_fraction: 0.25}",
         "model.pretrained=false",
+        "model.freeze_bn=false",
         "model.num_learners=2",
         "model.embedding_dim=32",
         "sampler.classes_per_batch=3",

@@ -8,6 +8,7 @@ the model (``train_model``), the loss, the embedder (sharded extraction and gath
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,13 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     if device.type == "cuda" and device.index is None:  # "cuda": name the GPU (a rank's own, under torchrun)
         device = torch.device("cuda", torch.cuda.current_device())
     out = _prepare_run_folder(cfg, resume)
+    if not cfg.model.pretrained and cfg.model.freeze_bn:
+        warnings.warn(
+            "model.pretrained=false with model.freeze_bn=true: the trunk's BatchNorm layers keep their"
+            " initial statistics (mean 0, variance 1) and never learn them, which can collapse every"
+            " embedding to one point; training from scratch needs model.freeze_bn=false",
+            stacklevel=2,
+        )
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     flush_denormals(device)
