@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import gce.metaclass.strategies as strategies_module
+import gce.metaclass.balanced_kmeans as balanced_kmeans
 from gce.metaclass import (
     STRATEGY_NAMES,
     AssignmentStats,
@@ -152,7 +152,7 @@ def test_balanced_class_sizes_differ_by_at_most_one(num_classes_per_cluster: lis
 
 
 def test_balanced_greedy_path_has_same_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategies_module, "EXACT_BALANCE_MAX_POINTS", 0)
+    monkeypatch.setattr(balanced_kmeans, "EXACT_BALANCE_MAX_POINTS", 0)
     x, y, _ = clustered_data([10, 6, 3, 2])
     assignment = build_strategy("class_proxy", 4, balanced=True).assign(x, y, 21, None, 0)
     sizes = np.bincount(assignment, minlength=4)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from gce.config.vocabulary import LEARNER_DATA
-from gce.metaclass.strategies import ArrayLike, ClassProxyStrategy, MetaClassStrategy, RandomStrategy, _to_numpy
+from gce.metaclass.assignments import ArrayLike, to_numpy
+from gce.metaclass.strategies import ClassProxyStrategy, MetaClassStrategy, RandomStrategy
 
 __all__ = ["LEARNER_DATA", "PerLearnerMetaClasses", "learner_seed"]
 
@@ -73,7 +74,7 @@ class PerLearnerMetaClasses:
             previous = np.asarray(previous, dtype=np.int64)
             if previous.shape != (self.num_learners, num_classes):
                 raise ValueError(f"previous must have shape ({self.num_learners}, {num_classes}), got {previous.shape}")
-        emb = None if embeddings is None else _to_numpy(embeddings, np.float64)  # also a GPU tensor
+        emb = None if embeddings is None else to_numpy(embeddings, np.float64)  # also a GPU tensor
         if self.needs_embeddings and emb is None:
             raise ValueError("class_proxy meta-classes need embeddings")
         rows = []
