@@ -19,6 +19,7 @@ def make_checkpoint(
     image_size: int = 32,
     backbone: str = "mobilenet_v2",
     seed: int = 0,
+    data: dict | None = None,
 ) -> Path:
     """A ``model.pt`` of an untrained MobileNetV2 + GCE head: random weights, yet distinct embeddings."""
     torch.manual_seed(seed)
@@ -29,6 +30,7 @@ def make_checkpoint(
                 "root": str(path.parent),
                 "image_size": image_size,
                 "test_resize": image_size,
+                **(data or {}),
             },
             "model": {
                 "backbone": backbone,

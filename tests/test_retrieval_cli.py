@@ -321,3 +321,17 @@ def test_embed_refuses_an_output_folder_inside_its_image_folder(tmp_path, capsys
         == 1
     )
     assert "inside" in error_line(capsys)
+
+
+def test_embed_of_the_training_dataset_uses_the_checkpoints_split(shape_folder, tmp_path, capsys):
+    """Before: `--dataset folder --split test` re-split the folder with the loader's default
+    test_fraction (0.5), not the 0.25 the model was trained and evaluated with."""
+    from gce.data import load_dataset
+
+    options = {"test_fraction": 0.25, "seed": 3}
+    model = make_checkpoint(tmp_path / "run" / "model.pt", data={"root": str(shape_folder), "options": options})
+    expected = load_dataset("folder", shape_folder, **options).test
+    assert len(expected) != len(load_dataset("folder", shape_folder).test)
+    args = ["embed", "--checkpoint", str(model), "--dataset", "folder", "--root", str(shape_folder)]
+    assert main([*args, "--split", "test", "--out", str(tmp_path / "emb"), "--workers", "0", "--quiet"]) == 0
+    assert f"embedded {len(expected)} of {len(expected)} images" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import argparse
 import csv
 import os
 from pathlib import Path
+from typing import Any
 
 from gce.commands.arguments import count
 from gce.errors import DatasetError, GceError
@@ -82,7 +83,9 @@ def read_csv_list(path: Path) -> tuple[list[str], list[str | None]]:
     return paths, labels
 
 
-def catalogue(args: argparse.Namespace) -> tuple[list[str], list[str | None], str]:
+def catalogue(
+    args: argparse.Namespace, training_options: dict[str, Any] | None = None
+) -> tuple[list[str], list[str | None], str]:
     if args.images is not None:
         paths = images_under(args.images)
         return paths, [None] * len(paths), f"images under {args.images}"
@@ -93,13 +96,25 @@ def catalogue(args: argparse.Namespace) -> tuple[list[str], list[str | None], st
         raise GceError("--dataset needs --root")
     from gce.data import load_dataset
 
-    splits = load_dataset(args.dataset, args.root, **({"skip_bad": True} if args.skip_bad else {}))
+    options = dict(training_options or {})
+    if args.skip_bad:
+        options["skip_bad"] = True
+    splits = load_dataset(args.dataset, args.root, **options)
     parts = [splits.train, splits.test] if args.split == "all" else [getattr(splits, args.split)]
     paths, labels = [], []
     for records in parts:
         paths += records.paths
         labels += [records.class_names[c] for c in records.labels.tolist()]
     return paths, labels, f"{args.dataset} {args.root} ({args.split})"
+
+
+def _training_split_options(data: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint's split options (``test_fraction``, ``seed`` ...) when --dataset/--root name
+    the data it was trained on: its ``--split test`` is then the test split it was evaluated on."""
+    if not data or args.dataset != data["dataset"] or not args.root:
+        return {}
+    same_root = os.path.realpath(os.path.expanduser(args.root)) == os.path.realpath(os.path.expanduser(data["root"]))
+    return dict(data["options"]) if same_root else {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
     # The folder is checked before any image is listed or embedded: never inside an input.
     inputs = [args.images, args.csv, args.root, *checkpoint_files(args.checkpoint)]
     args.out = check_output_dir(args.out, what="--out", inputs=inputs)
-    paths, labels, source = catalogue(args)
-    paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
     embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
+    paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
     info = embed_to_store(
         embedder,
         paths,

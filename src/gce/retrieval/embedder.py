@@ -89,6 +89,8 @@ class Embedder:
         self.batch_size = int(batch_size)
         self.source = source
         self.model_config: dict[str, Any] = dict(model_config or {})  # the checkpoint's model section
+        #: the checkpoint's data section (dataset, root, split options), when loaded from one
+        self.training_data: dict[str, Any] | None = None
         self.learner_slices: list[slice] = list(model.learner_slices())
         self.num_learners: int = int(model.num_learners)
         self.embedding_dim: int = int(model.embedding_dim)
@@ -105,7 +107,7 @@ class Embedder:
         # pretrained=False: the weights come from the checkpoint (and the id stays what it was
         # when the model carried its build arguments itself)
         model_config = {**cfg.model.model_dump(), "pretrained": False}
-        return cls(
+        embedder = cls(
             model,
             image_size=cfg.data.image_size,
             resize_to=cfg.data.test_resize,
@@ -114,6 +116,8 @@ class Embedder:
             source=str(path),
             model_config=model_config,
         )
+        embedder.training_data = cfg.data.model_dump()
+        return embedder
 
     # ------------------------------------------------------------------ description
     def preprocessing(self) -> dict[str, Any]:
