@@ -35,6 +35,17 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 interrupted_while_starting = False
 
 
+#: 128 + SIGPIPE: what a shell reports for a tool that a closed pipe stopped.
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush meets no closed pipe either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     try:
@@ -61,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gce: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gce ... | head`: the reader left; stop quietly, as Unix tools do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 def entry() -> None:
