@@ -43,9 +43,7 @@ from gce.evaluation import evaluate_embeddings
 from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
 from gce.training.optim import build_optimizer, build_scheduler
 from gce.training.trainer import Trainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learner_diagnostics import nearest_neighbours  # benchmarks/ is not a package
+from learner_diagnostics import nearest_neighbours  # a sibling script: python puts benchmarks/ on the path
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_speed import class_sizes, peak_rss_bytes
 
 TYPES = ("flat", "ivf", "hnsw", "ivfpq")

@@ -51,7 +51,6 @@ def main() -> None:
     if len(sys.argv) == 3:
         child(sys.argv[1], sys.argv[2])
         return
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from serve_load import untrained_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from gce.data.synthetic import make_pattern_folder
 
-from gce.data.synthetic import make_pattern_folder  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 HOST = "127.0.0.1"  # never anything else: this sends a flood of requests
 KINDS = ("upload", "upload", "item", "thumbnail")

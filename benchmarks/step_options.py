@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gce.runtime import flush_denormals
-from head_step_ratio import Stepper, batch, build  # benchmarks/ is not a package
+from head_step_ratio import Stepper, batch, build  # a sibling script: python puts benchmarks/ on the path
 
 
 def options(device: str) -> dict[str, dict[str, bool]]:

@@ -1,6 +1,6 @@
 """Training survives SIGKILL at any moment, Ctrl-C and a diverging loss, and loses nothing.
 
-The end-to-end kill test drives benchmarks/kill_resume.py (>= 10 SIGKILLs plus Ctrl-Cs, then a
+The end-to-end kill test drives tests/kill_resume.py (>= 10 SIGKILLs plus Ctrl-Cs, then a
 bitwise comparison with an uninterrupted run). The other tests pin down the pieces it relies on.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kill_resume
 from gce.cli import main
 from gce.config import load_config
 from gce.errors import GceError
@@ -26,12 +27,9 @@ from gce.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkp
 from gce.training.logging import MetricsLogger
 from gce.training.parts import build_parts
 from gce.training.trainer import NonFiniteLossError, Trainer
+from process_signals import signal_group_in_epoch_1
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import kill_resume  # noqa: E402  (benchmarks/ is not a package)
-from process_signals import signal_group_in_epoch_1  # noqa: E402
 
 CONFIG = kill_resume.CONFIG  # the benchmark's tiny run: resnet18 from scratch, K=2, D=16, 32 px
 

@@ -14,9 +14,9 @@
    RNG state equal (``torch.equal``) to the reference, ``metrics.jsonl`` records equal except
    their ``seconds`` field, ``final_metrics.json`` equal.
 
-    python benchmarks/kill_resume.py                              # 12 kills, python -m gce train
-    python benchmarks/kill_resume.py --kills 20 --sigints 3 --seed 1 --keep runs/killtest
-    python benchmarks/kill_resume.py --launcher forkserver        # faster: see below
+    python tests/kill_resume.py                              # 12 kills, python -m gce train
+    python tests/kill_resume.py --kills 20 --sigints 3 --seed 1 --keep runs/killtest
+    python tests/kill_resume.py --launcher forkserver        # faster: see below
 
 ``--launcher subprocess`` (default) starts every attempt as ``python -m gce train ...``; each
 start pays the import of torch/torchvision (3-9 s on two busy cores). ``--launcher forkserver``
