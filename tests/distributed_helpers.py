@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+from numerics import THREADS
 
 from gce.distributed import init_distributed, shutdown_distributed
 
@@ -31,7 +32,7 @@ def free_port() -> int:
 def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, folder: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)  # GCE_TEST_THREADS, 1 unless the numerics matrix says otherwise
     try:
         ctx = init_distributed("cpu", timeout_s=60)
         result = ("ok", fn(ctx, *args))
