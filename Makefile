@@ -33,7 +33,8 @@ test: install
 test-numerics: install
 	$(PY) tests/numerics_matrix.py
 
-# The part of that matrix for CI: 2 variants of the quicker tests (~3 min on 2 cores).
+# The part of that matrix for CI: 2 variants (default x 2 threads, avx2 x 1) of the quicker tests
+# (~3 min on 2 cores).
 test-numerics-ci: install
 	$(PY) tests/numerics_matrix.py --ci
 
