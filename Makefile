@@ -8,7 +8,7 @@ DATA   ?= data
 RUNS   ?= runs
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test test-wheel lint e2e demo demo-eval bench clean
+.PHONY: install test test-wheel test-numerics test-numerics-ci lint e2e demo demo-eval bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+
+# The tests that compare floats across code paths (1 vs 2 processes, threads, CPU kernels, batch
+# sizes, export runtimes), once per ATEN_CPU_CAPABILITY (default, avx2, the machine's own) x 1 and 2
+# torch threads: 6 pytest runs, fails if any fails (tests/numerics_matrix.py; ~20 min on 2 cores).
+test-numerics: install
+	$(PY) tests/numerics_matrix.py
+
+# The part of that matrix for CI: 2 variants (default x 2 threads, avx2 x 1) of the quicker tests
+# (~3 min on 2 cores).
+test-numerics-ci: install
+	$(PY) tests/numerics_matrix.py --ci
 
 # The search page of `gce serve` in a real headless Chromium (Debian/Ubuntu: Chromium and its driver
 # from apt, as root or with sudo; elsewhere install them and set GCE_CHROMIUM / GCE_CHROMEDRIVER).

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from gce.data.synthetic import make_pattern_folder as make_shape_folder
+from numerics import THREADS
+
+if "GCE_TEST_THREADS" in os.environ:  # tests/numerics_matrix.py: the thread count of its variant
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gce.distributed import init_distributed, shutdown_distributed
+from numerics import THREADS
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, folder: 
             "MASTER_PORT": str(port),
         }
     )
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)  # GCE_TEST_THREADS, 1 unless the numerics matrix says otherwise
     try:
         ctx = init_distributed("cpu", timeout_s=60)
         result = ("ok", fn(ctx, *args))

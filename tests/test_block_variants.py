@@ -18,8 +18,9 @@ from gce.errors import ConfigError
 from gce.models import GroupChannelwiseHead, build_model, build_trunk
 from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
 from learner_isolation import learner_backward
+from numerics import RESNET18_LONGEST_SUM, THREADS, reordered
 
-torch.set_num_threads(1)  # the test machine's cores are shared
+torch.set_num_threads(THREADS)  # 1 (the test machine's cores are shared) unless GCE_TEST_THREADS says otherwise
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,15 @@ def test_grouped_trunk_computes_the_plain_trunk_at_start(backbone: str, layers: 
     grouped = GroupedTrunk(copy.deepcopy(trunk), channels, num_learners=4, layers=layers).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(grouped(images), trunk(images), rtol=0, atol=1e-5)
+        expected = trunk(images)
+        # The opened layers run as grouped convolutions, other kernels: <= 3 sums (of <= 3 * 3 * 512)
+        # per opened block, relative to the features' size; the layers before are the same computation.
+        torch.testing.assert_close(
+            grouped(images),
+            expected,
+            rtol=0,
+            atol=reordered(RESNET18_LONGEST_SUM, 3 * layers) * float(expected.abs().max()),
+        )
     # Each copy is its own module: changing one does not change another.
     first = next(grouped.branches[0].parameters())
     assert first.data_ptr() != next(grouped.branches[1].parameters()).data_ptr()

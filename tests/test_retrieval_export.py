@@ -1,4 +1,4 @@
-"""gce export: ONNX and TorchScript files that embed real images like PyTorch does (to 1e-4)."""
+"""gce export: ONNX and TorchScript files that embed real images like PyTorch does (to float rounding)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ from gce.data.images import load_rgb
 from gce.errors import GceError
 from gce.retrieval import Embedder
 from gce.retrieval.export import export_model, load_exported, read_export_metadata
+from numerics import RESNET18_GCE_DEPTH, RESNET18_LONGEST_SUM, reordered
 from retrieval_fixtures import make_checkpoint
+
+# resnet18 + GCE head embeddings, unit vectors per learner: an entry moves by at most the chain's
+# reordering bound (22 layers, sums of <= 4608 terms: 1.8e-4) under another runtime's kernels.
+EMBED_ATOL = reordered(RESNET18_LONGEST_SUM, RESNET18_GCE_DEPTH)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,8 @@ def test_exported_model_matches_pytorch_on_real_images(fmt, embedder, real_image
     for batch in (real_images, real_images[:1], real_images[:5]):  # the batch size is dynamic
         out = run(batch.numpy())
         assert out.shape == (len(batch), embedder.embedding_dim)
-        assert np.abs(out - reference[: len(batch)]).max() < 1e-4
+        # Another runtime's kernels (onnxruntime, TorchScript), other sum orders: rounding of unit vectors.
+        assert np.abs(out - reference[: len(batch)]).max() <= EMBED_ATOL
     for s in embedder.learner_slices:  # per-learner normalisation is inside the graph
         np.testing.assert_allclose(np.linalg.norm(out[:, s], axis=1), 1.0, atol=1e-5)
 

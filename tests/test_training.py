@@ -13,6 +13,7 @@ from gce.config import load_config
 from gce.errors import GceError
 from gce.training.checkpoint import load_checkpoint, load_model
 from gce.training.trainer import Trainer
+from numerics import RESNET18_GCE_DEPTH, RESNET18_LONGEST_SUM, THREADS, triplet_grad_rtol, triplet_loss_atol
 
 CONFIG = """
 name: tiny
@@ -137,12 +138,16 @@ def test_channels_last_and_compile_compute_the_plain_step(tmp_path, shape_folder
     torch.manual_seed(1)
     images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
     steps = {}
-    for name, extra in (("plain", []), ("option", [option])):
+    threads = f"train.num_threads={THREADS}"
+    for name, extra in (("plain", [threads]), ("option", [option, threads])):
         config = write_config(tmp_path, shape_folder, tmp_path / name)
         trainer = Trainer.from_config(load_config(config, extra), progress=False)
         loss, _ = trainer._step(images, labels, None)
         steps[name] = loss, {n: p.grad for n, p in trainer.parts.model.named_parameters() if p.grad is not None}
-    assert steps["option"][0] == pytest.approx(steps["plain"][0], rel=1e-4)
+    # Other kernels, other sum orders through resnet18 + the head (tests/numerics.py): 7.1e-4.
+    loss_atol = triplet_loss_atol(RESNET18_LONGEST_SUM, RESNET18_GCE_DEPTH)
+    assert steps["option"][0] == pytest.approx(steps["plain"][0], abs=loss_atol)
     assert steps["option"][1].keys() == steps["plain"][1].keys()
+    rtol = triplet_grad_rtol(RESNET18_LONGEST_SUM, RESNET18_GCE_DEPTH, margin=0.1)  # 3.6e-3 of each gradient's norm
     for name, grad in steps["plain"][1].items():  # relative to the gradient's norm: rounding, not a change
-        assert (steps["option"][1][name] - grad).norm() <= 1e-3 * grad.norm() + 1e-8, name
+        assert (steps["option"][1][name] - grad).norm() <= rtol * grad.norm(), name
