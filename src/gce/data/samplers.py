@@ -10,10 +10,8 @@ which is what resuming mid-epoch by skipping the first ``n`` batches needs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
-from torch.utils.data import Sampler
 
 __all__ = ["SubsetBalancedBatchSampler"]
 
@@ -43,7 +41,7 @@ def _pools_by_group(labels: np.ndarray, groups: np.ndarray, num_groups: int) -> 
     return pools
 
 
-class SubsetBalancedBatchSampler(Sampler[list[int]]):
+class SubsetBalancedBatchSampler:
     """Batches of ``P`` classes x ``M`` images, each from ONE learner's subset, round-robin.
 
     Batch ``b`` of every epoch belongs to learner ``b % K`` (``K`` = number of groups), and all its
@@ -61,13 +59,9 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
     legitimately after an unbalanced meta-class update, and a smaller batch is better than
     aborting a long run. A subset with fewer than 2 classes is an error (no triplet possible).
 
-    Two ways to use it:
-
-    * ``plan_epoch(epoch)`` -> ``[(learner, indices), ...]``: the trainer takes the learner of each
-      batch from the plan and may skip a prefix;
-    * as a ``batch_sampler`` of a ``DataLoader``: call ``set_epoch(epoch, start_batch)`` first;
-      ``__iter__`` yields the index lists of that plan from ``start_batch`` on and
-      ``learner_of_batch(b)`` / ``batch_learners`` give the learners.
+    ``plan_epoch(epoch)`` -> ``[(learner, indices), ...]``: the trainer takes the learner of each
+    batch from the plan, may skip a prefix (resume), and hands the plan to its one DataLoader
+    (:mod:`gce.training.epoch_loader`).
 
     Args:
         labels: class of every sample, ``(N,)`` non-negative ints.
@@ -92,7 +86,6 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_groups: int | None = None,
     ) -> None:
-        super().__init__()
         self.labels = _as_int_array("labels", labels)
         if self.labels.size == 0:
             raise ValueError("labels is empty: nothing to sample")
@@ -108,8 +101,6 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
             1, len(self.labels) // (classes_per_batch * samples_per_class)
         )
         self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
         self.set_assignment(group_of_sample, num_groups)
 
     # ------------------------------------------------------------------ state
@@ -139,22 +130,10 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
         self._pools = pools
         self._warned: set[int] = set()
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch that ``__iter__`` yields, skipping its first ``start_batch`` batches."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch must lie in 0..{self.batches_per_epoch}, got {start_batch}")
-        self.epoch = epoch
-        self.start_batch = start_batch
-
     # --------------------------------------------------------------- planning
     def learner_of_batch(self, batch: int) -> int:
         """Learner trained by batch ``batch`` (index within the epoch, skipped batches included)."""
         return batch % self.num_groups
-
-    @property
-    def batch_learners(self) -> list[int]:
-        """Learner of every batch of an epoch, in order."""
-        return [self.learner_of_batch(b) for b in range(self.batches_per_epoch)]
 
     def plan_epoch(self, epoch: int) -> Plan:
         """All batches of ``epoch`` as ``(learner, indices)``; deterministic in (seed, epoch)."""
@@ -182,12 +161,3 @@ class SubsetBalancedBatchSampler(Sampler[list[int]]):
             picks = rng.choice(len(pool), size=self.samples_per_class, replace=len(pool) < self.samples_per_class)
             batch.extend(pool[picks].tolist())
         return batch
-
-    # ------------------------------------------------------------ Sampler API
-    def __iter__(self) -> Iterator[list[int]]:
-        for _, indices in self.plan_epoch(self.epoch)[self.start_batch :]:
-            yield indices
-
-    def __len__(self) -> int:
-        """Batches that ``__iter__`` yields (the epoch minus the skipped ones)."""
-        return self.batches_per_epoch - self.start_batch
