@@ -15,21 +15,6 @@ import subprocess
 import sys
 import time
 
-SUBCOMMANDS = [
-    "train",
-    "eval",
-    "ablate",
-    "demo",
-    "config",
-    "data",
-    "weights",
-    "export",
-    "embed",
-    "index",
-    "search",
-    "serve",
-]
-
 
 def wall_time(argv: list[str]) -> float:
     started = time.perf_counter()
@@ -43,7 +28,9 @@ def main() -> int:
     parser.add_argument("--goal", type=float, default=0.5, help="seconds the median must stay under")
     args = parser.parse_args()
     gce = shutil.which("gce") or sys.exit("gce is not on PATH: install the package (make install) first")
-    cases = [["--help"], ["--version"], *[[c, "--help"] for c in SUBCOMMANDS]]
+    from gce.cli import subcommand_names
+
+    cases = [["--help"], ["--version"], *[[c, "--help"] for c in subcommand_names()]]
     print(f"{'command':<22} {'median s':>9} {'min s':>7}  goal < {args.goal} s")
     slow = 0
     for case in cases:

@@ -15,26 +15,13 @@ import tomllib
 import yaml
 
 from gce import __version__
+from gce.cli import subcommand_names
 from gce.config import load_config
 from gce.config.bundled import preset_names, preset_text, presets_folder, resolve_config_path
 from gce.errors import ConfigError, GceError
 from gce.extras import DISTRIBUTION, EXTRAS, require_extra
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = [
-    "train",
-    "eval",
-    "ablate",
-    "demo",
-    "config",
-    "data",
-    "weights",
-    "export",
-    "embed",
-    "index",
-    "search",
-    "serve",
-]
 HEAVY = ("torch", "torchvision", "numpy", "faiss", "PIL", "fastapi", "sklearn", "scipy", "matplotlib")
 
 _IMPORTS_AFTER = """
@@ -58,7 +45,7 @@ def _heavy_imports(*argv: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["--version"], *[[c, "--help"] for c in SUBCOMMANDS]], ids=lambda a: " ".join(a)
+    "argv", [["--help"], ["--version"], *[[c, "--help"] for c in subcommand_names()]], ids=lambda a: " ".join(a)
 )
 def test_help_and_version_import_no_ml_stack(argv):
     """`gce --help` once took 5 s importing torch and the evaluation stack for its parser."""

@@ -23,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand_names() -> list[str]:
+    """The sub-commands of ``gce``, in the order ``gce --help`` lists them."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(subparsers.choices)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings from the command line read like its errors: one line, no source excerpt."""
     return f"gce: warning: {message}\n"
