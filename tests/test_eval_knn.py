@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from gce.errors import GceError
-from gce.evaluation.knn import NO_POSITIVE, exact_knn, knn_with_first_positive, sorted_topk
+from gce.evaluation.knn import exact_knn
+from gce.evaluation.ranks import NO_POSITIVE, knn_with_first_positive
+from gce.evaluation.topk import sorted_topk
 
 
 def tie_heavy(n: int = 200, dim: int = 16, seed: int = 0) -> np.ndarray:

@@ -13,6 +13,8 @@ import torch
 import gce.evaluation.evaluator as evaluator_module
 import gce.evaluation.knn as knn_module
 import gce.evaluation.metrics as metrics_module
+import gce.evaluation.ranks as ranks_module
+import gce.evaluation.topk as topk_module
 from gce.evaluation import evaluate_embeddings
 from gce.evaluation.metrics import (
     f1_score_pairwise,
@@ -226,6 +228,6 @@ def test_nmi_equals_sklearn_on_partial_clustering():
 
 
 def test_docstring_examples_run():
-    for module in (metrics_module, knn_module, evaluator_module):
+    for module in (metrics_module, knn_module, ranks_module, topk_module, evaluator_module):
         result = doctest.testmod(module)
         assert result.failed == 0

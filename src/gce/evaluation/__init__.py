@@ -6,7 +6,7 @@
 """
 
 from gce.evaluation.evaluator import EvalResult, default_recall_ks, evaluate_embeddings, extract_embeddings
-from gce.evaluation.knn import KnnResult, exact_knn, knn_with_first_positive
+from gce.evaluation.knn import KnnResult, exact_knn
 from gce.evaluation.metrics import (
     f1_score_pairwise,
     first_positive_rank,
@@ -18,6 +18,7 @@ from gce.evaluation.metrics import (
     recall_at_k,
     recall_at_k_from_ranks,
 )
+from gce.evaluation.ranks import knn_with_first_positive
 
 __all__ = [
     "EvalResult",

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from gce.errors import ConfigError, GceError
 from gce.evaluation import metrics as M
-from gce.evaluation.knn import BACKENDS, Backend, as_float_tensor, exact_knn, knn_with_first_positive
+from gce.evaluation.knn import BACKENDS, Backend, as_float_tensor, exact_knn
+from gce.evaluation.ranks import knn_with_first_positive
 from gce.runtime import loader_worker_ignores_sigterm
 
 _RECALL_KS: dict[str, tuple[int, ...]] = {

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gce.evaluation.knn import NO_POSITIVE, first_positive_rank  # noqa: F401 (NO_POSITIVE: the docstring examples)
+from gce.evaluation.ranks import NO_POSITIVE, first_positive_rank  # noqa: F401 (NO_POSITIVE: the docstring examples)
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[int]
 
