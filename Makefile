@@ -40,7 +40,7 @@ lint: install
 
 # The tests that compare floats across code paths (1 vs 2 processes, threads, CPU kernels, batch
 # sizes, export runtimes), once per ATEN_CPU_CAPABILITY (default, avx2, the machine's own) x 1 and 2
-# torch threads: 6 pytest runs, fails if any fails (tests/numerics_matrix.py; ~20 min on 2 cores).
+# torch threads: 6 pytest runs, fails if any fails (tests/numerics_matrix.py; ~37 min on 2 shared cores).
 test-numerics: install
 	$(PY) tests/numerics_matrix.py
 
