@@ -6,6 +6,13 @@ import argparse
 from pathlib import Path
 
 
+#: Largest accepted |exported - PyTorch| on unit-length learner slices. Other kernels reorder float32
+#: sums: about depth x sqrt(terms) x eps, 1.8e-4 through resnet18 and 4.9e-4 through MobileNetV2
+#: (tests/numerics.py); deeper trunks add to it. A wrong export (a layer, the preprocessing or the
+#: normalisation) differs by 1e-2 or more.
+EXPORT_PARITY_LIMIT = 2e-3
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -55,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         x = torch.randn(3, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(0))
         diff = float(np.abs(load_exported(args.out)(x.numpy()) - embedder.embed_tensors(x)).max())
         print(f"parity check on 3 random inputs: max |exported - PyTorch| = {diff:.1e}")
-        if diff > 1e-4:
-            raise GceError(f"{args.out}: the exported model differs from PyTorch by {diff:.1e} (> 1e-4)")
+        if diff > EXPORT_PARITY_LIMIT:
+            raise GceError(
+                f"{args.out}: the exported model differs from PyTorch by {diff:.1e} (> {EXPORT_PARITY_LIMIT:g})"
+            )
     return 0
