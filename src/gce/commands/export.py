@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 #: Largest accepted |exported - PyTorch| on unit-length learner slices. Other kernels reorder float32
 #: sums: about depth x sqrt(terms) x eps, 1.8e-4 through resnet18 and 4.9e-4 through MobileNetV2
 #: (tests/numerics.py); deeper trunks add to it. A wrong export (a layer, the preprocessing or the
