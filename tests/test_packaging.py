@@ -207,7 +207,7 @@ def test_the_wheel_installs_in_a_clean_venv_and_runs_train_to_search(tmp_path):
     ]
     _run([gce, "train", "my.yaml", *quick, "--quiet"], cwd=work)
     assert (work / "runs" / "mine" / "model.pt").is_file()
-    assert "R@1" in _run(
+    assert "Recall@1" in _run(
         [gce, "eval", "--checkpoint", "runs/mine", "--workers", "0", "--no-clustering", "--quiet"], cwd=work
     )
     _run(
