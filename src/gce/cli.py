@@ -38,7 +38,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 # Set when Ctrl-C lands during the imports. CPython marks a KeyboardInterrupt raised inside code an
 # extension runs with PyRun_String (torch's import does) as unhandled even when it is caught, and
 # then kills itself with SIGINT at exit (status -2 instead of 130, seen 1 run in 6 here); ``entry``
-# then exits at once instead (nothing is open yet).
+# then exits at once instead. The sub-commands import torch when they run, so a Ctrl-C that leaves
+# a command as a KeyboardInterrupt sets it too (the commands that train handle their own Ctrl-C).
 interrupted_while_starting = False
 
 
@@ -55,11 +56,11 @@ def _silence_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
+    global interrupted_while_starting
     try:
-        parser = build_parser()  # imports torch: seconds in which a Ctrl-C must not print a traceback
+        parser = build_parser()
     except KeyboardInterrupt:
         print("gce: aborted", file=sys.stderr)
-        global interrupted_while_starting
         interrupted_while_starting = True
         return 130
     # parse_known_args lets `key=value` overrides follow options (gce train c.yaml --resume a.b=1).
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except GceError as exc:
         print(f"gce: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # e.g. during the command's imports of torch (seconds)
         print("gce: aborted", file=sys.stderr)
+        interrupted_while_starting = True
         return 130
     except BrokenPipeError:  # `gce ... | head`: the reader left; stop quietly, as Unix tools do
         _silence_stdout()

@@ -11,6 +11,7 @@ A worker restarted by ``--max-restarts`` continues from the run's last checkpoin
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from gce.errors import ConfigError, GceError
@@ -65,9 +66,15 @@ def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
         codes = sorted({failure.exitcode for failure in exc.failures.values()})
         if codes == [130]:  # every failed worker stopped on an interrupt, and said so
             return 130
+        # After the first failure the launcher stops the other workers with SIGTERM (-15): those did
+        # not fail on their own, whether or not they had got to their own error by then.
+        own = [f.exitcode for f in exc.failures.values() if f.exitcode != -signal.SIGTERM]
+        stopped = len(exc.failures) - len(own)
+        codes = sorted(set(own)) or codes
+        also = f"; the launcher stopped the other {stopped}" if own and stopped else ""
         raise GceError(
-            f"{len(exc.failures)} of {nproc} worker processes failed (exit code "
-            f"{', '.join(map(str, codes))}); their errors are printed above"
+            f"{len(own) or len(exc.failures)} of {nproc} worker processes failed (exit code "
+            f"{', '.join(map(str, codes))}){also}; their errors are printed above"
         ) from None
     return 0
 
