@@ -4,7 +4,7 @@ Each (variant, seed) run lives in ``<out_dir>/<variant>/seed<seed>/``. A run wit
 ``final_metrics.json`` is finished and skipped; a run with a checkpoint is resumed; others start
 fresh. So a killed ablation restarts only the runs that did not finish.
 
-A run being trained holds ``<run>/running.lock`` (created with ``O_EXCL``, holding the owner's
+A run being trained holds ``<run>/running.lock`` (gce.io.locks: flock + the owner's
 pid). Another ``gce ablate`` process on the same file skips runs locked by a live process, so
 starting the command twice on a 2-core machine (with ``train.num_threads=1``) trains two runs at
 a time. A lock left by a killed process (its pid is gone) is taken over.
@@ -32,7 +32,8 @@ from gce.config import (
     read_yaml_mapping,
 )
 from gce.errors import ConfigError
-from gce.io import check_output_dir, pid_alive, user_path, write_text
+from gce.io import check_output_dir, user_path, write_text
+from gce.io.locks import try_lock
 
 SUMMARY_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
 
@@ -85,29 +86,8 @@ def run_config(ablation: AblationConfig, base_tree: dict[str, Any], variant: str
 @contextmanager
 def run_lock(folder: Path) -> Iterator[bool]:
     """Yields True if this process now owns ``folder``'s run, False if a live process does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "running.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and pid_alive(owner):
-                yield False
-                return
-            lock.unlink(missing_ok=True)  # stale: its process died
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False
+    with try_lock(folder / "running.lock") as holder:
+        yield holder is None
 
 
 def run_ablation(

@@ -4,7 +4,8 @@
 - :mod:`gce.io.atomic`: atomic writes (temporary file, fsync, rename);
 - :mod:`gce.io.checksums`: ``.sha256`` sidecars of files gce reads back as truth;
 - :mod:`gce.io.strict_json`: JSON without NaN;
-- :mod:`gce.io.processes`: whether the writer of a lock or temporary file is alive.
+- :mod:`gce.io.processes`: whether the writer of a lock or temporary file is alive;
+- :mod:`gce.io.locks`: lock files naming their holder (one writer at a time).
 
 The rules (docs/reliability.md, "Outputs"):
 
@@ -47,6 +48,7 @@ from gce.io.atomic import (
     write_text,
 )
 from gce.io.checksums import CHECKSUM_SUFFIX, checksum_path, sha256_file, sha256_of, verify_checksum, write_checksum
+from gce.io.locks import LockedError, hold_lock, try_lock
 from gce.io.paths import (
     OutputError,
     check_output_dir,
@@ -63,6 +65,7 @@ from gce.io.strict_json import dumps_strict, strict_json
 
 __all__ = [
     "CHECKSUM_SUFFIX",
+    "LockedError",
     "OutputError",
     "atomic_path",
     "check_output_dir",
@@ -73,6 +76,7 @@ __all__ = [
     "file_argument",
     "fsync_dir",
     "fsync_file",
+    "hold_lock",
     "path_argument",
     "pid_alive",
     "refuse_input_files",
@@ -82,6 +86,7 @@ __all__ = [
     "sha256_file",
     "sha256_of",
     "strict_json",
+    "try_lock",
     "user_path",
     "verify_checksum",
     "write_bytes",
