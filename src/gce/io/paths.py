@@ -232,13 +232,20 @@ def check_output_file(
 
 
 def check_output_dir(
-    path: str | os.PathLike | None, *, what: str = "output folder", inputs: Iterable[str | os.PathLike | None] = ()
+    path: str | os.PathLike | None,
+    *,
+    what: str = "output folder",
+    inputs: Iterable[str | os.PathLike | None] = (),
+    marker: str | None = None,
 ) -> Path:
     """Check, before any work, that the folder ``path`` exists or can be created and written.
 
     Returns it with ``~`` expanded. Raises :class:`OutputError` when it is empty, exists as
     something other than a folder, lies below a regular file, is read-only, or is (or lies inside)
-    one of ``inputs``. Nothing is created here.
+    one of ``inputs``. With ``marker`` (the file a command writes to record what it owns there,
+    e.g. an index's ``manifest.json``), an existing non-empty folder without that file is refused,
+    naming what is in it: a command writes and removes files only in a folder of its own. Nothing
+    is created here.
     """
     if path is None:
         raise OutputError(f"{what}: no path given")
@@ -259,8 +266,26 @@ def check_output_dir(
             raise OutputError(
                 f"{what} {folder} is inside {p}, one of this command's inputs; choose a folder outside it"
             )
+    if marker is not None:
+        refuse_foreign_dir(folder, marker=marker, what=what)
     _check_folder_writable(folder, folder, what)
     return folder
+
+
+def refuse_foreign_dir(folder: Path, *, marker: str, what: str = "output folder") -> None:
+    """Raise :class:`OutputError` if ``folder`` holds anything but lacks ``marker``, naming its entries."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"{what} {folder} cannot be listed: {exc.strerror or exc}") from None
+    if entries and marker not in entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise OutputError(
+            f"{what} {folder} is not empty and was not written by this command (no {marker}): it holds {shown}; "
+            "choose a new or empty folder"
+        )
 
 
 def check_run_folder(folder: Path, what: str = "output folder") -> None:

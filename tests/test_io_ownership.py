@@ -1,4 +1,4 @@
-"""gce.io.locks: one holder at a time, the holder named, a killed holder's lock taken over."""
+"""gce.io: lock files (one holder, named; a killed holder's lock taken over) and folders a command owns."""
 
 from __future__ import annotations
 
@@ -92,3 +92,20 @@ def test_lock_message_when_the_holder_is_unknown(tmp_path):
     lock.write_text("")
     with hold_lock(lock, "x"):  # an empty, unlocked file is free
         pass
+
+
+def test_a_foreign_non_empty_folder_is_refused_naming_what_is_in_it(tmp_path):
+    from gce.io import OutputError, check_output_dir
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    for name in ["index.html", "items.csv", "a", "b", "c", "d"]:
+        (folder / name).write_text("user's")
+    with pytest.raises(OutputError, match=r"no manifest.json\): it holds a, b, c, d, index.html and 1 more"):
+        check_output_dir(folder, what="--out", marker="manifest.json")
+    assert check_output_dir(tmp_path / "new", marker="manifest.json") == tmp_path / "new"  # missing: fine
+    (tmp_path / "empty").mkdir()
+    assert check_output_dir(tmp_path / "empty", marker="manifest.json") == tmp_path / "empty"
+    (folder / "manifest.json").write_text("{}")  # one of the command's own folders
+    assert check_output_dir(folder, marker="manifest.json") == folder
+    assert all((folder / n).read_text() == "user's" for n in ["index.html", "items.csv"])
