@@ -30,6 +30,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from gce.config import ModelConfig
 from gce.distributed import DistributedGCELoss, init_distributed, shutdown_distributed
 from gce.distributed.batchnorm import synchronise_batchnorm
 from gce.distributed.training import ddp_without_buffer_sync
@@ -41,12 +42,14 @@ from gce.runtime import flush_denormals
 def _model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
     return build_model(
-        backbone=args.backbone,
-        head="gce",
-        num_learners=args.k,
-        embedding_dim=args.dim,
-        pretrained=False,
-        freeze_bn=True,
+        ModelConfig(
+            backbone=args.backbone,
+            head="gce",
+            num_learners=args.k,
+            embedding_dim=args.dim,
+            pretrained=False,
+            freeze_bn=True,
+        )
     )
 
 
@@ -117,12 +120,14 @@ def two_processes(args: argparse.Namespace, communicate: bool) -> list[float]:
 def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
     """Bytes the autograd graph keeps for backward per training image (measured on a CPU forward)."""
     model = build_model(
-        backbone=args.backbone,
-        head="gce",
-        num_learners=args.k,
-        embedding_dim=args.dim,
-        pretrained=False,
-        freeze_bn=True,
+        ModelConfig(
+            backbone=args.backbone,
+            head="gce",
+            num_learners=args.k,
+            embedding_dim=args.dim,
+            pretrained=False,
+            freeze_bn=True,
+        )
     ).train()
     storages: dict[int, int] = {}  # a tensor saved by several operations is stored once
 
@@ -143,12 +148,14 @@ def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
 def memory_table(args: argparse.Namespace) -> None:
     """Training memory per GPU for 1, 2, 4, 8 processes at the given global batch (computed)."""
     model = build_model(
-        backbone=args.backbone,
-        head="gce",
-        num_learners=args.k,
-        embedding_dim=args.dim,
-        pretrained=False,
-        freeze_bn=True,
+        ModelConfig(
+            backbone=args.backbone,
+            head="gce",
+            num_learners=args.k,
+            embedding_dim=args.dim,
+            pretrained=False,
+            freeze_bn=True,
+        )
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

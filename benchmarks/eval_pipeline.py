@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from gce.config import ModelConfig
 from gce.evaluation import evaluate_embeddings, extract_embeddings
 from gce.evaluation import metrics as M
 from gce.models import build_model
@@ -69,12 +70,14 @@ def main() -> None:
 
     faulthandler.dump_traceback_later(args.dump_after, repeat=True, file=sys.stderr)
     model = build_model(
-        backbone=args.backbone,
-        head="gce",
-        num_learners=args.k,
-        embedding_dim=args.dim,
-        pretrained=False,
-        freeze_bn=True,
+        ModelConfig(
+            backbone=args.backbone,
+            head="gce",
+            num_learners=args.k,
+            embedding_dim=args.dim,
+            pretrained=False,
+            freeze_bn=True,
+        )
     ).to(device)
     dataset = ShiftedPatterns(args.n, args.size)
     start = time.perf_counter()

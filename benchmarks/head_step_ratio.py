@@ -29,6 +29,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from gce.config import ModelConfig
 from gce.losses import GCELoss
 from gce.models import build_model
 from gce.runtime import set_flush_denormal_in_openmp_workers
@@ -37,7 +38,9 @@ from gce.runtime import set_flush_denormal_in_openmp_workers
 def build(backbone: str, head: str, k: int, dim: int, pretrained: bool) -> nn.Module:
     torch.manual_seed(0)
     return build_model(
-        backbone=backbone, head=head, num_learners=k, embedding_dim=dim, pretrained=pretrained, freeze_bn=True
+        ModelConfig(
+            backbone=backbone, head=head, num_learners=k, embedding_dim=dim, pretrained=pretrained, freeze_bn=True
+        )
     )
 
 

@@ -194,6 +194,7 @@ def e2e_worker(folder: Path, args: argparse.Namespace) -> dict:
     import torch
     from PIL import Image
 
+    from gce.config import ModelConfig
     from gce.models import build_model
     from gce.retrieval import Embedder, SearchIndex
 
@@ -209,7 +210,16 @@ def e2e_worker(folder: Path, args: argparse.Namespace) -> dict:
     for size in (64, 224):
         image = folder / f"query-{size}.jpg"
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(image, quality=90)
-        model = build_model("mobilenet_v2", "gce", args.learners, args.dim, pretrained=False, freeze_bn=True)
+        model = build_model(
+            ModelConfig(
+                backbone="mobilenet_v2",
+                head="gce",
+                num_learners=args.learners,
+                embedding_dim=args.dim,
+                pretrained=False,
+                freeze_bn=True,
+            )
+        )
         embedder = Embedder(model, image_size=size, resize_to=size)
         for name, index in indexes.items():
             index.search(embedder.embed_paths([image]), K)  # warm-up

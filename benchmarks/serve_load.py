@@ -77,7 +77,7 @@ def parse_args() -> argparse.Namespace:
 def untrained_checkpoint(path: Path) -> Path:
     import torch
 
-    from gce.config import config_from_dict
+    from gce.config import ModelConfig, config_from_dict
     from gce.models import build_model
     from gce.training.checkpoint import save_model_only
 
@@ -98,13 +98,15 @@ def untrained_checkpoint(path: Path) -> Path:
     )
     m = cfg.model
     model = build_model(
-        backbone=m.backbone,
-        head=m.head,
-        num_learners=m.num_learners,
-        embedding_dim=m.embedding_dim,
-        pretrained=False,
-        freeze_bn=m.freeze_bn,
-        pooling=m.pooling,
+        ModelConfig(
+            backbone=m.backbone,
+            head=m.head,
+            num_learners=m.num_learners,
+            embedding_dim=m.embedding_dim,
+            pretrained=False,
+            freeze_bn=m.freeze_bn,
+            pooling=m.pooling,
+        )
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_only(model.eval(), cfg, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from gce.config import config_from_dict
-from gce.models import model_from_config
+from gce.models import build_model
 from gce.training.checkpoint import save_model_only
 
 
@@ -42,7 +42,7 @@ def make_checkpoint(
             },
         }
     )
-    model = model_from_config(cfg.model)
+    model = build_model(cfg.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_only(model, cfg, path)
     return path

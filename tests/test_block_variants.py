@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gce.config import load_config
+from gce.config import ModelConfig, load_config
 from gce.errors import ConfigError
 from gce.models import GroupChannelwiseHead, build_model, build_trunk
 from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
@@ -83,14 +83,16 @@ def test_mobilenet_last_conv_is_sliced_not_recomputed() -> None:
 def test_learner_gradient_never_reaches_other_learners_trunk_copies(backbone: str, layers: int) -> None:
     k_total = 4
     model = build_model(
-        backbone,
-        "gce",
-        k_total,
-        32,
-        pretrained=False,
-        freeze_bn=True,
-        grouped_trunk_layers=layers,
-        block_channels=None if backbone == "mobilenet_v2" else 512,
+        ModelConfig(
+            backbone=backbone,
+            head="gce",
+            num_learners=k_total,
+            embedding_dim=32,
+            pretrained=False,
+            freeze_bn=True,
+            grouped_trunk_layers=layers,
+            block_channels=None if backbone == "mobilenet_v2" else 512,
+        )
     )
     model.train()
     images = torch.randn(3, 3, 32, 32)
@@ -122,15 +124,45 @@ def test_learner_gradient_never_reaches_other_learners_trunk_copies(backbone: st
 
 def test_grouped_trunk_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"model\.grouped_trunk_layers=2 .*head='gce'.*input_mixing='grouped'"):
-        build_model("mobilenet_v2", "linear_split", 4, 32, pretrained=False, freeze_bn=True, grouped_trunk_layers=2)
+        build_model(
+            ModelConfig(
+                backbone="mobilenet_v2",
+                head="linear_split",
+                num_learners=4,
+                embedding_dim=32,
+                pretrained=False,
+                freeze_bn=True,
+                grouped_trunk_layers=2,
+            )
+        )
     with pytest.raises(ConfigError, match=r"model\.grouped_trunk_layers=19 must be between 1 and 18"):
-        build_model("mobilenet_v2", "gce", 4, 32, pretrained=False, freeze_bn=True, grouped_trunk_layers=19)
+        build_model(
+            ModelConfig(
+                backbone="mobilenet_v2",
+                head="gce",
+                num_learners=4,
+                embedding_dim=32,
+                pretrained=False,
+                freeze_bn=True,
+                grouped_trunk_layers=19,
+            )
+        )
     with pytest.raises(ConfigError, match="grouped_trunk_layers"):
         load_config(None, ["data.dataset=emoji", "data.root=x", "model.grouped_trunk_layers=-1"])
 
 
 def test_grouped_trunk_copies_have_frozen_batchnorm_and_train_at_the_trunk_rate() -> None:
-    model = build_model("mobilenet_v2", "gce", 4, 32, pretrained=False, freeze_bn=True, grouped_trunk_layers=2)
+    model = build_model(
+        ModelConfig(
+            backbone="mobilenet_v2",
+            head="gce",
+            num_learners=4,
+            embedding_dim=32,
+            pretrained=False,
+            freeze_bn=True,
+            grouped_trunk_layers=2,
+        )
+    )
     bns = [m for m in model.trunk.branches.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(not m.training and not m.weight.requires_grad for m in bns)
     model.train()
@@ -181,9 +213,31 @@ def test_wide_and_bottleneck_blocks_have_the_requested_channels() -> None:
 
 def test_block_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"model\.block_residual=true needs a block"):
-        build_model("resnet18", "gce", 4, 32, pretrained=False, freeze_bn=True, block="none", block_residual=True)
+        build_model(
+            ModelConfig(
+                backbone="resnet18",
+                head="gce",
+                num_learners=4,
+                embedding_dim=32,
+                pretrained=False,
+                freeze_bn=True,
+                block="none",
+                block_residual=True,
+            )
+        )
     with pytest.raises(ConfigError, match=r"model\.block_residual=true .*block_channels unset or 512"):
-        build_model("resnet18", "gce", 4, 32, pretrained=False, freeze_bn=True, block_channels=256, block_residual=True)
+        build_model(
+            ModelConfig(
+                backbone="resnet18",
+                head="gce",
+                num_learners=4,
+                embedding_dim=32,
+                pretrained=False,
+                freeze_bn=True,
+                block_channels=256,
+                block_residual=True,
+            )
+        )
     with pytest.raises(ConfigError, match=r"model\.block"):
         load_config(None, ["data.dataset=emoji", "data.root=x", "model.block=deep"])
 
@@ -216,7 +270,17 @@ def test_default_head_layout_is_unchanged() -> None:
     ],
 )
 def test_variant_state_survives_save_and_load(options: dict) -> None:
-    model = build_model("mobilenet_v2", "gce", 4, 32, pretrained=False, freeze_bn=True, **options).train()
+    model = build_model(
+        ModelConfig(
+            backbone="mobilenet_v2",
+            head="gce",
+            num_learners=4,
+            embedding_dim=32,
+            pretrained=False,
+            freeze_bn=True,
+            **options,
+        )
+    ).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     images = torch.randn(4, 3, 32, 32)
     for _ in range(2):  # move the weights and BN statistics away from their initial values
@@ -227,7 +291,17 @@ def test_variant_state_survives_save_and_load(options: dict) -> None:
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(123)  # a different initialisation, overwritten by the load
-    restored = build_model("mobilenet_v2", "gce", 4, 32, pretrained=False, freeze_bn=True, **options)
+    restored = build_model(
+        ModelConfig(
+            backbone="mobilenet_v2",
+            head="gce",
+            num_learners=4,
+            embedding_dim=32,
+            pretrained=False,
+            freeze_bn=True,
+            **options,
+        )
+    )
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     model.eval(), restored.eval()
     with torch.no_grad():

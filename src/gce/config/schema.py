@@ -73,18 +73,7 @@ class ModelConfig(_Section):
     def _check_shapes(self) -> ModelConfig:
         # The model's own check (learner slices, block channels, grouped input): one place, run
         # here so a bad combination fails when the config loads, naming the model.* keys.
-        check_model_config(
-            self.backbone,
-            self.head,
-            self.num_learners,
-            self.embedding_dim,
-            self.pooling,
-            self.block_channels,
-            self.input_mixing,
-            self.block,
-            self.block_residual,
-            self.grouped_trunk_layers,
-        )
+        check_model_config(self)
         return self
 
 

@@ -9,7 +9,7 @@ from gce.models.backbones import (
     is_frozen_batchnorm,
     weights_cache_path,
 )
-from gce.models.embedding_model import HEADS, EmbeddingModel, build_model, model_from_config
+from gce.models.embedding_model import HEADS, EmbeddingModel, build_model
 from gce.models.grouped_trunk import GroupedTrunk
 from gce.models.heads import (
     BLOCK_KINDS,
@@ -38,6 +38,5 @@ __all__ = [
     "build_trunk",
     "freeze_batchnorm",
     "is_frozen_batchnorm",
-    "model_from_config",
     "weights_cache_path",
 ]

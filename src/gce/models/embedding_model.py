@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gce.config.model_checks import check_model_config
 from gce.config.vocabulary import HEADS
 from gce.models.backbones import build_trunk, freeze_batchnorm, is_frozen_batchnorm
 from gce.models.grouped_trunk import GroupedTrunk
@@ -19,7 +18,7 @@ from gce.registry import Registry
 if TYPE_CHECKING:
     from gce.config import ModelConfig
 
-__all__ = ["HEADS", "EmbeddingModel", "build_model", "check_model_config", "model_from_config"]
+__all__ = ["HEADS", "EmbeddingModel", "build_model"]
 
 
 class EmbeddingModel(nn.Module):
@@ -27,7 +26,7 @@ class EmbeddingModel(nn.Module):
 
     The embedding is the concatenation of ``num_learners`` unit vectors of ``learner_dim``
     dimensions (see :meth:`learner_slices`). A checkpoint rebuilds the same architecture from the
-    model section of the run's config (:func:`model_from_config`).
+    model section of the run's config (:func:`build_model`).
 
     Layers frozen with :func:`~gce.models.backbones.freeze_batchnorm` stay in eval mode through
     :meth:`train`.
@@ -102,54 +101,37 @@ class EmbeddingModel(nn.Module):
         return groups
 
 
-def build_model(
-    backbone: str,
-    head: str,
-    num_learners: int,
-    embedding_dim: int,
-    pretrained: bool,
-    freeze_bn: bool,
-    pooling: str = "avg+max",
-    block_channels: int | None = None,
-    input_mixing: str = "grouped",
-    allow_download: bool = True,
-    block: str = "conv3x3",
-    block_residual: bool = False,
-    grouped_trunk_layers: int = 0,
-) -> EmbeddingModel:
-    """Build an :class:`EmbeddingModel` from config values.
+def build_model(model: ModelConfig, *, pretrained: bool | None = None, allow_download: bool = True) -> EmbeddingModel:
+    """The :class:`EmbeddingModel` that a config's ``model`` section describes; every caller builds models here.
 
-    ``head`` is ``"gce"`` (:class:`GroupChannelwiseHead`) or ``"linear_split"``
-    (:class:`LinearSplitHead`; ``block_channels`` and ``input_mixing`` do not apply to it and are
-    ignored, as are ``block`` and ``block_residual``, the layers of the GCE block). With
+    ``model`` was validated when it was made (:func:`~gce.config.model_checks.check_model_config`:
+    one-line :class:`~gce.errors.ConfigError` naming the key, e.g.
+    ``model.embedding_dim=100 is not divisible by model.num_learners=3``), so nothing is checked
+    twice. ``pretrained`` overrides ``model.pretrained`` (``False`` when checkpoint weights follow);
+    missing ImageNet weights raise :class:`~gce.errors.GceError` (see
+    :func:`~gce.models.backbones.build_trunk`). The ``linear_split`` head ignores the GCE block's
+    values (``block_channels``, ``input_mixing``, ``block``, ``block_residual``). With
     ``grouped_trunk_layers > 0`` each learner owns a copy of the trunk's last layers
-    (:class:`~gce.models.grouped_trunk.GroupedTrunk`). ``freeze_bn`` freezes the trunk's
-    BatchNorm layers only: the head's BatchNorm is new and must learn. Bad values raise
-    :class:`ConfigError` naming the key, e.g.
-    ``model.embedding_dim=100 is not divisible by model.num_learners=3``; missing ImageNet weights
-    raise :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`).
+    (:class:`~gce.models.grouped_trunk.GroupedTrunk`). ``freeze_bn`` freezes the trunk's BatchNorm
+    layers only: the head's BatchNorm is new and must learn.
     """
-    check_model_config(
-        backbone,
-        head,
-        num_learners,
-        embedding_dim,
-        pooling,
-        block_channels,
-        input_mixing,
-        block,
-        block_residual,
-        grouped_trunk_layers,
-    )
-    trunk, channels = build_trunk(backbone, pretrained, allow_download=allow_download)
-    if grouped_trunk_layers:
-        trunk = GroupedTrunk(trunk, channels, num_learners, grouped_trunk_layers)
-    if freeze_bn:
+    use_pretrained = model.pretrained if pretrained is None else pretrained
+    trunk, channels = build_trunk(model.backbone, use_pretrained, allow_download=allow_download)
+    if model.grouped_trunk_layers:
+        trunk = GroupedTrunk(trunk, channels, model.num_learners, model.grouped_trunk_layers)
+    if model.freeze_bn:
         freeze_batchnorm(trunk)
     shape = HeadShape(
-        channels, num_learners, embedding_dim, pooling, block_channels, input_mixing, block, block_residual
+        channels,
+        model.num_learners,
+        model.embedding_dim,
+        model.pooling,
+        model.block_channels,
+        model.input_mixing,
+        model.block,
+        model.block_residual,
     )
-    return EmbeddingModel(trunk, HEAD_REGISTRY[head](shape))
+    return EmbeddingModel(trunk, HEAD_REGISTRY[model.head](shape))
 
 
 @dataclass(frozen=True)
@@ -186,14 +168,3 @@ def _group_channelwise(s: HeadShape) -> EmbeddingHead:
 @HEAD_REGISTRY.register("linear_split")
 def _linear_split(s: HeadShape) -> EmbeddingHead:
     return LinearSplitHead(s.in_channels, s.num_learners, s.embedding_dim, pooling=s.pooling)
-
-
-def model_from_config(model: ModelConfig, *, pretrained: bool | None = None) -> EmbeddingModel:
-    """The model that a config's ``model`` section describes; every caller builds models here.
-
-    ``pretrained`` overrides ``model.pretrained`` (``False`` when checkpoint weights follow).
-    """
-    values = model.model_dump()
-    if pretrained is not None:
-        values["pretrained"] = pretrained
-    return build_model(**values)

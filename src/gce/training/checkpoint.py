@@ -278,7 +278,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
     """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
     from gce.config import config_from_dict
-    from gce.models import model_from_config
+    from gce.models import build_model
 
     state, _ = load_checkpoint(path)
     require_keys(state, ("config", "model"), path)
@@ -286,7 +286,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         cfg = config_from_dict(state["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: the config saved in it is not valid ({exc})") from None
-    model = model_from_config(cfg.model, pretrained=False)
+    model = build_model(cfg.model, pretrained=False)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, ValueError, KeyError) as exc:

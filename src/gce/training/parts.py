@@ -27,7 +27,7 @@ from gce.errors import ConfigError, GceError
 from gce.evaluation.pipeline import DatasetEmbedder, EmbedFn, MetricSettings
 from gce.io import check_run_folder
 from gce.losses import GCELoss
-from gce.models import EmbeddingModel, model_from_config
+from gce.models import EmbeddingModel, build_model
 from gce.runtime import flush_denormals, resolve_device, seed_everything
 from gce.training.optim import build_optimizer, build_scheduler
 from gce.training.readings import Reading, build_reading
@@ -168,7 +168,7 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     seed_everything(cfg.train.seed)
     data = prepare_data(cfg, progress)
     check_sampler_feasible(cfg, data.train)
-    model = model_from_config(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:  # the trainer converts each batch as well
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
