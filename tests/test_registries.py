@@ -7,6 +7,7 @@ import pytest
 from gce.config import vocabulary
 from gce.data.datasets import DATASETS
 from gce.errors import ConfigError
+from gce.losses.registry import LOSS_REGISTRY
 from gce.metaclass.strategies import STRATEGY_REGISTRY
 from gce.models.backbones import BACKBONES
 from gce.models.embedding_model import HEAD_REGISTRY
@@ -21,6 +22,7 @@ REGISTRIES = {
     "optimiser": (OPTIMIZER_REGISTRY, vocabulary.OPTIMIZERS),
     "scheduler": (SCHEDULER_REGISTRY, vocabulary.SCHEDULERS),
     "index type": (INDEX_REGISTRY, vocabulary.INDEX_TYPES),
+    "loss": (LOSS_REGISTRY, vocabulary.LOSS_NAMES),
 }
 
 
@@ -46,3 +48,19 @@ def test_a_registry_refuses_names_outside_its_vocabulary_and_twice():
     assert registry.missing() == ["b"]
     with pytest.raises(ConfigError, match=r"model\.widget='b' is unknown; valid widget names: a"):
         registry["b"]
+
+
+def test_the_loss_section_builds_the_named_loss_with_its_values():
+    from gce.config import LossConfig
+    from gce.losses import GCELoss, build_loss
+
+    loss = build_loss(
+        LossConfig(name="triplet", margin=0.3, mining="hard", full_embedding_weight=0.5, distance="cosine")
+    )
+    assert isinstance(loss, GCELoss) and loss.full_embedding_weight == 0.5
+    assert (loss.triplet.miner.margin, loss.triplet.miner.type_of_triplets, loss.triplet.loss.margin) == (
+        0.3,
+        "hard",
+        0.3,
+    )
+    assert type(loss.triplet.loss.distance).__name__ == "CosineSimilarity"

@@ -23,6 +23,7 @@ from gce.config.vocabulary import (
     Head,
     InputMixing,
     LearnerData,
+    LossName,
     Mining,
     OptimizerName,
     Pooling,
@@ -93,6 +94,7 @@ class MetaClassConfig(_Section):
 
 
 class LossConfig(_Section):
+    name: LossName = Field("triplet", description="the loss each learner trains with (gce.losses.registry)")
     margin: float = Field(0.1, gt=0.0)
     mining: Mining = "semihard"
     distance: Distance = "euclidean"

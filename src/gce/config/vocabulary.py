@@ -22,6 +22,7 @@ __all__ = [
     "INDEX_TYPES",
     "INPUT_MIXING_MODES",
     "LEARNER_DATA",
+    "LOSS_NAMES",
     "MINING_TYPES",
     "OPTIMIZERS",
     "POOLING_MODES",
@@ -36,6 +37,7 @@ __all__ = [
     "Head",
     "InputMixing",
     "LearnerData",
+    "LossName",
     "Mining",
     "OptimizerName",
     "Pooling",
@@ -71,6 +73,9 @@ BALANCE_BY: tuple[str, ...] = get_args(BalanceBy)
 LearnerData = Literal["subset", "all"]
 LEARNER_DATA: tuple[str, ...] = get_args(LearnerData)
 
+#: The loss each learner trains with (gce.losses.registry holds one factory per name).
+LossName = Literal["triplet"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 Mining = Literal["semihard", "hard", "all"]
 Distance = Literal["euclidean", "cosine"]
 MINING_TYPES: tuple[str, ...] = get_args(Mining)

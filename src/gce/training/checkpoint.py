@@ -243,6 +243,15 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
         raise CheckpointError("checkpoint was written with another configuration: " + "; ".join(differences))
 
 
+def _schema_default(section: str, key: str) -> Any:
+    """The schema's default of ``section.key`` (None when it has none)."""
+    from gce.config import ExperimentConfig
+
+    model = ExperimentConfig.model_fields[section].annotation
+    field = getattr(model, "model_fields", {}).get(key)
+    return None if field is None or field.is_required() else field.get_default(call_default_factory=True)
+
+
 def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The settings that make ``current`` another run than the checkpoint's ``saved`` config, as
     ``section.key: checkpoint A, config B`` (empty: the same run)."""
@@ -250,8 +259,10 @@ def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     for section in ("model", "data", "metaclass", "loss", "sampler", "optim"):
         a, b = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key) and key not in ("workers",):
-                differences.append(f"{section}.{key}: checkpoint {a.get(key)!r}, config {b.get(key)!r}")
+            # A key added to the schema after the checkpoint was written had its default then.
+            old = a[key] if key in a else _schema_default(section, key)
+            if old != b.get(key) and key not in ("workers",):
+                differences.append(f"{section}.{key}: checkpoint {old!r}, config {b.get(key)!r}")
     for section, key in _MEANING_KEYS:
         a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
         if a != b:

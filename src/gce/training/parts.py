@@ -26,7 +26,7 @@ from gce.data.transforms import test_transform, train_transform
 from gce.errors import ConfigError, GceError
 from gce.evaluation.pipeline import DatasetEmbedder, EmbedFn, MetricSettings
 from gce.io import check_run_folder
-from gce.losses import GCELoss
+from gce.losses import GCELoss, build_loss
 from gce.models import EmbeddingModel, build_model
 from gce.runtime import flush_denormals, resolve_device, seed_everything
 from gce.training.optim import build_optimizer, build_scheduler
@@ -183,12 +183,7 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg),
         reading=build_reading(cfg, model.learner_slices(), data.train.labels, data.train.num_classes, device),
-        loss=GCELoss(
-            margin=cfg.loss.margin,
-            mining=cfg.loss.mining,
-            full_embedding_weight=cfg.loss.full_embedding_weight,
-            distance=cfg.loss.distance,
-        ),
+        loss=build_loss(cfg.loss),
         train_set=train_set,
         train_eval_set=train_eval_set,
         val_set=val_set,
