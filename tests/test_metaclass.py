@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -288,7 +289,7 @@ def test_assignment_stats_class_level_brute_force() -> None:
     assert stats.moved_images_fraction == pytest.approx(2 / 8)
     assert stats.split_classes == 0
     assert assignment_stats(new, labels, 5).moved_fraction == 0.0
-    assert stats.as_dict()["classes_per_learner"] == [2, 3, 0]
+    assert dataclasses.asdict(stats)["classes_per_learner"] == [2, 3, 0]
 
 
 def test_assignment_stats_sample_level_brute_force() -> None:

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gce.cli import main
@@ -101,8 +102,10 @@ def _bad_and_good(cases: list[Case]) -> tuple[set[str], set[str]]:
 
 
 def test_skip_bad_counts_every_unreadable_image_and_keeps_every_good_one():
-    records = ImageRecords.from_named_labels(
-        [str(c.path) for c in IMAGE_CASES], [f"class{i % 4}" for i in range(len(IMAGE_CASES))]
+    records = ImageRecords(
+        paths=[str(c.path) for c in IMAGE_CASES],
+        labels=np.arange(len(IMAGE_CASES)) % 4,
+        class_names=[f"class{c}" for c in range(4)],
     )
     bad, good = _bad_and_good(IMAGE_CASES)
     with pytest.raises(DatasetError) as info:

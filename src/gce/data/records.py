@@ -56,12 +56,6 @@ class ImageRecords:
             is_gallery=None if self.is_gallery is None else self.is_gallery[indices],
         )
 
-    @classmethod
-    def from_named_labels(cls, paths: list[str], names: list[str], **masks) -> ImageRecords:
-        """Build records from per-image class names (classes ordered by sorted name)."""
-        class_names, labels = np.unique(np.asarray(names, dtype=object).astype(str), return_inverse=True)
-        return cls(paths=list(paths), labels=labels, class_names=[str(c) for c in class_names], **masks)
-
 
 @dataclass
 class DatasetSplits:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,10 +33,6 @@ class AssignmentStats:
     moved_fraction: float
     moved_images_fraction: float
     split_classes: int
-
-    def as_dict(self) -> dict:
-        """Plain dict (JSON-serialisable) for loggers."""
-        return asdict(self)
 
 
 def assignment_stats(

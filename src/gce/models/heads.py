@@ -174,7 +174,6 @@ class GroupChannelwiseHead(EmbeddingHead):
             block_channels = in_channels if input_mixing == "grouped" else -(-in_channels // k) * k
         self.block_channels = block_channels
         self.input_mixing = input_mixing
-        self.block_kind = block
         self.block_residual = block_residual
 
         # Shared mixing layer (shared mode only): no bias, the BN after the grouped conv has one.
