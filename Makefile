@@ -34,8 +34,8 @@ test-wheel: install
 # Static checks (settings in pyproject.toml: [tool.ruff], [tool.mypy]); ruff and mypy come with the
 # "test" extra.
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks studies
+	$(VENV)/bin/ruff format --check src tests benchmarks studies
 	$(VENV)/bin/mypy
 
 # The tests that compare floats across code paths (1 vs 2 processes, threads, CPU kernels, batch

@@ -8,7 +8,7 @@ For each trained model (``model.pt`` of a run folder), on the test split of its 
   (by that learner's sub-embedding) is the same image. 100 % would mean the learners collapsed
   onto one metric; the lower, the more diverse the ensemble.
 
-    python benchmarks/learner_diagnostics.py runs/ablation-emoji/gce/seed0 runs/ablation-emoji/dreml/seed0
+    python studies/learner_diagnostics.py runs/ablation-emoji/gce/seed0 runs/ablation-emoji/dreml/seed0
 
 Prints one markdown table row per model. CPU: about 20 s per emoji model (one pass over the
 4,653 test images plus K+1 exact kNN searches).

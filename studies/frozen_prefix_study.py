@@ -17,7 +17,7 @@ So it answers "which variant is best when the last stage (MobileNetV2: the last 
 channels at 4 x 4 in, 1280 at 2 x 2 out) and the head adapt", not what the full fine-tuning
 gives; docs/results.md reports both, labelled.
 
-    python benchmarks/frozen_prefix_study.py configs/ablation/emoji_block.yaml --seeds 0 1 2 \\
+    python studies/frozen_prefix_study.py configs/ablation/emoji_block.yaml --seeds 0 1 2 \\
         --out runs/frozen-prefix [--only linear_k8 gce_k8 ...] [key=value ...]
 
 Prints one markdown row per variant (mean ± std over seeds) and writes ``results.jsonl``.
@@ -43,7 +43,7 @@ from gce.evaluation import evaluate_embeddings
 from gce.models.grouped_trunk import GroupedTrunk, trunk_layers
 from gce.training.optim import build_optimizer, build_scheduler
 from gce.training.trainer import Trainer
-from learner_diagnostics import nearest_neighbours  # a sibling script: python puts benchmarks/ on the path
+from learner_diagnostics import nearest_neighbours  # a sibling script: python puts studies/ on the path
 
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
@@ -143,7 +143,7 @@ class FrozenPrefixTrainer(Trainer):
 
 def learner_diagnostics(trainer: Trainer) -> dict[str, object]:
     """R@1 of each learner's sub-embedding alone and the mean pairwise nearest-neighbour agreement
-    (as benchmarks/learner_diagnostics.py computes them for a full model)."""
+    (as studies/learner_diagnostics.py computes them for a full model)."""
     embeddings, labels = trainer._embed(trainer.test_set, "diagnostics")
     slices = trainer.model.learner_slices()
     per_learner = [
