@@ -11,7 +11,8 @@ import math
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from PIL import Image
 from gce import __version__
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, GceError
+from gce.retrieval.index import query_vectors
 from gce.serve.batching import MicroBatcher
 from gce.serve.errors import RequestError
 from gce.serve.settings import ServeSettings
@@ -87,45 +89,84 @@ class SearchService:
     # -- parsing -----------------------------------------------------------------------------------
 
     def check_k(self, k: int | None, *, exclude_self: bool = False) -> int:
-        top = min(self.settings.max_k, int(self.index.size) - exclude_self)  # an item query drops the item
+        size = int(self.index.size)
+        top = min(self.settings.max_k, size - exclude_self)  # an item query drops the item
+        if top < 1:  # an item query on a one-item index: there is nothing else to find
+            raise RequestError(422, f"the index has {size} item(s): no other item to search for")
         if k is None:
             return min(self.settings.default_k, top)
-        if not 1 <= k <= top:
-            raise RequestError(422, f"k must be between 1 and {top}, got {k}")
-        return k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= top:
+            raise RequestError(422, f"k must be between 1 and {top}, got {k!r}")
+        return int(k)
 
     def parse_learners(self, text: str | None) -> list[int] | None:
         """``"0,2"`` -> ``[0, 2]``; empty or missing -> ``None`` (all learners)."""
         if text is None or not text.strip():
             return None
-        count = int(self.index.num_learners)
         try:
             learners = [int(part) for part in text.split(",")]
         except ValueError:
+            count = int(self.index.num_learners)
             raise RequestError(
-                422, f"learners must be comma-separated learner numbers 0..{count - 1}, got {text!r}"
+                422, f"learners must be comma-separated learner numbers 0..{count - 1}, got {text[:60]!r}"
             ) from None
-        bad = [n for n in learners if not 0 <= n < count]
-        if bad:
-            raise RequestError(422, f"learners: {bad[0]} is not a learner of this model (0..{count - 1})")
-        if len(set(learners)) != len(learners):
-            raise RequestError(422, f"learners: {text!r} names a learner twice")
-        return sorted(learners)
+        return sorted(self.check_learners(learners))
 
     def parse_weights(self, text: str | None) -> list[float] | None:
         """``"1,0.5,1,1"`` -> one non-negative weight per learner of the model."""
         if text is None or not text.strip():
             return None
-        count = int(self.index.num_learners)
         try:
             weights = [float(part) for part in text.split(",")]
         except ValueError:
-            raise RequestError(422, f"weights must be {count} comma-separated numbers, got {text!r}") from None
-        if len(weights) != count:
-            raise RequestError(422, f"weights: the model has {count} learners, got {len(weights)} weights")
-        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
-            raise RequestError(422, f"weights must be finite, non-negative and not all zero, got {text!r}")
-        return weights
+            count = int(self.index.num_learners)
+            raise RequestError(422, f"weights must be {count} comma-separated numbers, got {text[:60]!r}") from None
+        return self.check_weights(weights)
+
+    def check_learners(self, learners: Sequence[int]) -> list[int]:
+        """A learner subset: learner numbers of this model, each once, at least one (else a 422)."""
+        count = int(self.index.num_learners)
+        chosen = list(learners)
+        if not chosen:
+            raise RequestError(422, "learners: give at least one learner")
+        bad = [n for n in chosen if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < count]
+        if bad:
+            raise RequestError(422, f"learners: {bad[0]!r} is not a learner of this model (0..{count - 1})")
+        if len(set(chosen)) != len(chosen):
+            raise RequestError(422, f"learners: {chosen} names a learner twice")
+        return [int(n) for n in chosen]
+
+    def check_weights(self, weights: Sequence[float]) -> list[float]:
+        """One finite, non-negative weight per learner, not all zero, with a finite sum (else a 422)."""
+        count = int(self.index.num_learners)
+        values = list(weights)
+        if len(values) != count:
+            raise RequestError(422, f"weights: the model has {count} learners, got {len(values)} weights")
+        try:
+            values = [float(w) for w in values]
+        except (TypeError, ValueError):
+            raise RequestError(422, f"weights must be numbers, got {values}") from None
+        # The scan divides by the sum: 1e308 twice overflows it to inf and every weight to 0.
+        if not all(math.isfinite(w) and w >= 0 for w in values) or not 0 < sum(values) < math.inf:
+            raise RequestError(
+                422, f"weights must be finite, non-negative and not all zero, with a finite sum, got {values}"
+            )
+        return values
+
+    def check_query(
+        self, query: np.ndarray, learners: Sequence[int] | None, weights: Sequence[float] | None
+    ) -> _SearchJob:
+        """Everything about one query that the batched scan would refuse, refused here, before the
+        query joins a batch: one request's bad input must never become its batch-mates' error."""
+        if learners is not None and weights is not None:
+            raise RequestError(422, "give learners or weights, not both")
+        chosen = tuple(self.check_learners(learners)) if learners is not None else None
+        weighted = tuple(self.check_weights(weights)) if weights is not None else None
+        try:  # the scan's own preparation of the query, on this one query: the same rule, no drift
+            query_vectors(query, self.index.learner_slices, chosen, weighted)
+        except GceError as exc:
+            raise RequestError(422, str(exc)) from None
+        return _SearchJob(np.asarray(query, dtype=np.float32).reshape(-1), 0, chosen, weighted)
 
     def item_id(self, item: int) -> int:
         """The id if the index holds it, else a 404."""
@@ -168,12 +209,10 @@ class SearchService:
         )
 
     def _find(self, query: np.ndarray, k: int, learners, weights) -> list:
-        job = _SearchJob(
-            query, k, tuple(learners) if learners is not None else None, tuple(weights) if weights is not None else None
-        )
+        job = replace(self.check_query(query, learners, weights), k=k)
         try:
             return self._search(job)
-        except GceError as exc:  # e.g. a learner/weight combination the index refuses
+        except GceError as exc:  # validated above; kept so that a refusal is never a 500
             raise RequestError(422, str(exc)) from None
 
     # -- the batch functions (each runs on its batcher's worker thread) ------------------------------
