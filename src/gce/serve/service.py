@@ -7,7 +7,6 @@ can go wrong with a request raises :class:`RequestError` with its 4xx status her
 from __future__ import annotations
 
 import io
-import math
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -24,6 +23,7 @@ from gce import __version__
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, GceError
 from gce.retrieval.index import query_vectors
+from gce.serve import queries
 from gce.serve.batching import MicroBatcher
 from gce.serve.errors import RequestError
 from gce.serve.settings import ServeSettings
@@ -101,57 +101,11 @@ class SearchService:
 
     def parse_learners(self, text: str | None) -> list[int] | None:
         """``"0,2"`` -> ``[0, 2]``; empty or missing -> ``None`` (all learners)."""
-        if text is None or not text.strip():
-            return None
-        try:
-            learners = [int(part) for part in text.split(",")]
-        except ValueError:
-            count = int(self.index.num_learners)
-            raise RequestError(
-                422, f"learners must be comma-separated learner numbers 0..{count - 1}, got {text[:60]!r}"
-            ) from None
-        return sorted(self.check_learners(learners))
+        return queries.parse_learners(text, int(self.index.num_learners))
 
     def parse_weights(self, text: str | None) -> list[float] | None:
         """``"1,0.5,1,1"`` -> one non-negative weight per learner of the model."""
-        if text is None or not text.strip():
-            return None
-        try:
-            weights = [float(part) for part in text.split(",")]
-        except ValueError:
-            count = int(self.index.num_learners)
-            raise RequestError(422, f"weights must be {count} comma-separated numbers, got {text[:60]!r}") from None
-        return self.check_weights(weights)
-
-    def check_learners(self, learners: Sequence[int]) -> list[int]:
-        """A learner subset: learner numbers of this model, each once, at least one (else a 422)."""
-        count = int(self.index.num_learners)
-        chosen = list(learners)
-        if not chosen:
-            raise RequestError(422, "learners: give at least one learner")
-        bad = [n for n in chosen if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < count]
-        if bad:
-            raise RequestError(422, f"learners: {bad[0]!r} is not a learner of this model (0..{count - 1})")
-        if len(set(chosen)) != len(chosen):
-            raise RequestError(422, f"learners: {chosen} names a learner twice")
-        return [int(n) for n in chosen]
-
-    def check_weights(self, weights: Sequence[float]) -> list[float]:
-        """One finite, non-negative weight per learner, not all zero, with a finite sum (else a 422)."""
-        count = int(self.index.num_learners)
-        values = list(weights)
-        if len(values) != count:
-            raise RequestError(422, f"weights: the model has {count} learners, got {len(values)} weights")
-        try:
-            values = [float(w) for w in values]
-        except (TypeError, ValueError):
-            raise RequestError(422, f"weights must be numbers, got {values}") from None
-        # The scan divides by the sum: 1e308 twice overflows it to inf and every weight to 0.
-        if not all(math.isfinite(w) and w >= 0 for w in values) or not 0 < sum(values) < math.inf:
-            raise RequestError(
-                422, f"weights must be finite, non-negative and not all zero, with a finite sum, got {values}"
-            )
-        return values
+        return queries.parse_weights(text, int(self.index.num_learners))
 
     def check_query(
         self, query: np.ndarray, learners: Sequence[int] | None, weights: Sequence[float] | None
@@ -160,8 +114,9 @@ class SearchService:
         query joins a batch: one request's bad input must never become its batch-mates' error."""
         if learners is not None and weights is not None:
             raise RequestError(422, "give learners or weights, not both")
-        chosen = tuple(self.check_learners(learners)) if learners is not None else None
-        weighted = tuple(self.check_weights(weights)) if weights is not None else None
+        count = int(self.index.num_learners)
+        chosen = tuple(queries.check_learners(learners, count)) if learners is not None else None
+        weighted = tuple(queries.check_weights(weights, count)) if weights is not None else None
         try:  # the scan's own preparation of the query, on this one query: the same rule, no drift
             query_vectors(query, self.index.learner_slices, chosen, weighted)
         except GceError as exc:
