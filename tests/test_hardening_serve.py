@@ -201,6 +201,17 @@ def test_concurrent_bad_and_good_requests_over_http_good_ones_get_their_own_answ
         assert same_answer(together[n], alone[n], UPLOAD_SCORE_ATOL), (n, together[n], alone[n])
 
 
+def test_a_query_the_scan_would_refuse_is_refused_alone_before_the_batch(loaded):
+    """E.g. a non-finite embedding (a stored zero vector, a broken model): the scan would fail the batch."""
+    service = new_service(loaded)
+    try:
+        with pytest.raises(RequestError, match="NaN or infinite") as info:
+            service._find(np.full(32, np.nan, dtype=np.float32), 3, None, None)
+        assert info.value.status == 422 and service._search.items == 0  # it never reached the scan
+    finally:
+        service.close()
+
+
 def test_an_item_query_on_a_one_item_index_says_so(loaded, tmp_path):
     fixture, _, embedder = loaded
     one = tmp_path / "one.index"
