@@ -1,8 +1,9 @@
-"""Argument types shared by the sub-commands: bounded integers and seeds, with one-line errors."""
+"""Argument types shared by the sub-commands: bounded integers, positive numbers and seeds, with one-line errors."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -29,3 +30,22 @@ def seed(text: str) -> int:
     if value >= 2**32:
         raise argparse.ArgumentTypeError(f"must be below 2**32, got {value}")
     return value
+
+
+def positive_number(maximum: float, minimum: float = 0.0) -> Callable[[str], float]:
+    """An argparse type: a finite number above 0, at least ``minimum``, at most ``maximum`` (no nan, inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text}")
+        return value
+
+    return parse

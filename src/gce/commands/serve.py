@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
+from gce.commands.arguments import count, positive_number
 from gce.errors import ConfigError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MIB = 1024 * 1024
+# The ceilings of gce.serve.settings, repeated: importing it here would import FastAPI for every
+# command's --help (tests/test_hardening_serve.py checks that the two agree).
+MAX_UPLOAD_CEILING = 1024 * MIB
+PILLOW_PIXEL_CEILING = 178_956_970
+MAX_TIMEOUT_S = 3600.0
+#: More torch threads than this only adds contention (and 100,000 of them would not start).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", type=Path, required=True, help="index folder written by gce index build")
     p.add_argument("--checkpoint", type=Path, required=True, help="the model.pt that built the index")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=count(1, 65535), default=8000)
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--root-path",
@@ -31,18 +41,50 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="path prefix a reverse proxy serves this under, e.g. /search "
         "(for the API docs page; the search page works without it)",
     )
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
     p.add_argument(
-        "--max-pixels", type=int, default=16_000_000, help="largest accepted image, width x height (default 16,000,000)"
+        "--max-upload-mb",
+        type=positive_number(MAX_UPLOAD_CEILING / MIB, minimum=0.001),
+        default=10.0,
+        help=f"largest accepted upload in MiB (default 10; at most {MAX_UPLOAD_CEILING // MIB})",
     )
-    p.add_argument("--max-k", type=int, default=100, help="most neighbours per query (default 100)")
+    p.add_argument(
+        "--max-pixels",
+        type=count(1, PILLOW_PIXEL_CEILING),
+        default=16_000_000,
+        help=f"largest accepted image, width x height (default 16,000,000; at most {PILLOW_PIXEL_CEILING:,}, "
+        "where Pillow refuses images itself)",
+    )
+    p.add_argument("--max-k", type=count(1, 10_000), default=100, help="most neighbours per query (default 100)")
     p.add_argument(
         "--max-batch",
-        type=int,
+        type=count(1, 1024),
         default=32,
         help="most queued queries answered by one model call / index scan (default 32; 1: no batching)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads for embedding (default: torch's)")
+    p.add_argument(
+        "--max-uploads",
+        type=count(1, 10_000),
+        default=32,
+        help="requests with a body (uploads, searches) read or answered at once; more get a 503 (default 32)",
+    )
+    p.add_argument(
+        "--upload-timeout",
+        type=positive_number(MAX_TIMEOUT_S),
+        default=60.0,
+        help="seconds a request's headers, and then its body, may take to arrive (default 60)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=count(1, 100_000),
+        default=512,
+        help="open connections at once; more get a 503 (default 512)",
+    )
+    p.add_argument(
+        "--threads",
+        type=count(1, MAX_THREADS),
+        default=None,
+        help=f"torch threads for embedding (default: torch's; at most {MAX_THREADS}, 4 per CPU)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
 
@@ -67,21 +109,22 @@ def run(args: argparse.Namespace) -> int:
     from gce.extras import require_extra
 
     require_extra("serve")
-    import uvicorn
     from pydantic import ValidationError
 
     from gce.runtime import resolve_device
     from gce.serve import ServeSettings, create_app, load_service
+    from gce.serve.server import make_server
 
     resolve_device(args.device, "--device")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     try:
         settings = ServeSettings(
-            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            max_upload_bytes=int(args.max_upload_mb * MIB),
             max_pixels=args.max_pixels,
             max_k=args.max_k,
             max_batch=args.max_batch,
+            max_uploads=args.max_uploads,
+            upload_timeout_s=args.upload_timeout,
+            max_connections=args.max_connections,
             device=args.device,
         )
     except ValidationError as exc:
@@ -93,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     service = load_service(args.index, args.checkpoint, settings)
     listener = bind(args.host, args.port)  # before the start-up line, so that the line is true
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=args.log_level, root_path=args.root_path))
+    server = make_server(create_app(service), settings, log_level=args.log_level, root_path=args.root_path)
     print(start_line(args.host, args.port, int(service.index.size), args.index), flush=True)
     server.run(sockets=[listener])
     return 0

@@ -18,10 +18,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gce import __version__
 from gce.serve.errors import RequestError
+from gce.serve.guards import BodyGuard, HeadAsGet
 from gce.serve.service import SearchService
 from gce.serve.uploads import check_content_type
 
@@ -90,77 +90,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "undecodable image or malformed request"),
         (404, "unknown item id"),
+        (408, "request body not received within the upload timeout"),
         (413, "upload or image over the limits"),
         (415, "not a form or not an image"),
         (422, "bad k, learners or weights"),
+        (503, "too many uploads or connections at once: try again shortly"),
     )
 }
-
-
-# -- the body-size guard ---------------------------------------------------------------------------
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with a 413 before any of it reaches a parser.
-
-    A declared Content-Length is checked before reading; a chunked body is counted while it is
-    read, so memory stays bounded either way. The accepted body is replayed to the app.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, int(declared))
-            return
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            total += len(body)
-            if total > self.max_bytes:
-                await self._refuse(send, total)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send: Send, size: int) -> None:
-        body = json.dumps(
-            {"error": f"request body of {size}+ bytes is over the limit of {self.max_bytes} bytes"},
-            separators=(",", ":"),
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -181,7 +117,14 @@ def create_app(service: SearchService) -> FastAPI:
         description="Image search with a GCE embedding model: upload an image (or name an indexed item) "
         "and get its nearest neighbours, optionally with a subset of the ensemble's learners.",
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        max_open=settings.max_uploads,
+        timeout_s=settings.upload_timeout_s,
+        describe=f" (an upload of at most {settings.max_upload_bytes} bytes and its form)",
+    )
+    app.add_middleware(HeadAsGet)  # outermost: every layer below sees a GET
     _add_error_handlers(app)
 
     @app.get("/health", summary="liveness")
@@ -216,7 +159,11 @@ def create_app(service: SearchService) -> FastAPI:
             return service.search_item(id, k, subset, weight_list)
         assert image is not None  # exactly one of the two was given
         check_content_type(image.content_type)
-        data = image.file.read(settings.max_upload_bytes + 1)  # in memory already: bounded by BodyLimit
+        limit = settings.max_upload_bytes
+        data = image.file.read(limit + 1)  # in memory already: bounded by BodyGuard
+        if len(data) > limit:  # the part's real size, counted by the form parser, if it says one
+            size = f" of {image.size} bytes" if image.size is not None and image.size > limit else ""
+            raise RequestError(413, f"upload{size} is over the limit of {limit} bytes")
         return service.search_upload(data, k, subset, weight_list)
 
     @app.get(
@@ -246,11 +193,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         text = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 404 and text == "Not Found":
             text = f"not found: {request.url.path}"
-        return JSONResponse(
-            {"error": " ".join(text.split())}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        elif exc.status_code == 405:
+            listed = str(headers.get("Allow") or headers.get("allow") or "")
+            allowed = [m.strip() for m in listed.split(",") if m.strip()]
+            if "GET" in allowed and "HEAD" not in allowed:  # HeadAsGet answers HEAD wherever GET is
+                allowed.append("HEAD")
+            headers = {"Allow": ", ".join(allowed)}
+            text = f"method {request.method} is not allowed on {request.url.path} (allowed: {', '.join(allowed)})"
+        return JSONResponse({"error": " ".join(text.split())}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

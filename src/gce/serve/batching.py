@@ -30,8 +30,10 @@ class _Job(Generic[T, R]):
 class MicroBatcher(Generic[T, R]):
     """Call ``fn`` on up to ``max_batch`` queued items at a time, on one worker thread.
 
-    ``fn`` gets a list of items and returns one result per item, in order. If it raises, every
-    caller of that batch gets the exception. Callers block until their own result is ready.
+    ``fn`` gets a list of items and returns one result per item, in order. Callers block until
+    their own result is ready. If ``fn`` raises on a batch of several items, each item is run again
+    alone, so that one caller's bad item fails that caller only, never its batch-mates; callers are
+    expected to validate their items first, so this fallback is the exception, not the rule.
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int, name: str) -> None:
@@ -44,6 +46,7 @@ class MicroBatcher(Generic[T, R]):
         self._closed = False
         self.batches = 0  # calls of fn so far (for tests and diagnostics)
         self.items = 0
+        self.fallbacks = 0  # failed batches answered one item at a time
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -81,12 +84,12 @@ class MicroBatcher(Generic[T, R]):
                     return
                 batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
             try:
-                results = list(self._fn([job.item for job in batch]))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
-            except BaseException as exc:  # handed to the callers, the worker lives on
-                for job in batch:
-                    job.error = exc
+                results = self._call([job.item for job in batch])
+            except BaseException as exc:  # the worker lives on
+                if len(batch) == 1:
+                    batch[0].error = exc
+                else:
+                    self._one_by_one(batch)
             else:
                 for job, result in zip(batch, results, strict=True):
                     job.result = result
@@ -94,3 +97,18 @@ class MicroBatcher(Generic[T, R]):
             self.items += len(batch)
             for job in batch:
                 job.done.set()
+
+    def _call(self, items: list[T]) -> list[R]:
+        results = list(self._fn(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        return results
+
+    def _one_by_one(self, batch: list[_Job[T, R]]) -> None:
+        """Each job of a failed batch alone: its own result, or its own error."""
+        self.fallbacks += 1
+        for job in batch:
+            try:
+                job.result = self._call([job.item])[0]
+            except BaseException as exc:
+                job.error = exc

@@ -7,11 +7,11 @@ can go wrong with a request raises :class:`RequestError` with its 4xx status her
 from __future__ import annotations
 
 import io
-import math
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from PIL import Image
 from gce import __version__
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, GceError
+from gce.retrieval.index import query_vectors
+from gce.serve import queries
 from gce.serve.batching import MicroBatcher
 from gce.serve.errors import RequestError
 from gce.serve.settings import ServeSettings
@@ -87,45 +89,39 @@ class SearchService:
     # -- parsing -----------------------------------------------------------------------------------
 
     def check_k(self, k: int | None, *, exclude_self: bool = False) -> int:
-        top = min(self.settings.max_k, int(self.index.size) - exclude_self)  # an item query drops the item
+        size = int(self.index.size)
+        top = min(self.settings.max_k, size - exclude_self)  # an item query drops the item
+        if top < 1:  # an item query on a one-item index: there is nothing else to find
+            raise RequestError(422, f"the index has {size} item(s): no other item to search for")
         if k is None:
             return min(self.settings.default_k, top)
-        if not 1 <= k <= top:
-            raise RequestError(422, f"k must be between 1 and {top}, got {k}")
-        return k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= top:
+            raise RequestError(422, f"k must be between 1 and {top}, got {k!r}")
+        return int(k)
 
     def parse_learners(self, text: str | None) -> list[int] | None:
         """``"0,2"`` -> ``[0, 2]``; empty or missing -> ``None`` (all learners)."""
-        if text is None or not text.strip():
-            return None
-        count = int(self.index.num_learners)
-        try:
-            learners = [int(part) for part in text.split(",")]
-        except ValueError:
-            raise RequestError(
-                422, f"learners must be comma-separated learner numbers 0..{count - 1}, got {text!r}"
-            ) from None
-        bad = [n for n in learners if not 0 <= n < count]
-        if bad:
-            raise RequestError(422, f"learners: {bad[0]} is not a learner of this model (0..{count - 1})")
-        if len(set(learners)) != len(learners):
-            raise RequestError(422, f"learners: {text!r} names a learner twice")
-        return sorted(learners)
+        return queries.parse_learners(text, int(self.index.num_learners))
 
     def parse_weights(self, text: str | None) -> list[float] | None:
         """``"1,0.5,1,1"`` -> one non-negative weight per learner of the model."""
-        if text is None or not text.strip():
-            return None
+        return queries.parse_weights(text, int(self.index.num_learners))
+
+    def check_query(
+        self, query: np.ndarray, learners: Sequence[int] | None, weights: Sequence[float] | None
+    ) -> _SearchJob:
+        """Everything about one query that the batched scan would refuse, refused here, before the
+        query joins a batch: one request's bad input must never become its batch-mates' error."""
+        if learners is not None and weights is not None:
+            raise RequestError(422, "give learners or weights, not both")
         count = int(self.index.num_learners)
-        try:
-            weights = [float(part) for part in text.split(",")]
-        except ValueError:
-            raise RequestError(422, f"weights must be {count} comma-separated numbers, got {text!r}") from None
-        if len(weights) != count:
-            raise RequestError(422, f"weights: the model has {count} learners, got {len(weights)} weights")
-        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
-            raise RequestError(422, f"weights must be finite, non-negative and not all zero, got {text!r}")
-        return weights
+        chosen = tuple(queries.check_learners(learners, count)) if learners is not None else None
+        weighted = tuple(queries.check_weights(weights, count)) if weights is not None else None
+        try:  # the scan's own preparation of the query, on this one query: the same rule, no drift
+            query_vectors(query, self.index.learner_slices, chosen, weighted)
+        except GceError as exc:
+            raise RequestError(422, str(exc)) from None
+        return _SearchJob(np.asarray(query, dtype=np.float32).reshape(-1), 0, chosen, weighted)
 
     def item_id(self, item: int) -> int:
         """The id if the index holds it, else a 404."""
@@ -168,12 +164,10 @@ class SearchService:
         )
 
     def _find(self, query: np.ndarray, k: int, learners, weights) -> list:
-        job = _SearchJob(
-            query, k, tuple(learners) if learners is not None else None, tuple(weights) if weights is not None else None
-        )
+        job = replace(self.check_query(query, learners, weights), k=k)
         try:
             return self._search(job)
-        except GceError as exc:  # e.g. a learner/weight combination the index refuses
+        except GceError as exc:  # validated above; kept so that a refusal is never a 500
             raise RequestError(422, str(exc)) from None
 
     # -- the batch functions (each runs on its batcher's worker thread) ------------------------------

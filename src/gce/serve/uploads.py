@@ -65,7 +65,9 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Imag
     except Image.DecompressionBombError as exc:  # Pillow's own guard fired first, when opening
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"image of {claimed.group(1)} pixels" if claimed else "image"
-        raise RequestError(413, f"{size} is over the limit of {max_pixels} pixels") from None
+        # Pillow fires above twice its MAX_IMAGE_PIXELS: that, if lower than ours, is the limit passed.
+        limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS) if Image.MAX_IMAGE_PIXELS else max_pixels
+        raise RequestError(413, f"{size} is over the limit of {limit} pixels") from None
     except UnidentifiedImageError:
         raise RequestError(400, f"not an image file (accepted: {', '.join(ACCEPTED_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
