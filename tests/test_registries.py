@@ -14,6 +14,7 @@ from gce.models.embedding_model import HEAD_REGISTRY
 from gce.registry import Registry
 from gce.retrieval.index import INDEX_REGISTRY
 from gce.training.optim import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
+from gce.training.trackers import TRACKER_REGISTRY
 
 REGISTRIES = {
     "dataset": (DATASETS, vocabulary.DATASET_NAMES),
@@ -23,6 +24,7 @@ REGISTRIES = {
     "scheduler": (SCHEDULER_REGISTRY, vocabulary.SCHEDULERS),
     "index type": (INDEX_REGISTRY, vocabulary.INDEX_TYPES),
     "loss": (LOSS_REGISTRY, vocabulary.LOSS_NAMES),
+    "tracker": (TRACKER_REGISTRY, vocabulary.TRACKER_NAMES),
 }
 
 

@@ -130,7 +130,7 @@ def test_temp_files_of_dead_writers_are_removed_live_ones_kept(tmp_path):
 
 
 def test_log_truncation_on_resume_keeps_only_what_the_checkpoint_covers(tmp_path):
-    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger = MetricsLogger(tmp_path)
     for epoch in range(3):
         logger.log("metaclass", epoch, {"moved_fraction": 0.0})
         logger.log("train", epoch, {"loss": 1.0})

@@ -156,7 +156,7 @@ def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=pri
         title=f"untrained {cfg.model.backbone}: same queries",
     )
     plot_training_curve(
-        MetricsLogger(run_dir, tensorboard=False).read(),
+        MetricsLogger(run_dir).read(),
         out / "training_curve.png",
         title=cfg.name,
         reference=(f"untrained {cfg.model.backbone}", untrained.result.recall[min(untrained.result.recall)]),

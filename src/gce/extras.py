@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "serve": ("gce serve", ("fastapi", "uvicorn", "multipart")),
     "export": ("ONNX export", ("onnx", "onnxruntime", "onnxscript")),
     "tensorboard": ("TensorBoard logging", ("tensorboard",)),
+    "mlflow": ("the mlflow tracker (train.trackers)", ("mlflow",)),
 }
 
 

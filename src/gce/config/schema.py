@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gce.config.checks import check_experiment
 from gce.config.model_checks import check_model_config
@@ -29,6 +29,7 @@ from gce.config.vocabulary import (
     Pooling,
     SchedulerName,
     StrategyName,
+    TrackerName,
 )
 
 # Each vocabulary is defined once, in gce.config.vocabulary (torch-free), as the Literal type pydantic
@@ -140,6 +141,21 @@ class TrainConfig(_Section):
     )
     channels_last: bool = Field(False, description="channels-last memory format for the model and its input")
     compile: bool = Field(False, description="torch.compile the model for training")
+    trackers: list[TrackerName] = Field(
+        default_factory=lambda: list[TrackerName](["tensorboard"]),
+        description="experiment trackers mirroring metrics.jsonl (tensorboard, mlflow); [] writes metrics.jsonl only",
+    )
+    mlflow_uri: str | None = Field(
+        None, description="mlflow tracker: tracking URI (default sqlite:///<out_dir>/mlflow.db, a local store)"
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _each_tracker_once(cls, names: list[str]) -> list[str]:
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return names
 
 
 class EvalConfig(_Section):

@@ -28,6 +28,7 @@ __all__ = [
     "POOLING_MODES",
     "SCHEDULERS",
     "STRATEGY_NAMES",
+    "TRACKER_NAMES",
     "BackboneName",
     "BalanceBy",
     "BlockKind",
@@ -43,6 +44,7 @@ __all__ = [
     "Pooling",
     "SchedulerName",
     "StrategyName",
+    "TrackerName",
 ]
 
 #: Dataset loaders: the four benchmarks, a folder per class, a CSV list, the emoji benchmark.
@@ -101,3 +103,7 @@ EMOJI_PACKAGES: dict[str, tuple[str, str, str, str]] = {
 #: Exact kNN back ends of the evaluation.
 EvalBackend = Literal["torch", "faiss"]
 EVAL_BACKENDS: tuple[str, ...] = get_args(EvalBackend)
+
+#: Experiment trackers that mirror a run's metrics.jsonl (gce.training.trackers holds one factory per name).
+TrackerName = Literal["tensorboard", "mlflow"]
+TRACKER_NAMES: tuple[str, ...] = get_args(TrackerName)

@@ -1,45 +1,40 @@
-"""Run logs: one JSON object per line (easy to plot or grep) mirrored to TensorBoard."""
+"""Run logs: one JSON object per line (easy to plot or grep), mirrored to the chosen trackers."""
 
 from __future__ import annotations
 
 import json
-import math
-import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gce.io import dumps_strict, write_text
+from gce.training.trackers import Resume, Tracker, flatten_params
 
 
 class MetricsLogger:
-    """Appends ``{"event": ..., "epoch": ..., ...}`` records to ``metrics.jsonl``.
+    """Appends ``{"event": ..., "epoch": ..., ...}`` records to ``metrics.jsonl`` and hands each to
+    the ``trackers`` (TensorBoard, MLflow: :mod:`gce.training.trackers`), which mirror it.
 
     On resume the records of epochs after the checkpoint are dropped first, so a killed and resumed
-    run leaves the same file as an uninterrupted one.
+    run leaves the same file as an uninterrupted one; the trackers then bring their copies in line.
     """
 
-    def __init__(self, folder: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, folder: str | Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = Path(folder) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tensorboard_dir = Path(folder) / "tensorboard" if tensorboard else None
-        self._writer = None
+        self.trackers = list(trackers)
+        self.begun = False
 
-    def _tensorboard(self):
-        """The TensorBoard writer, opened at the first record (a logger that never logs, as on
-        the ranks other than 0 of a distributed run, leaves no event file)."""
-        if self._writer is None and self._tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(log_dir=str(self._tensorboard_dir))
-            except ImportError:  # the 'tensorboard' extra is optional: metrics.jsonl has every record
-                warnings.warn(
-                    "tensorboard is not installed: metrics go to metrics.jsonl only"
-                    " (pip install 'gce-dml[tensorboard]' for TensorBoard event files)",
-                    stacklevel=2,
-                )
-                self._tensorboard_dir = None
-        return self._writer
+    def begin(self, params: Mapping[str, Any], resume: Resume | None) -> None:
+        """Open the trackers' runs (once): new ones, or on ``resume`` those the folder's run left;
+        ``params`` is the config (nested), logged flattened."""
+        if self.begun:
+            return
+        self.begun = True
+        flat = flatten_params(params)
+        for tracker in self.trackers:
+            tracker.begin(resume)
+            tracker.log_params(flat)
 
     def truncate_after(self, epoch: int, keep_at_epoch: tuple[str, ...] = ()) -> None:
         """Keep only records of epochs ``< epoch`` (the ones covered by the checkpoint), and those
@@ -64,25 +59,22 @@ class MetricsLogger:
         # Atomically: a kill during a plain rewrite would leave the log empty or cut.
         write_text(self.path, "".join(line + "\n" for line in lines), what="metrics log")
 
-    def log(self, event: str, epoch: int, values: dict[str, Any], step: int | None = None) -> None:
+    def log(self, event: str, epoch: int, values: dict[str, Any]) -> None:
         record = {"event": event, "epoch": epoch, **values}
         with open(self.path, "a") as fh:  # strict JSON: an undefined metric (NaN) is written as null
             fh.write(dumps_strict(record, default=_jsonable) + "\n")
-        writer = self._tensorboard()
-        if writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    writer.add_scalar(f"{event}/{key}", value, step if step is not None else epoch)
-            writer.flush()
+        for tracker in self.trackers:
+            tracker.log_metrics(record)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+    def close(self, finished: bool = False) -> None:
+        """``finished``: the run trained its last epoch (the trackers mark their runs so)."""
+        for tracker in self.trackers:
+            tracker.close(finished)
 
 
 def _epoch_of(line: str) -> int:

@@ -31,6 +31,7 @@ from gce.models import EmbeddingModel, build_model
 from gce.runtime import flush_denormals, resolve_device, seed_everything
 from gce.training.optim import build_optimizer, build_scheduler
 from gce.training.readings import Reading, build_reading
+from gce.training.trackers import check_trackers
 from gce.training.writer import RunWriter, check_fresh_folder
 
 __all__ = ["RunParts", "build_parts", "check_sampler_feasible", "compiled"]
@@ -118,6 +119,7 @@ def _check_smallest_subset(cfg: ExperimentConfig, classes: int) -> None:
 
 
 def _prepare_run_folder(cfg: ExperimentConfig, resume: bool) -> Path:
+    check_trackers(cfg)  # a missing tracker package fails now, before the folder and the data
     out = Path(cfg.train.out_dir)
     check_run_folder(out)
     if not resume and ((out / "last.pt").exists() or (out / "prev.pt").exists()):
@@ -199,6 +201,6 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
         ),
         embed=DatasetEmbedder.from_config(cfg, device, progress),
         metrics=MetricSettings.from_config(cfg),
-        writer=RunWriter(out),
+        writer=RunWriter(out, cfg),
         progress=progress,
     )

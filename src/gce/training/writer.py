@@ -1,8 +1,9 @@
 """Everything a run writes to its folder goes through one :class:`RunWriter`.
 
-The log (``metrics.jsonl``, TensorBoard), the resumable checkpoints (``last.pt``/``prev.pt``), the
-model files (``best.pt``, ``model.pt``), ``config.yaml`` and ``final_metrics.json``. A distributed
-run gives rank 0 this writer and the other ranks one that writes nothing.
+The log (``metrics.jsonl``, mirrored to the ``train.trackers``: TensorBoard, MLflow), the resumable
+checkpoints (``last.pt``/``prev.pt``), the model files (``best.pt``, ``model.pt``), ``config.yaml``
+and ``final_metrics.json``. A distributed run gives rank 0 this writer and the other ranks one that
+writes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gce.config import ExperimentConfig, save_config
 from gce.io import OutputError, write_json
 from gce.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint, save_model_only
 from gce.training.logging import MetricsLogger
+from gce.training.trackers import Resume, build_trackers
 
 __all__ = ["RunWriter", "check_fresh_folder"]
 
@@ -61,11 +63,11 @@ def check_fresh_folder(out: Path) -> None:
 
 
 class RunWriter:
-    """Writes one run folder ``out``."""
+    """Writes one run folder ``out``; ``cfg`` chooses the trackers (none without it)."""
 
-    def __init__(self, out: Path, tensorboard: bool = True) -> None:
-        self.out = out
-        self.logger = MetricsLogger(out, tensorboard=tensorboard)
+    def __init__(self, out: Path, cfg: ExperimentConfig | None = None) -> None:
+        self.out, self.cfg = out, cfg
+        self.logger = MetricsLogger(out, build_trackers(cfg, out) if cfg is not None else ())
         #: The checkpoint this process last wrote or loaded (verified): the only one an error
         #: message may call good.
         self.verified: Path | None = None
@@ -91,12 +93,16 @@ class RunWriter:
         # otherwise precede this run's in the log.
         self.logger.clear()
         save_config(cfg, self.out / "config.yaml")
+        self.logger.begin(cfg.to_dict(), resume=None)
 
     def log(self, event: str, epoch: int, values: dict[str, Any]) -> None:
         self.logger.log(event, epoch, values)
 
     def truncate_log(self, epoch: int, keep_at_epoch: tuple[str, ...] = ()) -> None:
+        """On resume: keep the log the checkpoint covers, then continue the trackers' runs from it."""
         self.logger.truncate_after(epoch, keep_at_epoch=keep_at_epoch)
+        if self.cfg is not None:
+            self.logger.begin(self.cfg.to_dict(), resume=Resume(epoch, self.logger.read()))
 
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
         self.verified = save_checkpoint(state, self.out)
@@ -116,4 +122,9 @@ class RunWriter:
         write_json(self.out / name, values)
 
     def close(self) -> None:
-        self.logger.close()
+        finished = False
+        if self.logger.begun and self.cfg is not None:
+            # The log holds the last epoch's train record (by this attempt or an earlier one).
+            last = self.cfg.train.epochs + self.cfg.train.finetune_epochs - 1
+            finished = any(r.get("event") == "train" and r.get("epoch") == last for r in self.logger.read())
+        self.logger.close(finished)
