@@ -79,11 +79,15 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_a_checkpoint_from_before_a_schema_key_existed_resumes_under_that_key_s_default():
     from gce.config import load_config
-    from gce.training.checkpoint import setting_differences
+    from gce.training.checkpoint import changed_settings, setting_differences
 
     cfg = load_config(None, ["data.dataset=emoji", "data.root=x"]).to_dict()
     older = {section: dict(values) if isinstance(values, dict) else values for section, values in cfg.items()}
     del older["loss"]["name"], older["model"]["block"]  # keys added after that checkpoint was written
     assert setting_differences(older, cfg) == []
+    del older["train"]["trackers"]
+    assert changed_settings(older, cfg) == []  # nothing to say aloud on resume either
+    cfg["train"]["trackers"] = []
+    assert changed_settings(older, cfg) == ["train.trackers: ['tensorboard'] -> []"]
     cfg["model"]["block"] = "none"
     assert setting_differences(older, cfg) == ["model.block: checkpoint 'conv3x3', config 'none'"]
