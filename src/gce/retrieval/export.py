@@ -106,8 +106,10 @@ def check_export_output(out: str | os.PathLike, fmt: str, *, inputs=(), opset: i
     ``.sha256``), an existing file is replaced only if it is an earlier gce export: its ``out.json``
     must be export metadata. Anything else (a run's ``config.yaml``, a user's file) is refused.
     """
+    if fmt not in FORMATS:
+        raise GceError(f"unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    out = check_output_file(out, what="--out", inputs=inputs)  # a folder, a FIFO ...: said first
     check_export_request(out, fmt, opset)
-    out = check_output_file(out, what="--out", inputs=inputs)
     sidecar = check_output_file(metadata_path(out), what="--out's metadata file", inputs=inputs)
     for path in (out, sidecar):
         if os.path.lexists(path) and not path.is_file():
