@@ -19,6 +19,7 @@ from gce.retrieval import (
     embed_to_store,
     read_store,
 )
+from gce.retrieval.files import commit_file
 from retrieval_fixtures import clustered_embeddings, make_checkpoint, model_meta
 
 pytest.importorskip("faiss")
@@ -69,12 +70,25 @@ def test_store_roundtrip_float16_and_ids(embedder, catalogue, tmp_path):
     assert manifest["complete"] and len(manifest["shards"]) == -(-len(paths) // 5)
 
 
-def test_killed_embed_resumes_and_never_reads_a_partial_shard(embedder, catalogue, tmp_path):
+def test_killed_embed_resumes_and_never_reads_a_partial_shard(embedder, catalogue, tmp_path, monkeypatch):
+    import gce.retrieval.store as store_module
+
     paths, labels = catalogue
     out = tmp_path / "e"
     with pytest.raises(Killed):  # 2 batches of 3 per shard of 6: dies inside the third shard
         embed_to_store(DiesAfter(embedder, 5), paths, labels, out, shard_size=6, batch_size=3, progress=False)
-    (out / "shard-00002.npz").write_bytes(b"half a shard")  # as if killed between the write and the manifest
+    commits = []
+
+    def commit_then_die(tmp, final):  # killed between the shard's rename and the manifest listing it
+        commit_file(tmp, final)
+        commits.append(final)
+        raise Killed
+
+    monkeypatch.setattr(store_module, "commit_file", commit_then_die)
+    with pytest.raises(Killed):
+        embed_to_store(embedder, paths, labels, out, shard_size=6, batch_size=3, progress=False)
+    monkeypatch.undo()
+    assert [f.name for f in commits] == ["shard-00002.npz"] and commits[0].exists()
     with pytest.raises(DatasetError, match=r"incomplete \(12 of 24"):
         read_store(out)
     with pytest.raises(DatasetError, match="incomplete"):

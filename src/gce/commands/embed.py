@@ -10,6 +10,7 @@ from typing import Any
 
 from gce.commands.arguments import count
 from gce.errors import DatasetError, GceError
+from gce.io import path_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,14 +21,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " same arguments. The model's id is recorded so that embeddings of two models"
         " are never mixed.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="a gce model.pt/best.pt/last.pt or run folder")
+    p.add_argument(
+        "--checkpoint", type=path_argument, required=True, help="a gce model.pt/best.pt/last.pt or run folder"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="dataset name (cub, cars196, sop, inshop, folder, csv, emoji); needs --root")
-    src.add_argument("--images", type=Path, help="a folder: every image file below it (sorted), no labels")
-    src.add_argument("--csv", type=Path, help="a CSV file with a path column and an optional label column")
-    p.add_argument("--root", help="with --dataset: its root folder")
-    p.add_argument("--split", choices=["test", "train", "all"], default="test", help="with --dataset (default: test)")
-    p.add_argument("--out", type=Path, required=True, help="embeddings folder to write (or resume)")
+    src.add_argument("--images", type=path_argument, help="a folder: every image file below it (sorted), no labels")
+    src.add_argument("--csv", type=path_argument, help="a CSV file with a path column and an optional label column")
+    p.add_argument("--root", type=path_argument, help="with --dataset: its root folder")
+    p.add_argument("--split", choices=["test", "train", "all"], help="with --dataset (default: test)")
+    p.add_argument("--out", type=path_argument, required=True, help="embeddings folder to write (or resume)")
     p.add_argument(
         "--dtype", choices=["float32", "float16"], default="float32", help="storage type (float16: half the disk)"
     )
@@ -120,13 +123,19 @@ def _training_split_options(data: dict[str, Any] | None, args: argparse.Namespac
 def run(args: argparse.Namespace) -> int:
     from gce.io import check_output_dir
     from gce.retrieval import Embedder, embed_to_store
+    from gce.retrieval.files import shown_path
+    from gce.retrieval.store_manifest import MANIFEST
     from gce.training.checkpoint import checkpoint_files
 
     if args.root and not args.dataset:
         raise GceError("--root goes with --dataset")
-    # The folder is checked before any image is listed or embedded: never inside an input.
+    if args.split is not None and not args.dataset:  # not silently ignored
+        raise GceError(f"--split {args.split} goes with --dataset; --images and --csv embed every image they list")
+    args.split = args.split or "test"
+    # The folder is checked before any image is listed or embedded: never inside an input, and
+    # new, empty or a store of its own (embeddings.json), so that no file of the user's is touched.
     inputs = [args.images, args.csv, args.root, *checkpoint_files(args.checkpoint)]
-    args.out = check_output_dir(args.out, what="--out", inputs=inputs)
+    args.out = check_output_dir(args.out, what="--out", inputs=inputs, marker=MANIFEST)
     embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
     paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
     paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
@@ -146,13 +155,14 @@ def run(args: argparse.Namespace) -> int:
     )
     resumed = f", resumed after {info.resumed_from:,}" if info.resumed_from else ""
     print(
-        f"embedded {info.embedded:,} of {info.total:,} images from {source}{resumed} -> {info.path}"
+        f"embedded {info.embedded:,} of {info.total:,} images from {shown_path(source)}{resumed}"
+        f" -> {shown_path(str(info.path))}"
         f" (D={embedder.embedding_dim}, K={embedder.num_learners}, {args.dtype}, model {embedder.model_id[:12]})"
     )
     if info.skipped:
         first_path, first_reason = info.bad[0]
         print(
             f"skipped {info.skipped:,} unreadable images (first: {first_path}: {first_reason});"
-            f" all are listed in {info.path / 'embeddings.json'}"
+            f" all are listed in {shown_path(str(info.path / MANIFEST))}"
         )
     return 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from gce.commands.arguments import count
 from gce.config.vocabulary import INDEX_TYPES
+from gce.io import path_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " exact search, size and speed are measured and printed at build time, and"
         " the fastest setting with recall@10 >= 0.95 becomes the default.",
     )
-    b.add_argument("embeddings", type=Path, help="a folder written by gce embed")
-    b.add_argument("--out", type=Path, required=True, help="index folder to create")
+    b.add_argument("embeddings", type=path_argument, help="a folder written by gce embed")
+    b.add_argument("--out", type=path_argument, required=True, help="index folder to create")
     b.add_argument("--type", choices=INDEX_TYPES, default="flat", dest="index_type")
     b.add_argument("--nlist", type=count(1), help="ivf/ivfpq: number of cells (default ~sqrt(N))")
     b.add_argument("--hnsw-m", type=count(2), help="hnsw: links per node (default 32)")
@@ -34,11 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(run=run_build)
     a = actions.add_parser("add", help="append an embeddings folder (same model) to an index")
-    a.add_argument("index", type=Path)
-    a.add_argument("embeddings", type=Path)
+    a.add_argument("index", type=path_argument)
+    a.add_argument("embeddings", type=path_argument)
     a.set_defaults(run=run_add)
     i = actions.add_parser("info", help="describe an index (type, size, model, defaults)")
-    i.add_argument("index", type=Path)
+    i.add_argument("index", type=path_argument)
     i.add_argument("--no-verify", action="store_true", help="skip the checksum pass")
     i.set_defaults(run=run_info)
 

@@ -89,6 +89,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """A YAML file whose top level is a mapping (empty file: ``{}``); one-line errors naming the
     file for a missing path, a folder, a non-UTF-8 or binary file and invalid YAML (a tab ...)."""
+    if not os.fspath(path).strip():  # Path("") is ".", the current folder
+        raise ConfigError(f"{what}: the path is empty")
     path = Path(os.path.expanduser(os.fspath(path)))
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; expected a YAML {what}")
@@ -111,6 +113,8 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
 
 def read_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config; ``extends: other.yaml`` (relative to the file) is merged underneath."""
+    if not os.fspath(path).strip():  # Path("") is ".", the current folder
+        raise ConfigError("config file: the path is empty")
     path = Path(os.path.expanduser(os.fspath(path)))
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")

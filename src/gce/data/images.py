@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import to_tensor
 from tqdm.auto import tqdm
 
+from gce.data.png_pixels import png_pixel_data_problem
 from gce.data.records import ImageRecords
 from gce.errors import BadImageError, DatasetError
 
@@ -108,7 +109,14 @@ class _open_decoded:
                 self.image = Image.open(path)
             _check_dimensions(self.image.size)  # from the header: before decoding any pixel
             self.image.load()  # Image.open is lazy: truncation only shows when pixels are decoded
+            # Pillow fills a PNG whose zlib stream ends early with black rows, without an error.
+            problem = png_pixel_data_problem(path) if self.image.format == "PNG" else None
+            if problem is not None:
+                raise BadImageError(path, f"truncated or corrupt image ({problem})")
             return self.image
+        except BadImageError:
+            self._close()
+            raise
         except _HostileSize as err:
             self._close()
             raise BadImageError(path, str(err)) from None

@@ -21,11 +21,19 @@ from gce.data.transforms import (
     test_transform,
 )
 from gce.errors import GceError
+from gce.retrieval.files import shown_path
 
 if TYPE_CHECKING:
     from gce.models import EmbeddingModel
 
-__all__ = ["Embedder", "model_fingerprint", "normalize_learners", "slices_from_json", "slices_to_json"]
+__all__ = [
+    "Embedder",
+    "learner_slices_problem",
+    "model_fingerprint",
+    "normalize_learners",
+    "slices_from_json",
+    "slices_to_json",
+]
 
 
 def slices_to_json(slices: Sequence[slice]) -> list[list[int]]:
@@ -34,6 +42,27 @@ def slices_to_json(slices: Sequence[slice]) -> list[list[int]]:
 
 def slices_from_json(values: Sequence[Sequence[int]]) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in values]
+
+
+def learner_slices_problem(values: Any, dim: Any, num_learners: Any) -> str | None:
+    """Why ``values`` are not the learner slices of a model with ``num_learners`` learners in ``dim``
+    dimensions, or None. A GCE head gives learner ``k`` the dimensions ``[k*d, (k+1)*d)``, d = D/K:
+    slices that overlap, leave a gap, are empty or unequal would silently change every score."""
+    if not _positive_int(dim) or not _positive_int(num_learners):
+        return f"embedding_dim and num_learners must be positive integers, got {dim!r} and {num_learners!r}"
+    if dim % num_learners:
+        return f"embedding_dim {dim} is not a multiple of num_learners {num_learners}"
+    width = dim // num_learners
+    expected = [[k * width, (k + 1) * width] for k in range(num_learners)]
+    if values != expected:
+        shown = str(values)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return f"learner_slices {shown} are not the {num_learners} slices of {width} dimensions a model of D={dim} has"
+    return None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def normalize_learners(x: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
@@ -142,7 +171,7 @@ class Embedder:
             "image_size": self.image_size,
             "preprocessing": self.preprocessing(),
             "model": dict(self.model_config),
-            "source": self.source,
+            "source": shown_path(self.source) if self.source else self.source,
         }
 
     # ------------------------------------------------------------------ embedding

@@ -2,14 +2,18 @@
 
 Folder layout::
 
-    embeddings.json      manifest, rewritten atomically after every finished shard
+    embeddings.json      manifest (checksummed), rewritten atomically around every shard
     shard-00000.npz      ids, embeddings (float32 or float16), paths, labels of items [start, stop)
 
 Item ``i`` is the ``i``-th path of the input list (sorted for folders), so the ids of a resumed run
-are those of an uninterrupted one. A shard is written to a temporary name, flushed, renamed, and
-only then listed in the manifest with its sha256: a killed run leaves at worst an unlisted shard,
-which the next run overwrites and which readers never see. Readers accept a store only when the
-manifest says it is complete, and check every shard's checksum.
+are those of an uninterrupted one. Before a shard is written the manifest names it (``writing``);
+the shard goes to a temporary name, is flushed and renamed, and only then listed with its sha256.
+A killed run leaves at worst that one named, unlisted shard, which the next run removes and redoes;
+readers never see it. Readers accept a store only when the manifest says it is complete, verify
+the manifest's own checksum and content, and check every shard's checksum.
+
+The folder is the command's own: a new store needs a new or empty folder, and gce removes only
+files its manifest records (listed shards, the one being written) and its own temporaries.
 """
 
 from __future__ import annotations
@@ -28,18 +32,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, DatasetError, GceError
-from gce.retrieval.files import (
-    check_checksum,
-    commit_file,
-    read_manifest,
-    write_json_atomic,
-)
+from gce.io import refuse_foreign_dir
+from gce.retrieval.files import check_checksum, commit_file, shown_path, write_checked_manifest
+from gce.retrieval.store_manifest import DTYPES, MANIFEST, open_store, read_store_manifest, shard_name
 
 __all__ = ["EmbeddingSet", "StoreInfo", "embed_to_store", "read_store"]
 
-MANIFEST = "embeddings.json"
-FORMAT = "gce-embeddings-1"
-DTYPES = ("float32", "float16")
+#: Why an item is left out whose path or label cannot be written as UTF-8 (a file name in another
+#: encoding): manifests are JSON, and the results are printed and served as UTF-8 text.
+NOT_UTF8 = "file name is not valid UTF-8 (rename it)"
 
 
 @dataclass
@@ -64,33 +65,39 @@ class StoreInfo:
     resumed_from: int
 
 
+def _utf8(text: str | None) -> bool:
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _items_digest(paths: Sequence[str], labels: Sequence[str | None]) -> str:
     digest = hashlib.sha256()
-    for p, label in zip(paths, labels, strict=False):
-        digest.update(f"{p}\0{'' if label is None else label}\n".encode())
+    for p, label in zip(paths, labels, strict=False):  # surrogateescape: the file name's own bytes
+        digest.update(f"{p}\0{'' if label is None else label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
 class _Images(Dataset):
     """``(image tensor, position, error)``; with ``skip_bad`` an unreadable image gives an error text."""
 
-    def __init__(self, paths: Sequence[str], transform, size: int, skip_bad: bool) -> None:
-        self.paths, self.transform, self.size, self.skip_bad = paths, transform, size, skip_bad
+    def __init__(self, paths: Sequence[str], labels, transform, size: int, skip_bad: bool) -> None:
+        self.paths, self.labels, self.transform, self.size, self.skip_bad = paths, labels, transform, size, skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
+            if not (_utf8(self.paths[i]) and _utf8(self.labels[i])):
+                raise BadImageError(shown_path(self.paths[i]), NOT_UTF8)
             return self.transform(load_rgb(self.paths[i])), i, ""
         except BadImageError as exc:
             if not self.skip_bad:
                 raise
             return torch.zeros(3, self.size, self.size), i, exc.reason
-
-
-def _shard_name(number: int) -> str:
-    return f"shard-{number:05d}.npz"
 
 
 def embed_to_store(
@@ -110,7 +117,10 @@ def embed_to_store(
 ) -> StoreInfo:
     """Embed ``paths`` into ``out_dir`` shard by shard, resuming a previous run of the same job.
 
-    A store of another model, input list, dtype or shard size is refused (``overwrite`` starts over).
+    ``out_dir`` must be new, empty or a store (a folder holding anything else is refused, naming
+    it). A store of another model, input list, dtype or shard size is refused (``overwrite`` starts
+    over, removing only the files that store's manifest records). A path or label that is not
+    valid UTF-8 is refused up front, or skipped and counted with ``skip_bad``.
     """
     from tqdm.auto import tqdm
 
@@ -122,9 +132,17 @@ def embed_to_store(
     labels = list(labels) if labels is not None else [None] * len(paths)
     if len(paths) == 0:
         raise DatasetError(f"no images to embed ({source or 'empty input'})")
+    if not skip_bad:  # before any work, not after hours of embedding
+        unnamed = [p for p, label in zip(paths, labels, strict=False) if not (_utf8(p) and _utf8(label))]
+        if unnamed:
+            raise DatasetError(
+                f"{shown_path(unnamed[0])}: {NOT_UTF8}; {len(unnamed)} such item(s) in all"
+                " (or --skip-bad to leave them out)"
+            )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GceError(f"{out} exists and is not a folder")
+    refuse_foreign_dir(out, marker=MANIFEST, what="embeddings folder")
     out.mkdir(parents=True, exist_ok=True)
     job = {
         "model": embedder.metadata(),
@@ -134,15 +152,15 @@ def embed_to_store(
         "shard_size": int(shard_size),
         "labels_known": any(label is not None for label in labels),
     }
-    manifest = _resume_or_start(out, job, overwrite)
+    manifest = open_store(out, job, overwrite)
     done = sum(s["stop"] - s["start"] for s in manifest["shards"])
     resumed_from = done
     skipped = sum(s["skipped"] for s in manifest["shards"])
-    bad: list[tuple[str, str]] = [tuple(b) for s in manifest["shards"] for b in s.get("bad", [])]
+    bad: list[tuple[str, str]] = [(b[0], b[1]) for s in manifest["shards"] for b in s.get("bad", [])]
     bar = tqdm(
         total=len(paths),
         initial=done,
-        desc=f"embedding into {out.name}",
+        desc=f"embedding into {shown_path(out.name)}",
         unit="img",
         disable=not progress,
         dynamic_ncols=True,
@@ -151,18 +169,18 @@ def embed_to_store(
         while done < len(paths):
             number = len(manifest["shards"])
             start, stop = done, min(done + shard_size, len(paths))
-            emb, ids, shard_bad = _embed_range(embedder, paths, start, stop, batch_size, workers, skip_bad, bar)
-            keep_paths = [paths[i] for i in ids]
-            keep_labels = ["" if labels[i] is None else str(labels[i]) for i in ids]
+            emb, ids, shard_bad = _embed_range(embedder, paths, labels, start, stop, batch_size, workers, skip_bad, bar)
             buffer = io.BytesIO()
             np.savez(
                 buffer,
                 ids=ids,
                 embeddings=emb.astype(dtype),
-                paths=np.array(keep_paths, dtype=str),
-                labels=np.array(keep_labels, dtype=str),
+                paths=np.array([paths[i] for i in ids], dtype=str),
+                labels=np.array(["" if labels[i] is None else str(labels[i]) for i in ids], dtype=str),
             )
-            final = out / _shard_name(number)
+            final = out / shard_name(number)
+            manifest["writing"] = final.name  # recorded before the file exists: a killed run's leftover is ours
+            write_checked_manifest(out / MANIFEST, manifest)
             tmp = out / f".{final.name}.tmp-{os.getpid()}"
             tmp.write_bytes(buffer.getvalue())
             commit_file(tmp, final)
@@ -173,17 +191,18 @@ def embed_to_store(
                     "stop": stop,
                     "count": len(ids),
                     "skipped": len(shard_bad),
-                    "bad": shard_bad,
+                    "bad": [list(b) for b in shard_bad],
                     "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                 }
             )
             done = stop
             skipped += len(shard_bad)
             bad += shard_bad
+            manifest["writing"] = None
             manifest["complete"] = done >= len(paths)
             manifest["embedded"] = done - skipped
             manifest["skipped"] = skipped
-            write_json_atomic(out / MANIFEST, manifest)
+            write_checked_manifest(out / MANIFEST, manifest)
     except OSError as exc:
         raise GceError(f"cannot write embeddings to {out}: {exc.strerror or exc}; rerun to resume") from None
     finally:
@@ -191,51 +210,15 @@ def embed_to_store(
     return StoreInfo(out, len(paths), len(paths) - skipped, skipped, bad, resumed_from)
 
 
-def _resume_or_start(out: Path, job: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    path = out / MANIFEST
-    if path.exists() and not overwrite:
-        old = read_manifest(path, "gce embedding store", FORMAT)
-        for key, what in (
-            ("model", "model"),
-            ("items_sha256", "list of images"),
-            ("dtype", "dtype"),
-            ("shard_size", "shard size"),
-        ):
-            mine = job[key]["model_id"] if key == "model" else job[key]
-            theirs = old.get(key, {}).get("model_id") if key == "model" else old.get(key)
-            if mine != theirs:
-                raise GceError(
-                    f"{out} holds embeddings of another {what} ({str(theirs)[:12]} there,"
-                    f" {str(mine)[:12]} now); use another --out, or --overwrite to start over"
-                )
-        for shard in old["shards"]:  # a resumed run trusts only complete, intact shards
-            check_checksum(out / shard["file"], shard["sha256"])
-        listed = {s["file"] for s in old["shards"]}
-        _remove_unlisted(out, listed)
-        return old
-    for child in out.iterdir():
-        if child.name.startswith(("shard-", ".shard-")) or child.name == MANIFEST:
-            child.unlink()
-    manifest = {"format": FORMAT, **job, "shards": [], "complete": False, "embedded": 0, "skipped": 0}
-    write_json_atomic(path, manifest)
-    return manifest
-
-
-def _remove_unlisted(out: Path, listed: set[str]) -> None:
-    for child in out.iterdir():
-        if child.name.startswith(("shard-", ".shard-")) and child.name not in listed:
-            child.unlink(missing_ok=True)  # left by a killed run: never read, redone now
-
-
-def _embed_range(embedder, paths, start, stop, batch_size, workers, skip_bad, bar):
-    dataset = _Images(paths[start:stop], embedder.transform, embedder.image_size, skip_bad)
+def _embed_range(embedder, paths, labels, start, stop, batch_size, workers, skip_bad, bar):
+    dataset = _Images(paths[start:stop], labels[start:stop], embedder.transform, embedder.image_size, skip_bad)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     chunks, ids, bad = [], [], []
     for images, positions, errors in loader:
         ok = np.array([not e for e in errors], dtype=bool)
         for pos, error in zip(positions.tolist(), errors, strict=True):
             if error:
-                bad.append((paths[start + pos], error))
+                bad.append((shown_path(paths[start + pos]), error))
         if ok.any():
             chunks.append(embedder.embed_tensors(images[torch.from_numpy(ok)]))
             ids.append(start + positions.numpy()[ok])
@@ -245,18 +228,16 @@ def _embed_range(embedder, paths, start, stop, batch_size, workers, skip_bad, ba
 
 
 def read_store(path: str | os.PathLike, *, require_complete: bool = True) -> EmbeddingSet:
-    """Read a store's embeddings (float32) with their ids, paths and labels, checking every shard."""
+    """Read a store's embeddings (float32) with their ids, paths and labels, checking the manifest
+    (its checksum and content) and every shard (its checksum and content)."""
     folder = Path(path)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such embeddings folder")
-    manifest = read_manifest(folder / MANIFEST, "gce embeddings folder", FORMAT)
-    try:
-        shards, model, labels_known = manifest["shards"], manifest["model"], manifest["labels_known"]
-        dim = int(model["embedding_dim"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DatasetError(f"{folder / MANIFEST}: damaged manifest (missing or bad {exc})") from None
-    if require_complete and not manifest.get("complete"):
-        done = sum(s["stop"] - s["start"] for s in shards)
+    manifest = read_store_manifest(folder / MANIFEST)
+    shards, model, labels_known = manifest["shards"], manifest["model"], manifest["labels_known"]
+    dim = model["embedding_dim"]
+    if require_complete and not manifest["complete"]:
+        done = shards[-1]["stop"] if shards else 0
         raise DatasetError(
             f"{folder}: incomplete ({done} of {manifest['items_total']} images embedded);"
             f" rerun the same gce embed command to finish it"
@@ -270,10 +251,16 @@ def read_store(path: str | os.PathLike, *, require_complete: bool = True) -> Emb
                 e, i, p, lab = data["embeddings"], data["ids"], data["paths"], data["labels"]
         except (OSError, KeyError, ValueError) as exc:
             raise DatasetError(f"{file}: cannot be read ({type(exc).__name__})") from None
-        if e.ndim != 2 or e.shape[1] != dim or len(e) != shard["count"] or len(i) != shard["count"]:
-            raise DatasetError(f"{file}: holds {e.shape} embeddings, the manifest says ({shard['count']}, {dim})")
+        count = shard["count"]
+        if e.ndim != 2 or e.shape != (count, dim) or e.dtype != np.dtype(manifest["dtype"]):
+            raise DatasetError(
+                f"{file}: holds {e.shape} {e.dtype} embeddings, the manifest says ({count}, {dim}) {manifest['dtype']}"
+            )
+        in_range = i.ndim == 1 and len(i) == count and bool(np.all((i >= shard["start"]) & (i < shard["stop"])))
+        if not in_range or bool(np.any(np.diff(i) <= 0)) or len(p) != count or len(lab) != count:
+            raise DatasetError(f"{file}: its ids, paths or labels do not match the manifest's range and count")
         embs.append(e.astype(np.float32))
-        ids.append(i)
+        ids.append(i.astype(np.int64))
         paths += p.tolist()
         labels += [label if labels_known else None for label in lab.tolist()]
     embeddings = np.concatenate(embs) if embs else np.zeros((0, dim), dtype=np.float32)
