@@ -204,7 +204,7 @@ def test_embeddings_folder_passed_as_index_and_back(index_dir, embedder, catalog
 
 
 def test_a_killed_add_leaves_the_previous_index(index_dir, tmp_path, monkeypatch):
-    import gce.retrieval.index as index_module
+    import gce.retrieval.index_files as index_module
 
     before = SearchIndex.load(index_dir)
     backup = tmp_path / "backup"
