@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 from gce.commands.arguments import count
 from gce.errors import GceError
+from gce.io import path_argument
 
 
 def _numbers(kind):
@@ -28,15 +28,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Scores are cosine similarities (with --learners/--weights: the weighted mean of"
         " the chosen learners' cosines). Exact on a flat index; approximate otherwise.",
     )
-    p.add_argument("images", nargs="+", type=Path, help="query image files")
-    p.add_argument("--index", type=Path, required=True)
-    p.add_argument("--checkpoint", type=Path, required=True, help="the model the index was built with")
-    p.add_argument("--k", type=count(1), default=10)
+    p.add_argument("images", nargs="+", type=path_argument, help="query image files")
+    p.add_argument("--index", type=path_argument, required=True)
+    p.add_argument("--checkpoint", type=path_argument, required=True, help="the model the index was built with")
+    p.add_argument("--k", type=count(1), default=10, help="results per query (at most the index's size)")
     choose = p.add_mutually_exclusive_group()
     choose.add_argument("--learners", type=_numbers(int), help="search on these learners only, e.g. 0,3")
     choose.add_argument("--weights", type=_numbers(float), help="one weight per learner, e.g. 1,0,0.5,0")
-    p.add_argument("--nprobe", type=count(1), help="ivf/ivfpq: cells to visit (default: chosen at build time)")
-    p.add_argument("--ef", type=count(1), help="hnsw: efSearch (default: chosen at build time)")
+    p.add_argument(
+        "--nprobe", type=count(1), help="ivf/ivfpq: cells to visit, at most all (default: chosen at build time)"
+    )
+    p.add_argument(
+        "--ef", type=count(1), help="hnsw: efSearch, at most the index's size (default: chosen at build time)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per query (JSON Lines)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +41,39 @@ IndexFactory = Callable[[IndexShape], tuple[Any, dict[str, Any]]]
 INDEX_REGISTRY: Registry[IndexFactory] = Registry("index type", "--type", INDEX_TYPES)
 
 
+#: The build parameters each type reads; any other is refused (not silently ignored).
+BUILD_PARAMS = {
+    "flat": (),
+    "hnsw": ("hnsw_m", "ef_construction"),
+    "ivf": ("nlist",),
+    "ivfpq": ("nlist", "pq_dim", "nbits"),
+}
+#: Above these, faiss allocates memory in proportion (links per node, candidate lists, codebooks)
+#: for no gain in recall: refused before any work.
+MAX_HNSW_M = 256
+MAX_EF = 4096
+MAX_NBITS = 16
+
+
 def _make_index(index_type: str, dim: int, n: int, slices: Sequence[slice], params: dict[str, Any]):
     if index_type not in INDEX_REGISTRY:
         raise GceError(f"unknown index type {index_type!r}; valid types: {', '.join(INDEX_TYPES)}")
-    return INDEX_REGISTRY[index_type](IndexShape(dim, n, slices, params))
+    given = {key: value for key, value in params.items() if value is not None}
+    unknown = sorted(set(given) - set(BUILD_PARAMS.get(index_type, ())))
+    if unknown:
+        valid = ", ".join(BUILD_PARAMS.get(index_type, ())) or "none"
+        raise GceError(f"build parameter {unknown[0]!r} does not apply to {index_type} indexes (they take: {valid})")
+    return INDEX_REGISTRY[index_type](IndexShape(dim, n, slices, given))
+
+
+def _param(s: IndexShape, key: str, default: int, high: int, why: str = "", low: int = 1) -> int:
+    """A build parameter in ``[low, high]`` (one-line error naming it and ``why`` the bound), or ``default``."""
+    value = s.params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= int(value) <= high:
+        raise GceError(f"{key} must be an integer from {low} to {high}{why}, got {value!r}")
+    return int(value)
 
 
 @INDEX_REGISTRY.register("flat")
@@ -54,15 +84,17 @@ def _flat(s: IndexShape) -> tuple[Any, dict[str, Any]]:
 @INDEX_REGISTRY.register("hnsw")
 def _hnsw(s: IndexShape) -> tuple[Any, dict[str, Any]]:
     faiss = load_faiss()
-    m = int(s.params.get("hnsw_m", 32))
+    m = _param(s, "hnsw_m", 32, MAX_HNSW_M, low=2)
     index = faiss.IndexHNSWFlat(s.dim, m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = int(s.params.get("ef_construction", 80))
+    index.hnsw.efConstruction = _param(s, "ef_construction", 80, MAX_EF)
     return index, {"hnsw_m": m, "ef_construction": index.hnsw.efConstruction}
 
 
 def _nlist(s: IndexShape) -> int:
-    """IVF types: about sqrt(N) cells, capped so that each trains on >= 39 points (faiss' minimum advice)."""
-    return int(s.params.get("nlist") or max(1, min(round(math.sqrt(s.n)), s.n // 39 or 1)))
+    """IVF types: about sqrt(N) cells, capped so that each trains on >= 39 points (faiss' minimum
+    advice); a given number must not exceed N (k-means cannot make more cells than points)."""
+    default = max(1, min(round(math.sqrt(s.n)), s.n // 39 or 1))
+    return _param(s, "nlist", default, s.n, f" (at most the {s.n:,} items being indexed)")
 
 
 @INDEX_REGISTRY.register("ivf")
@@ -77,11 +109,16 @@ def _ivfpq(s: IndexShape) -> tuple[Any, dict[str, Any]]:
     # a score is decoded from its own codes); fewer bits for tiny galleries (k-means needs 2^bits points).
     faiss, nlist = load_faiss(), _nlist(s)
     learner_dim = s.slices[0].stop - s.slices[0].start
-    sub = int(s.params.get("pq_dim", 8))
+    sub = _param(s, "pq_dim", min(8, learner_dim), learner_dim, " (a learner's dimension)")
     if learner_dim % sub:
         sub = math.gcd(learner_dim, sub)
     m = s.dim // sub
-    nbits = int(s.params.get("nbits") or max(1, min(8, int(math.log2(max(2, s.n // 4))))))
+    nbits = _param(s, "nbits", max(1, min(8, int(math.log2(max(2, s.n // 4))))), MAX_NBITS)
+    if s.n < 2**nbits:  # each sub-quantizer's k-means needs a point per code
+        raise GceError(
+            f"ivfpq with {nbits}-bit codes needs at least {2**nbits} items to train, got {s.n};"
+            f" use --type flat (exact, and as fast at this size)"
+        )
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(s.dim), s.dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
     return index, {"nlist": nlist, "pq_m": m, "nbits": nbits}
 

@@ -14,7 +14,9 @@ the same index answers every weighting.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,20 +31,38 @@ def stored_vectors(embeddings: np.ndarray, slices: Sequence[slice]) -> np.ndarra
     return normalize_learners(embeddings, slices) / np.float32(math.sqrt(len(slices)))
 
 
+def _numbers(values: Any, what: str, kind: type) -> list:
+    """``values`` as a list of numbers of ``kind`` (bools, strings, non-sequences refused: one line)."""
+    try:
+        items = list(values)
+    except TypeError:
+        raise GceError(f"{what} must be a list of numbers, got {values!r}") from None
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise GceError(f"{what} must be {'integers' if kind is numbers.Integral else 'numbers'}, got {v!r}")
+    return items
+
+
 def learner_weights(
     num_learners: int, learners: Sequence[int] | None = None, weights: Sequence[float] | None = None
 ) -> np.ndarray:
-    """Per-learner weights summing to 1 from a learner subset or explicit weights (one-line errors)."""
+    """Per-learner weights summing to 1 from a learner subset or explicit weights (one-line errors).
+
+    Only the ratios of ``weights`` matter: they are divided by their largest value before they are
+    summed, so values near the float64 limit (``1e308,1e308``) give equal weights instead of an
+    infinite sum that would zero every score. NaN and infinite weights are refused.
+    """
     if learners is not None and weights is not None:
         raise GceError("give learners or weights, not both")
     if weights is not None:
-        w = np.asarray(list(weights), dtype=np.float64)
+        w = np.asarray(_numbers(weights, "weights", numbers.Real), dtype=np.float64)
         if w.shape != (num_learners,):
             raise GceError(f"weights: expected {num_learners} values (one per learner), got {len(w)}")
-        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise GceError(f"weights must be non-negative numbers, not all zero, got {list(weights)}")
+        if not np.isfinite(w).all() or (w < 0).any() or w.max() <= 0:
+            raise GceError(f"weights must be finite, non-negative numbers, not all zero, got {list(weights)}")
+        w = w / w.max()  # in (0, 1]: the sum below is at most K, never infinite
     elif learners is not None:
-        chosen = [int(k) for k in learners]
+        chosen = [int(k) for k in _numbers(learners, "learners", numbers.Integral)]
         if not chosen:
             raise GceError("learners: give at least one learner")
         bad = [k for k in chosen if not 0 <= k < num_learners]
