@@ -10,7 +10,7 @@ a single learner is lower than for the full embedding: ``gce index build`` print
 
 from __future__ import annotations
 
-import contextlib
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -21,12 +21,21 @@ from typing import Any
 import numpy as np
 
 from gce.config.vocabulary import INDEX_TYPES
-from gce.errors import DatasetError, GceError
+from gce.errors import GceError
+from gce.io import user_path, write_json
 from gce.retrieval.embedder import normalize_learners, slices_from_json
 from gce.retrieval.faiss_build import apply_search_params, build_faiss, load_faiss
 from gce.retrieval.faiss_tuning import TARGET_RECALL, BuildReport, choose_setting, measure_settings
-from gce.retrieval.files import check_checksum, read_manifest, write_json_atomic
-from gce.retrieval.index_files import FORMAT, MANIFEST, check_model_meta, current_files, write_generation
+from gce.retrieval.index_files import (
+    REPORT,
+    check_build_target,
+    load_generation,
+    manifest_body,
+    previous_manifest,
+    write_generation,
+    writer_lock,
+)
+from gce.retrieval.index_manifest import ManifestError, check_model_meta, read_index_manifest
 from gce.retrieval.items import ItemTable
 from gce.retrieval.vectors import query_vectors, stored_vectors
 
@@ -64,18 +73,15 @@ def build_index(
     ``sample`` gallery queries and get as default the fastest search setting reaching
     ``target_recall`` (see :class:`BuildReport`).
     """
-    check_model_meta(model)
+    meta = _model_meta(model)
     if index_type not in INDEX_TYPES:
         raise GceError(f"unknown index type {index_type!r}; valid types: {', '.join(INDEX_TYPES)}")
-    out = Path(out_dir)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise GceError(f"{out} already holds an index; use gce index add, or overwrite it")
-    if out.exists() and not out.is_dir():
-        raise GceError(f"{out} exists and is not a folder")
-    slices = slices_from_json(model["learner_slices"])
+    out = user_path(out_dir, "index folder")
+    check_build_target(out, overwrite=overwrite)  # before the work, and again under the lock
+    slices = slices_from_json(meta["learner_slices"])
     x = np.asarray(embeddings)
-    if x.ndim != 2 or x.shape[1] != int(model["embedding_dim"]):
-        raise GceError(f"embeddings have shape {x.shape}, expected (N, {model['embedding_dim']})")
+    if x.ndim != 2 or x.shape[1] != meta["embedding_dim"]:
+        raise GceError(f"embeddings have shape {x.shape}, expected (N, {meta['embedding_dim']})")
     if len(x) == 0:
         raise GceError("no embeddings to index")
     labels = list(labels) if labels is not None else [None] * len(x)
@@ -90,42 +96,65 @@ def build_index(
     apply_search_params(index, search_params)
     items = ItemTable()
     items.extend(paths, labels)
-    manifest = {
+    body = {
         "index_type": index_type,
         "params": used,
         "search_params": search_params,
-        "model": {key: model[key] for key in ("model_id", "embedding_dim", "num_learners", "learner_slices")},
+        "model": meta,
         "sources": list(sources or []),
-        "generation": -1,
     }
-    if overwrite and (out / MANIFEST).exists():
-        with contextlib.suppress(DatasetError):
-            manifest["generation"] = int(read_manifest(out / MANIFEST, "gce index", FORMAT).get("generation", -1))
-    write_generation(out, index, items, manifest)
-    report = BuildReport(
-        index_type,
-        int(index.ntotal),
-        build_seconds,
-        int((out / current_files(out)["index"]).stat().st_size),
-        n_sample,
-        10,
-        rows,
-        {key: chosen[key] for key in ("setting",) if key in chosen},
-    )
-    loaded = SearchIndex(index, items, read_manifest(out / MANIFEST, "gce index", FORMAT), out)
-    write_json_atomic(out / "build_report.json", asdict(report))
-    return loaded, report
+    with writer_lock(out):
+        check_build_target(out, overwrite=overwrite)  # another build may have finished meanwhile
+        manifest = write_generation(out, index, items, body, previous_manifest(out))
+        report = BuildReport(
+            index_type,
+            int(index.ntotal),
+            build_seconds,
+            int(manifest["files"]["index"]["bytes"]),
+            n_sample,
+            10,
+            rows,
+            {key: chosen[key] for key in ("setting",) if key in chosen},
+        )
+        write_json(out / REPORT, asdict(report), what="build report")
+    return SearchIndex(index, items, manifest, out), report
+
+
+def _model_meta(model: dict[str, Any]) -> dict[str, Any]:
+    """The model metadata an index records, validated (one-line errors) and as plain JSON values."""
+    try:
+        check_model_meta(model)
+    except ManifestError as exc:
+        raise GceError(f"model metadata: {exc}") from None
+    return {
+        "model_id": model["model_id"],
+        "embedding_dim": int(model["embedding_dim"]),
+        "num_learners": int(model["num_learners"]),
+        "learner_slices": [[int(a), int(b)] for a, b in model["learner_slices"]],
+    }
 
 
 # -------------------------------------------------------------------------------- searching
+def _positive(value: Any, what: str) -> int:
+    """A count given through the API: an integer >= 1, or a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise GceError(f"{what} must be an integer, got {value!r}")
+    if int(value) < 1:
+        raise GceError(f"{what} must be at least 1, got {value}")
+    return int(value)
+
+
 class SearchIndex:
     """A loaded index folder: the faiss index, the id -> (path, label) table and the manifest."""
 
     def __init__(self, index, items: ItemTable, manifest: dict[str, Any], path: Path) -> None:
+        self.path = Path(path)
+        self._set(index, items, manifest)
+
+    def _set(self, index, items: ItemTable, manifest: dict[str, Any]) -> None:
         self._index = index
         self._items = items
         self.manifest = manifest
-        self.path = Path(path)
         model = manifest["model"]
         self.model_id: str = model["model_id"]
         self.dim: int = int(model["embedding_dim"])
@@ -140,37 +169,13 @@ class SearchIndex:
     def load(cls, index_dir: str | os.PathLike, *, verify: bool = True) -> SearchIndex:
         """Load an index folder; a missing, damaged or inconsistent one raises a one-line error.
 
-        ``verify`` checks the sha256 of every file against the manifest (seconds per GB).
+        ``verify`` checks the sha256 of every file against the manifest (seconds per GB); without
+        it their sizes are checked. The manifest itself is always verified and validated. A load
+        during a ``gce index add`` gets the index before or after it (see
+        :mod:`gce.retrieval.index_files`).
         """
-        faiss = load_faiss()
-        folder = Path(index_dir)
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: no such index folder")
-        manifest = read_manifest(folder / MANIFEST, "gce index", FORMAT)
-        try:
-            files = {key: folder / manifest["files"][key]["name"] for key in ("index", "items")}
-            check_model_meta(manifest["model"])
-            manifest["index_type"], int(manifest["size"])
-        except (KeyError, TypeError, ValueError, GceError) as exc:
-            raise DatasetError(f"{folder / MANIFEST}: damaged manifest (missing or bad {exc})") from None
-        for key, path in files.items():
-            if verify:
-                check_checksum(path, manifest["files"][key]["sha256"])
-            elif not path.is_file():
-                raise DatasetError(f"{path}: missing (listed in the manifest)")
-        try:
-            index = faiss.read_index(str(files["index"]))
-        except RuntimeError as exc:
-            raise DatasetError(
-                f"{files['index']}: cannot be read by faiss ({str(exc).splitlines()[0][:200]})"
-            ) from None
-        items = ItemTable.load(files["items"])
-        size, dim = int(manifest["size"]), int(manifest["model"]["embedding_dim"])
-        if index.ntotal != size or len(items) != size or index.d != dim:
-            raise DatasetError(
-                f"{folder}: inconsistent index (manifest: {size} x {dim}, faiss: {index.ntotal} x"
-                f" {index.d}, item table: {len(items)})"
-            )
+        folder = user_path(index_dir, "index")
+        manifest, index, items = load_generation(folder, verify=verify)
         loaded = cls(index, items, manifest, folder)
         apply_search_params(index, loaded.search_params)
         return loaded
@@ -201,11 +206,19 @@ class SearchIndex:
             )
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Override the build-time default (more cells probed / a wider graph search: slower, more recall)."""
+        """Override the build-time default (more cells probed / a wider graph search: slower, more recall).
+
+        Values above what can make a difference are clamped: ``nprobe`` to the number of cells,
+        ``ef_search`` to the number of items (both then visit everything).
+        """
         if nprobe is not None and self.index_type not in ("ivf", "ivfpq"):
             raise GceError(f"nprobe applies to ivf and ivfpq indexes, not {self.index_type}")
         if ef_search is not None and self.index_type != "hnsw":
             raise GceError(f"ef_search applies to hnsw indexes, not {self.index_type}")
+        if nprobe is not None:
+            nprobe = min(_positive(nprobe, "nprobe"), int(load_faiss().extract_index_ivf(self._index).nlist))
+        if ef_search is not None:
+            ef_search = min(_positive(ef_search, "ef_search"), max(1, self.size))
         params = {"nprobe": nprobe, "ef_search": ef_search}
         apply_search_params(self._index, params)
         self.search_params.update({k: v for k, v in params.items() if v is not None})
@@ -214,15 +227,15 @@ class SearchIndex:
     def search_arrays(
         self, queries: np.ndarray, k: int, learners: Sequence[int] | None = None, weights: Sequence[float] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, ids)``, each ``(n, k)``; ids of -1 (score -inf) where fewer than k items exist.
+        """``(scores, ids)``, each ``(n, min(k, size))``: ``k`` is capped at the number of items (so a
+        huge ``k`` costs nothing); ids of -1 (score -inf) where an approximate index found fewer.
 
         Scores are the weighted mean of the learners' cosine similarities (the plain cosine of the
         whole embedding without weights).
         """
-        if int(k) < 1:
-            raise GceError(f"k must be at least 1, got {k}")
+        k = min(_positive(k, "k"), self.size)
         q = query_vectors(queries, self.learner_slices, learners, weights)
-        scores, ids = self._index.search(q, int(k))
+        scores, ids = self._index.search(q, k)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids.astype(np.int64)
 
@@ -272,28 +285,44 @@ class SearchIndex:
         source: dict[str, Any] | None = None,
     ) -> range:
         """Append items (same model, same dimension) and rewrite the folder atomically; returns their ids."""
-        self.check_model(model_id, "the new embeddings'")
         x = np.asarray(embeddings)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise GceError(f"new embeddings have dimension {x.shape[-1] if x.ndim else '?'}, the index {self.dim}")
         labels = list(labels) if labels is not None else [None] * len(x)
-        if len(paths) != len(x) or len(labels) != len(x):
-            raise GceError(f"{len(x)} embeddings but {len(paths)} paths and {len(labels)} labels")
-        first = self.size
-        faiss = load_faiss()
-        # Work on a copy so that a failed write leaves this object as it was on disk.
-        index = faiss.clone_index(self._index)
-        for start in range(0, len(x), 100_000):
-            index.add(stored_vectors(x[start : start + 100_000], self.learner_slices))
-        items = ItemTable(list(self._items.paths), list(self._items.labels))
-        items.extend(paths, labels)
-        manifest = {key: value for key, value in self.manifest.items() if key not in ("files", "size")}
-        manifest["sources"] = [*self.manifest.get("sources", []), *([source] if source else [])]
-        write_generation(self.path, index, items, manifest)
-        self._index, self._items, self._direct_map = index, items, False
-        self.manifest = read_manifest(self.path / MANIFEST, "gce index", FORMAT)
+        self._check_new(x, paths, labels, model_id)  # before the lock: a wrong input fails at once
+        with writer_lock(self.path):
+            current = read_index_manifest(self.path)
+            if current["sha256"] != self.manifest.get("sha256"):
+                # Another writer published since this object was loaded: add to what is on disk now,
+                # so that its items are not lost.
+                self._adopt(*load_generation(self.path, verify=True))
+                self._check_new(x, paths, labels, model_id)
+            first = self.size
+            # Work on a copy so that a failed write leaves this object as it was on disk.
+            index = load_faiss().clone_index(self._index)
+            for start in range(0, len(x), 100_000):
+                index.add(stored_vectors(x[start : start + 100_000], self.learner_slices))
+            items = ItemTable(list(self._items.paths), list(self._items.labels))
+            items.extend(paths, labels)
+            body = manifest_body(self.manifest)
+            body["sources"] = [*self.manifest.get("sources", []), *([source] if source else [])]
+            manifest = write_generation(self.path, index, items, body, self.manifest)
+        self._index, self._items, self._direct_map, self.manifest = index, items, False, manifest
         apply_search_params(self._index, self.search_params)
         return range(first, self.size)
+
+    def _check_new(self, x: np.ndarray, paths: Sequence[str], labels: list[str | None], model_id: str) -> None:
+        self.check_model(model_id, "the new embeddings'")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise GceError(f"new embeddings have dimension {x.shape[-1] if x.ndim else '?'}, the index {self.dim}")
+        if len(paths) != len(x) or len(labels) != len(x):
+            raise GceError(f"{len(x)} embeddings but {len(paths)} paths and {len(labels)} labels")
+
+    def _adopt(self, manifest: dict[str, Any], index, items: ItemTable) -> None:
+        """Become the generation just loaded; this object's search settings stay if the type did."""
+        kept = dict(self.search_params) if manifest["index_type"] == self.index_type else None
+        self._set(index, items, manifest)
+        if kept is not None:
+            self.search_params = kept
+        apply_search_params(self._index, self.search_params)
 
     def __repr__(self) -> str:
         return f"SearchIndex({self.path}, {self.index_type}, {self.size:,} x {self.dim}, K={self.num_learners})"
