@@ -446,3 +446,6 @@ def test_info_and_search_on_damaged_or_half_written_folders_are_one_line(store, 
         for extra in ([], ["--no-verify"]):
             assert main(["index", "info", str(folder), *extra]) == 1, name
             error_line(capsys)
+        query = str(next(Path(store).parent.glob("**/*.pt")))  # any file: the index is read first
+        assert main(["search", "--index", str(folder), "--checkpoint", query, query]) == 1, name
+        error_line(capsys)
