@@ -12,7 +12,7 @@ from gce.metaclass.strategies import STRATEGY_REGISTRY
 from gce.models.backbones import BACKBONES
 from gce.models.embedding_model import HEAD_REGISTRY
 from gce.registry import Registry
-from gce.retrieval.index import INDEX_REGISTRY
+from gce.retrieval.faiss_build import INDEX_REGISTRY
 from gce.training.optim import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
 from gce.training.trackers import TRACKER_REGISTRY
 

@@ -9,6 +9,9 @@ from gce.commands.arguments import count
 from gce.config.vocabulary import INDEX_TYPES
 from gce.io import path_argument
 
+#: gce.retrieval.faiss_build.MAX_HNSW_M (not imported: the parser must not import numpy and faiss)
+HNSW_M_MAX = 256
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,15 +28,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " the fastest setting with recall@10 >= 0.95 becomes the default.",
     )
     b.add_argument("embeddings", type=path_argument, help="a folder written by gce embed")
-    b.add_argument("--out", type=path_argument, required=True, help="index folder to create")
+    b.add_argument(
+        "--out",
+        type=path_argument,
+        required=True,
+        help="index folder to create: new or empty (with --overwrite: an index folder)",
+    )
     b.add_argument("--type", choices=INDEX_TYPES, default="flat", dest="index_type")
-    b.add_argument("--nlist", type=count(1), help="ivf/ivfpq: number of cells (default ~sqrt(N))")
-    b.add_argument("--hnsw-m", type=count(2), help="hnsw: links per node (default 32)")
+    b.add_argument("--nlist", type=count(1), help="ivf/ivfpq: number of cells, at most N (default ~sqrt(N))")
+    b.add_argument(
+        "--hnsw-m", type=count(2, HNSW_M_MAX), help=f"hnsw: links per node (default 32, at most {HNSW_M_MAX})"
+    )
     b.add_argument("--sample", type=count(1), default=500, help="gallery items used as queries to measure recall")
-    b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the index in --out (only the files its manifest names are removed)",
+    )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(run=run_build)
-    a = actions.add_parser("add", help="append an embeddings folder (same model) to an index")
+    a = actions.add_parser(
+        "add",
+        help="append an embeddings folder (same model) to an index",
+        description="One writer at a time: while another build or add writes the index, add stops at"
+        " once naming its process. Searches and servers loading the index meanwhile get the index"
+        " before or after the add, never a mix.",
+    )
     a.add_argument("index", type=path_argument)
     a.add_argument("embeddings", type=path_argument)
     a.set_defaults(run=run_add)
@@ -46,8 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from gce.io import check_output_dir
     from gce.retrieval import build_index_from_store
+    from gce.retrieval.index_files import check_build_target
 
-    args.out = check_output_dir(args.out, what="--out", inputs=[args.embeddings])  # before any work
+    # Before any work: a folder of someone else's files, or an index without --overwrite, is refused.
+    args.out = check_output_dir(args.out, what="--out", inputs=[args.embeddings])
+    check_build_target(args.out, overwrite=args.overwrite)
     params = {key: value for key, value in (("nlist", args.nlist), ("hnsw_m", args.hnsw_m)) if value}
     index, report = build_index_from_store(
         args.embeddings,

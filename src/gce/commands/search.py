@@ -31,12 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=path_argument, help="query image files")
     p.add_argument("--index", type=path_argument, required=True)
     p.add_argument("--checkpoint", type=path_argument, required=True, help="the model the index was built with")
-    p.add_argument("--k", type=count(1), default=10)
+    p.add_argument("--k", type=count(1), default=10, help="results per query (at most the index's size)")
     choose = p.add_mutually_exclusive_group()
     choose.add_argument("--learners", type=_numbers(int), help="search on these learners only, e.g. 0,3")
     choose.add_argument("--weights", type=_numbers(float), help="one weight per learner, e.g. 1,0,0.5,0")
-    p.add_argument("--nprobe", type=count(1), help="ivf/ivfpq: cells to visit (default: chosen at build time)")
-    p.add_argument("--ef", type=count(1), help="hnsw: efSearch (default: chosen at build time)")
+    p.add_argument(
+        "--nprobe", type=count(1), help="ivf/ivfpq: cells to visit, at most all (default: chosen at build time)"
+    )
+    p.add_argument(
+        "--ef", type=count(1), help="hnsw: efSearch, at most the index's size (default: chosen at build time)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per query (JSON Lines)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=run)

@@ -7,15 +7,10 @@ export to ONNX/TorchScript. The ``gce embed/index/search/export`` commands wrap 
     hits = index.search(emb.embed_paths(["query.png"]), k=5, learners=[0, 3])
 """
 
+from gce.config.vocabulary import INDEX_TYPES
 from gce.retrieval.embedder import Embedder, model_fingerprint, normalize_learners
-from gce.retrieval.index import (
-    INDEX_TYPES,
-    BuildReport,
-    SearchHit,
-    SearchIndex,
-    build_index,
-    query_vectors,
-)
+from gce.retrieval.faiss_tuning import BuildReport
+from gce.retrieval.index import SearchHit, SearchIndex, build_index
 from gce.retrieval.items import ItemTable
 from gce.retrieval.pipeline import (
     add_store_to_index,
@@ -24,6 +19,7 @@ from gce.retrieval.pipeline import (
     records_to_items,
 )
 from gce.retrieval.store import EmbeddingSet, StoreInfo, embed_to_store, read_store
+from gce.retrieval.vectors import query_vectors
 
 __all__ = [
     "INDEX_TYPES",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +66,27 @@ class ItemTable:
 
     @classmethod
     def load(cls, path: Path) -> ItemTable:
+        """The table in ``path``; anything but what :meth:`to_bytes` writes is a one-line DatasetError."""
         try:
             with np.load(path, allow_pickle=False) as data:
-                paths = _unpack(data["path_blob"], data["path_offsets"])
-                names = _unpack(data["name_blob"], data["name_offsets"])
-                codes = data["label_codes"]
-        except (OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
+                arrays = {key: data[key] for key in _ARRAYS}
+            paths = _unpack(*_checked(arrays["path_blob"], arrays["path_offsets"]))
+            names = _unpack(*_checked(arrays["name_blob"], arrays["name_offsets"]))
+            codes = arrays["label_codes"]
+            if codes.dtype.kind != "i" or codes.shape != (len(paths),) or ((codes < -1) | (codes >= len(names))).any():
+                raise ValueError("label codes do not match the paths and names")
+        except (OSError, KeyError, ValueError, UnicodeDecodeError, EOFError, zipfile.BadZipFile) as exc:
             raise DatasetError(f"{path}: damaged item table ({type(exc).__name__})") from None
         return cls(paths, [None if c < 0 else names[c] for c in codes.tolist()])
+
+
+_ARRAYS = ("path_blob", "path_offsets", "name_blob", "name_offsets", "label_codes")
+
+
+def _checked(blob: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A packed string array as :func:`_pack` writes it: bytes, and offsets rising from 0 to their end."""
+    if blob.dtype != np.uint8 or blob.ndim != 1 or offsets.dtype.kind != "i" or offsets.ndim != 1 or not len(offsets):
+        raise ValueError("not a packed string array")
+    if offsets[0] != 0 or offsets[-1] != len(blob) or (np.diff(offsets) < 0).any():
+        raise ValueError("string offsets out of order")
+    return blob, offsets
