@@ -346,7 +346,7 @@ def test_bad_weights_and_learners_are_one_line_errors(tmp_path, kwargs, message)
         lambda m: m.update(search_params={"nprobe": 3}),
         lambda m: m.update(size="forty"),
         lambda m: m["files"]["index"].update(name="../../etc/passwd"),
-        lambda m: m.pop("sha256"),
+        lambda m: m.pop("manifest_sha256"),
     ],
 )
 def test_an_edited_manifest_is_refused_in_one_line(tmp_path, edit, capsys):
@@ -385,11 +385,13 @@ def test_manifest_content_is_validated_even_with_a_matching_checksum(tmp_path, e
     small_index(tmp_path / "idx")
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     edit(manifest)
-    write_index_manifest(tmp_path / "idx", {k: v for k, v in manifest.items() if k not in ("sha256", "format")})
+    write_index_manifest(
+        tmp_path / "idx", {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "format")}
+    )
     with pytest.raises(DatasetError, match=message) as err:
         SearchIndex.load(tmp_path / "idx")
     _one_line(err)
-    assert manifest_body(manifest).keys().isdisjoint({"sha256", "files", "generation"})
+    assert manifest_body(manifest).keys().isdisjoint({"manifest_sha256", "files", "generation"})
 
 
 def _npz(path: Path, **arrays) -> None:

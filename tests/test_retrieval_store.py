@@ -227,7 +227,7 @@ def test_a_killed_add_leaves_the_previous_index(index_dir, tmp_path, monkeypatch
     def die(*args, **kwargs):
         raise Killed
 
-    monkeypatch.setattr(index_module, "write_json", die)  # new files written, manifest not swapped
+    monkeypatch.setattr(index_module, "write_checked_manifest", die)  # new files written, manifest not swapped
     with pytest.raises(Killed):
         before.add(clustered_embeddings(5, seed=4)[0], list("abcde"), model_id=model_meta()["model_id"])
     monkeypatch.undo()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,12 @@ def _acquire(path: Path) -> tuple[int | None, int]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(fd)
+            # The holder writes its pid just after taking the flock: give it that instant (bounded).
+            for _ in range(50):
+                if holder:
+                    break
+                time.sleep(0.002)
+                holder = _read_pid(fd)
             os.close(fd)
             return None, holder
         try:

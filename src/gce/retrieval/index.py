@@ -26,6 +26,7 @@ from gce.io import user_path, write_json
 from gce.retrieval.embedder import normalize_learners, slices_from_json
 from gce.retrieval.faiss_build import apply_search_params, build_faiss, load_faiss
 from gce.retrieval.faiss_tuning import TARGET_RECALL, BuildReport, choose_setting, measure_settings
+from gce.retrieval.files import MANIFEST_CHECKSUM
 from gce.retrieval.index_files import (
     REPORT,
     check_build_target,
@@ -290,7 +291,7 @@ class SearchIndex:
         self._check_new(x, paths, labels, model_id)  # before the lock: a wrong input fails at once
         with writer_lock(self.path):
             current = read_index_manifest(self.path)
-            if current["sha256"] != self.manifest.get("sha256"):
+            if current[MANIFEST_CHECKSUM] != self.manifest.get(MANIFEST_CHECKSUM):
                 # Another writer published since this object was loaded: add to what is on disk now,
                 # so that its items are not lost.
                 self._adopt(*load_generation(self.path, verify=True))

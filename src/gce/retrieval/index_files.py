@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from gce.errors import DatasetError, GceError
-from gce.io import LockedError, pid_alive, refuse_foreign_dir, sha256_file, try_lock
+from gce.io import hold_lock, pid_alive, refuse_foreign_dir, sha256_file
 from gce.retrieval.faiss_build import load_faiss
-from gce.retrieval.files import commit_file, read_manifest
+from gce.retrieval.files import MANIFEST_CHECKSUM, commit_file, read_manifest
 from gce.retrieval.index_manifest import FORMAT, MANIFEST, file_name, read_index_manifest, write_index_manifest
 from gce.retrieval.items import ItemTable
 
@@ -64,22 +63,11 @@ _FAISS_CLASS = {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivf": "IndexIVF
 def writer_lock(folder: Path) -> Iterator[None]:
     """Hold the folder's write lock (created with the folder); a second writer gets a one-line
     :class:`LockedError` naming the holder's pid, at once (no waiting: the user decides)."""
-    lock, holder, stack = folder / LOCK, None, ExitStack()
-    for _ in range(100):
+    with ExitStack() as stack:
         try:
-            holder = stack.enter_context(try_lock(lock))
+            stack.enter_context(hold_lock(folder / LOCK, f"index {folder}"))
         except OSError as exc:
             raise GceError(f"index {folder}: cannot take its write lock ({exc.strerror or exc})") from None
-        if holder is None:
-            break
-        stack.close()
-        if holder:
-            break
-        time.sleep(0.002)  # the holder has the flock but has not written its pid yet: read it again
-    if holder is not None:
-        who = f"process {holder}" if holder else "another process"
-        raise LockedError(f"index {folder} is in use by {who} (lock file {lock}); wait for it to finish or stop it")
-    with stack:
         yield
 
 
@@ -113,7 +101,7 @@ def previous_manifest(folder: Path) -> dict[str, Any] | None:
 
 def manifest_body(manifest: dict[str, Any]) -> dict[str, Any]:
     """What a new generation carries over from a manifest (the rest is written anew)."""
-    return {k: v for k, v in manifest.items() if k not in ("sha256", "format", "generation", "files", "size")}
+    return {k: v for k, v in manifest.items() if k not in (MANIFEST_CHECKSUM, "format", "generation", "files", "size")}
 
 
 def _generation_of(name: str) -> int | None:
@@ -179,7 +167,9 @@ def load_generation(folder: Path, *, verify: bool) -> tuple[dict[str, Any], Any,
                 now = read_index_manifest(folder)
             except DatasetError:
                 raise exc from None
-            if now["sha256"] == manifest["sha256"]:  # nothing was published meanwhile: the damage is real
+            if (
+                now[MANIFEST_CHECKSUM] == manifest[MANIFEST_CHECKSUM]
+            ):  # nothing was published meanwhile: the damage is real
                 raise
             last = exc
     raise DatasetError(f"{folder}: {LOAD_TRIES} new versions were published while it was being loaded ({last})")

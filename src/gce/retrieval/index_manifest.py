@@ -1,15 +1,15 @@
 """An index folder's ``manifest.json``: what it must hold, its own checksum, and the checks on load.
 
 The manifest is the folder's pointer: it names the current generation's files with their sha256
-and is replaced atomically (one rename), so its checksum lives inside it (``"sha256"``: the digest
-of the rest, as canonical JSON) rather than in a ``.sha256`` sidecar, which could not be swapped in
-the same rename. Everything a reader relies on is validated, so an edited or damaged manifest is a
-one-line error, never a traceback or a silently different score.
+and is replaced atomically (one rename), so its checksum lives inside it (``"manifest_sha256"``, as
+for an embeddings folder: :func:`gce.retrieval.files.write_checked_manifest`) rather than in a
+``.sha256`` sidecar, which could not be swapped in the same rename. Everything a reader relies on
+is validated, so an edited or damaged manifest is a one-line error, never a traceback or a
+silently different score.
 """
 
 from __future__ import annotations
 
-import json
 import numbers
 import re
 from pathlib import Path
@@ -17,8 +17,7 @@ from typing import Any
 
 from gce.config.vocabulary import INDEX_TYPES
 from gce.errors import DatasetError
-from gce.io import sha256_of, write_json
-from gce.retrieval.files import read_manifest
+from gce.retrieval.files import MANIFEST_CHECKSUM, manifest_digest, read_manifest, write_checked_manifest
 
 __all__ = [
     "FORMAT",
@@ -45,11 +44,6 @@ class ManifestError(ValueError):
 def file_name(key: str, generation: int) -> str:
     """The one name the ``key`` file ("index" or "items") of ``generation`` may have."""
     return f"index.{generation}.faiss" if key == "index" else f"items.{generation}.npz"
-
-
-def _digest(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return sha256_of(canonical.encode("ascii"))
 
 
 def _int(value: Any, what: str, minimum: int) -> int:
@@ -121,31 +115,24 @@ def validate_manifest(values: dict[str, Any]) -> None:
 
 
 def read_index_manifest(folder: Path) -> dict[str, Any]:
-    """The verified, validated manifest of the index ``folder`` (with its ``"sha256"``), or a one-line
-    :class:`DatasetError`."""
+    """The verified, validated manifest of the index ``folder`` (with its ``"manifest_sha256"``, the
+    identity of this version), or a one-line :class:`DatasetError`."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such index folder")
     path = folder / MANIFEST
-    values = read_manifest(path, "gce index", FORMAT)
-    body = {key: value for key, value in values.items() if key != "sha256"}
     try:
-        digest = _digest(body)
-    except ValueError:  # NaN or infinity: gce never writes them
-        digest = ""
-    if "sha256" not in values:
-        raise DatasetError(f"{path}: no checksum in the manifest (edited, or from an older gce); rebuild the index")
-    if values["sha256"] != digest:
-        raise DatasetError(f"{path}: checksum mismatch (the manifest was edited or is damaged); rebuild the index")
+        body = read_manifest(path, "gce index", FORMAT, checksummed=True)
+    except ValueError as exc:  # NaN or infinity in an edited file: gce never writes them
+        raise DatasetError(f"{path}: damaged manifest ({exc})") from None
     try:
         validate_manifest(body)
     except ManifestError as exc:
         raise DatasetError(f"{path}: damaged manifest ({exc})") from None
-    return values
+    return {**body, MANIFEST_CHECKSUM: manifest_digest(body)}
 
 
 def write_index_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
     """Write ``body`` with its checksum as the folder's manifest (atomically); returns what was written."""
     values = {**body, "format": FORMAT}
-    values["sha256"] = _digest({key: value for key, value in values.items() if key != "sha256"})
-    write_json(folder / MANIFEST, values, what="index manifest")
-    return values
+    write_checked_manifest(folder / MANIFEST, values)
+    return {**values, MANIFEST_CHECKSUM: manifest_digest(values)}
