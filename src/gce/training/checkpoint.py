@@ -196,6 +196,10 @@ _EXPECTED: dict[str, tuple[Any, str]] = {
         lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
         "a mapping of parameter names to tensors",
     ),
+    "loss": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+        "a mapping of parameter names to tensors",
+    ),
     "optimizer": (lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v, "an optimiser state"),
     "scheduler": (lambda v: isinstance(v, dict), "a scheduler state"),
     "assignment": (
