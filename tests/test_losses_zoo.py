@@ -218,6 +218,7 @@ eval: {{batch_size: 16, clustering: false}}
 """
 
 
+@pytest.mark.slow
 def test_a_proxy_loss_run_resumes_bit_exact(tmp_path, shape_folder):
     def config(name: str) -> Path:
         path = tmp_path / f"{name}.yaml"
@@ -321,3 +322,15 @@ def test_two_processes_train_proxies_like_one(proxy_runs):
     # The proxies did move, by the learner term's and the whole-embedding term's gradients.
     first = single["proxies"][0]
     assert not torch.equal(first["learners.0.loss.proxies"], single["proxies"][-1]["learners.0.loss.proxies"])
+
+
+def test_resuming_a_checkpoint_from_before_the_loss_keys_reports_no_change_of_them():
+    from gce.training.checkpoint import changed_settings, setting_differences
+
+    cfg = _cfg("triplet").to_dict()
+    older = {section: dict(values) if isinstance(values, dict) else values for section, values in cfg.items()}
+    for key in ("name", "proxy_anchor_alpha", "proxy_lr_multiplier", "proxy_warm_start", "temperature"):
+        del older["loss"][key]
+    assert setting_differences(older, cfg) == [] and changed_settings(older, cfg) == []
+    cfg["loss"]["proxy_lr_multiplier"] = 10.0
+    assert changed_settings(older, cfg) == ["loss.proxy_lr_multiplier: 100.0 -> 10.0"]

@@ -285,8 +285,9 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
                 changes.append(f"{section}: {a!r} -> {b!r}")
             continue
         for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+            old = a[key] if key in a else _schema_default(section, key)  # a key added since: its default
+            if old != b.get(key):
+                changes.append(f"{section}.{key}: {old!r} -> {b.get(key)!r}")
     return changes
 
 
