@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gce.config.checks import check_experiment
 from gce.config.model_checks import check_model_config
 from gce.config.vocabulary import (
+    PROXY_LOSSES,
     BackboneName,
     BalanceBy,
     BlockKind,
@@ -96,10 +97,34 @@ class MetaClassConfig(_Section):
 
 class LossConfig(_Section):
     name: LossName = Field("triplet", description="the loss each learner trains with (gce.losses.registry)")
-    margin: float = Field(0.1, gt=0.0)
-    mining: Mining = "semihard"
-    distance: Distance = "euclidean"
+    margin: float = Field(0.1, gt=0.0, description="triplet: margin; proxy_anchor: margin delta")
+    mining: Mining = Field("semihard", description="triplet only")
+    distance: Distance = Field("euclidean", description="triplet only (the other losses use cosine similarity)")
     full_embedding_weight: float = Field(0.0, ge=0.0)
+    # The other losses' settings, pytorch-metric-learning's defaults (the papers' values).
+    proxy_anchor_alpha: float = Field(32.0, gt=0.0, description="proxy_anchor: scale alpha")
+    temperature: float = Field(0.05, gt=0.0, description="normalized_softmax: softmax temperature")
+    arcface_margin: float = Field(28.6, gt=0.0, lt=180.0, description="arcface: additive angular margin, degrees")
+    arcface_scale: float = Field(64.0, gt=0.0, description="arcface: logit scale")
+    ms_alpha: float = Field(2.0, gt=0.0, description="multi_similarity: weight of positive pairs")
+    ms_beta: float = Field(50.0, gt=0.0, description="multi_similarity: weight of negative pairs")
+    ms_base: float = Field(0.5, description="multi_similarity: similarity offset lambda")
+    ms_epsilon: float = Field(0.1, ge=0.0, description="multi_similarity: the miner's pair margin")
+    proxy_lr_multiplier: float = Field(
+        100.0, gt=0.0, description="proxy losses: the proxies' learning rate is optim.lr x this"
+    )
+    proxy_warm_start: bool = Field(
+        False, description="proxy losses: set the proxies to the class proxies at every meta-class refresh"
+    )
+
+    @model_validator(mode="after")
+    def _check_proxies(self) -> LossConfig:
+        if self.proxy_warm_start and self.name not in PROXY_LOSSES:
+            raise ValueError(
+                f"loss.proxy_warm_start=true needs a loss with proxies ({', '.join(PROXY_LOSSES)}); "
+                f"loss.name={self.name} has none"
+            )
+        return self
 
 
 class SamplerConfig(_Section):

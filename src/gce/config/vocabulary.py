@@ -26,6 +26,7 @@ __all__ = [
     "MINING_TYPES",
     "OPTIMIZERS",
     "POOLING_MODES",
+    "PROXY_LOSSES",
     "SCHEDULERS",
     "STRATEGY_NAMES",
     "TRACKER_NAMES",
@@ -76,8 +77,10 @@ LearnerData = Literal["subset", "all"]
 LEARNER_DATA: tuple[str, ...] = get_args(LearnerData)
 
 #: The loss each learner trains with (gce.losses.registry holds one factory per name).
-LossName = Literal["triplet"]
+LossName = Literal["triplet", "proxy_anchor", "normalized_softmax", "multi_similarity", "arcface"]
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+#: The losses with learnable class proxies (parameters trained with the model, checkpointed).
+PROXY_LOSSES: tuple[str, ...] = ("proxy_anchor", "normalized_softmax", "arcface")
 Mining = Literal["semihard", "hard", "all"]
 Distance = Literal["euclidean", "cosine"]
 MINING_TYPES: tuple[str, ...] = get_args(Mining)

@@ -19,6 +19,15 @@ Single process: ``loss = mean over the mined triplets of the batch whose loss is
 :class:`DistributedGCELoss` plugs this into :class:`~gce.losses.triplet.GCELoss` unchanged (learner
 term, full-embedding term, the "all learners" reading are all linear in the triplet losses) and
 reports the global values in its parts.
+
+The other losses (:class:`~gce.losses.zoo.ZooGCELoss`: Proxy Anchor, Normalized Softmax, ArcFace,
+Multi-Similarity) are not sums over anchors, so :class:`GatheredGCELoss` does not shard them: every
+rank gathers the global batch (with gradient) and computes the single-process loss of it, the same
+value on every rank. The gather's backward sums the ranks' gradients, ``W x`` the single-process
+gradient of the own rows, and DDP's averaging divides by ``W``, as above. The proxies, outside
+DDP, get the gradient of the global loss on every rank; it is averaged over the ranks (one
+all-reduce per proxy tensor and step) so every rank applies the same step and the proxies stay
+the same everywhere; a warm start broadcasts rank 0's proxies.
 """
 
 from __future__ import annotations
@@ -29,10 +38,11 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.reducers import DoNothingReducer
 from torch import Tensor, nn
 
-from gce.distributed.collectives import all_gather_with_grad, all_reduce_sum, gather_sizes
+from gce.distributed.collectives import all_gather_rows, all_gather_with_grad, all_reduce_sum, gather_sizes
 from gce.losses.triplet import GCELoss, LearnerTripletLoss
+from gce.losses.zoo import ZooGCELoss
 
-__all__ = ["DistributedGCELoss", "ShardedTripletLoss"]
+__all__ = ["DistributedGCELoss", "GatheredGCELoss", "ShardedTripletLoss", "distributed_loss"]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -140,3 +150,66 @@ class DistributedGCELoss(GCELoss):
             # check agree); the gradient stays this rank's share.
             total = total + (parts["loss"] - total.detach())
         return total, parts
+
+
+def _mean_over_ranks(grad: Tensor) -> Tensor:
+    out = all_reduce_sum(grad)
+    return out / dist.get_world_size()
+
+
+class GatheredGCELoss(ZooGCELoss):
+    """:class:`~gce.losses.zoo.ZooGCELoss` on this rank's rows of a global batch: the loss of the
+    gathered global batch (see the module docstring), with the base loss's own term modules."""
+
+    @classmethod
+    def like(cls, base: ZooGCELoss) -> GatheredGCELoss:
+        """The distributed version of ``base``: the same modules (so the same proxy parameters, the
+        optimiser's, and the same state-dict keys: checkpoints do not depend on the world size)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.full_embedding_weight, new.count_name = base.full_embedding_weight, base.count_name
+        new.learner_slices, new._index = base.learner_slices, base._index
+        new.learners, new.full = base.learners, base.full
+        if _rank_world()[1] > 1:
+            for param in new.parameters():
+                param.register_hook(_mean_over_ranks)
+        return new
+
+    @staticmethod
+    def _gather(embeddings: Tensor, *labels: Tensor) -> tuple[Tensor, list[Tensor]]:
+        sizes = gather_sizes(embeddings.shape[0], embeddings.device)
+        rows = all_gather_with_grad(embeddings, sizes)
+        return rows, [torch.cat(all_gather_rows(lab.contiguous())) for lab in labels]
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, learner_slice: slice | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        if _rank_world()[1] == 1:
+            return super().forward(embeddings, labels, learner_slice)
+        rows, (global_labels,) = self._gather(embeddings, labels)
+        total, parts = super().forward(rows, global_labels, learner_slice)
+        return total + (rows * 0).sum(), parts  # every rank's gather backward runs, whatever the loss used
+
+    def all_learners(
+        self, embeddings: Tensor, labels: Tensor, learner_slices: list[slice], learner_labels: list[Tensor]
+    ) -> tuple[Tensor, dict[str, float]]:
+        if _rank_world()[1] == 1:
+            return super().all_learners(embeddings, labels, learner_slices, learner_labels)
+        rows, (global_labels, *global_meta) = self._gather(embeddings, labels, *learner_labels)
+        total, parts = super().all_learners(rows, global_labels, learner_slices, global_meta)
+        return total + (rows * 0).sum(), parts
+
+    def load_proxies(self, learner_slice: slice | None, proxies: Tensor) -> int:
+        count = super().load_proxies(learner_slice, proxies)
+        if _rank_world()[1] > 1:
+            with torch.no_grad():
+                for param in self.module_for(learner_slice).parameters():
+                    dist.broadcast(param, 0)
+        return count
+
+
+def distributed_loss(base: GCELoss) -> GCELoss:
+    """The version of a run's loss for this rank's rows of a global batch."""
+    if isinstance(base, ZooGCELoss):
+        return GatheredGCELoss.like(base)
+    return DistributedGCELoss.like(base)

@@ -6,7 +6,9 @@
 * ``train_model``: the model with BatchNorm over the global batch (the head's always, the
   trunk's with ``train.sync_bn``), in ``DistributedDataParallel`` (gradients averaged);
 * ``loss``: :class:`~gce.distributed.loss.DistributedGCELoss` (local anchors against the
-  gathered global batch, scaled so the averaged gradient is the single-process one);
+  gathered global batch, scaled so the averaged gradient is the single-process one), or for the
+  other losses :class:`~gce.distributed.loss.GatheredGCELoss` (the global batch's loss, proxies'
+  gradients averaged over the ranks);
 * ``embed``: sharded extraction, gathered on every rank in dataset order;
 * ``reading``: meta-class refreshes computed once, on rank 0, and broadcast;
 * ``writer``: rank 0's writes; the other ranks read checkpoints but write nothing.
@@ -38,12 +40,13 @@ from gce.config import ExperimentConfig
 from gce.distributed.batchnorm import synchronise_batchnorm
 from gce.distributed.collectives import all_reduce_sum
 from gce.distributed.context import DistContext
-from gce.distributed.loss import DistributedGCELoss
+from gce.distributed.loss import GatheredGCELoss, distributed_loss
 from gce.distributed.sharding import compute_on_main, extract_embeddings_sharded
 from gce.errors import ConfigError
 from gce.evaluation import EvalResult
 from gce.evaluation.pipeline import DatasetEmbedder, evaluate_split
 from gce.training.parts import RunParts, build_parts, compiled
+from gce.training.proxy_warm_start import ProxyWarmStart
 from gce.training.readings import MetaClassUpdate, Reading
 from gce.training.trainer import EpochObserver, Trainer
 from gce.training.writer import RunWriter
@@ -191,12 +194,19 @@ def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
     if not ctx.is_main:
         writer.close()
         writer = SilentWriter(parts.writer.out)
+    loss = distributed_loss(parts.loss)
+    reading: Reading
+    if isinstance(parts.reading, ProxyWarmStart):  # on every rank, outside the rank-0 refresh
+        assert isinstance(loss, GatheredGCELoss)
+        reading = parts.reading.around(SharedReading(parts.reading.base, ctx), loss)
+    else:
+        reading = SharedReading(parts.reading, ctx)
     return replace(
         parts,
         train_model=compiled(train_model, cfg),
-        loss=DistributedGCELoss.like(parts.loss),
+        loss=loss,
         embed=ShardedEmbedder(parts.embed, ctx),
-        reading=SharedReading(parts.reading, ctx),
+        reading=reading,
         writer=writer,
         progress=parts.progress and ctx.is_main,
         batch_part=RankShare(ctx.rank, ctx.world_size),

@@ -122,10 +122,17 @@ class GCELoss(nn.Module):
         self.full_embedding_weight = full_embedding_weight
         self.triplet = LearnerTripletLoss(margin, mining, distance)
 
+    #: The name of a term's count in the parts (``None``: the loss counts nothing).
+    count_name: str | None = "triplets"
+
+    def term(self, embeddings: Tensor, labels: Tensor, learner_slice: slice | None) -> tuple[Tensor, int]:
+        """One term of the total, on ``learner_slice`` (``None``: the whole embedding), and its count."""
+        return self.triplet.compute(embeddings, labels, learner_slice)
+
     def forward(
         self, embeddings: Tensor, labels: Tensor, learner_slice: slice | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        learner_loss, learner_triplets = self.triplet.compute(embeddings, labels, learner_slice)
+        learner_loss, learner_triplets = self.term(embeddings, labels, learner_slice)
         return self._with_full_loss(
             learner_loss, float(learner_triplets), embeddings, labels, add_full=learner_slice is not None
         )
@@ -135,13 +142,15 @@ class GCELoss(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """``learner_loss + full_embedding_weight * full_loss`` (when weighted and ``add_full``) and its parts."""
         total = learner_loss
-        parts: dict[str, float] = {"triplets": learner_triplets}
+        count = self.count_name
+        parts: dict[str, float] = {} if count is None else {count: learner_triplets}
         values = {"learner_loss": learner_loss}
         if self.full_embedding_weight > 0 and add_full:
-            full_loss, full_triplets = self.triplet.compute(embeddings, labels, None)
+            full_loss, full_triplets = self.term(embeddings, labels, None)
             total = total + self.full_embedding_weight * full_loss
             values["full_loss"] = full_loss
-            parts["full_triplets"] = float(full_triplets)
+            if count is not None:
+                parts[f"full_{count}"] = float(full_triplets)
         values["loss"] = total
         # One device-to-host copy for all the values (on a GPU each float() would wait for it).
         parts.update(zip(values, torch.stack([v.detach() for v in values.values()]).tolist(), strict=True))
@@ -164,7 +173,7 @@ class GCELoss(nn.Module):
             )
         losses, mined = [], 0
         for part, meta in zip(learner_slices, learner_labels, strict=True):
-            loss, count = self.triplet.compute(embeddings, meta, part)
+            loss, count = self.term(embeddings, meta, part)
             losses.append(loss)
             mined += count
         return self._with_full_loss(torch.stack(losses).mean(), mined / len(losses), embeddings, labels)

@@ -196,6 +196,10 @@ _EXPECTED: dict[str, tuple[Any, str]] = {
         lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
         "a mapping of parameter names to tensors",
     ),
+    "loss": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+        "a mapping of parameter names to tensors",
+    ),
     "optimizer": (lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v, "an optimiser state"),
     "scheduler": (lambda v: isinstance(v, dict), "a scheduler state"),
     "assignment": (
@@ -281,7 +285,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
                 changes.append(f"{section}: {a!r} -> {b!r}")
             continue
         for key in sorted(set(a) | set(b)):
-            old = a[key] if key in a else _schema_default(section, key)
+            old = a[key] if key in a else _schema_default(section, key)  # a key added since: its default
             if old != b.get(key):
                 changes.append(f"{section}.{key}: {old!r} -> {b.get(key)!r}")
     return changes

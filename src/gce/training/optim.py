@@ -54,10 +54,19 @@ def _step(optimizer: torch.optim.Optimizer, o: OptimConfig, epochs: int) -> torc
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
 
 
-def build_optimizer(model: EmbeddingModel, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-    """``cfg.optim.name`` over the model's parameter groups (trunk and head learning rates)."""
+def build_optimizer(
+    model: EmbeddingModel, cfg: ExperimentConfig, loss: torch.nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """``cfg.optim.name`` over the model's parameter groups (trunk and head learning rates) and,
+    when the loss has parameters (a proxy loss's proxies), their own group first, at
+    ``optim.lr x loss.proxy_lr_multiplier`` (proxies learn faster than the network, as the proxy
+    losses' papers train them). First, so that the last group stays the head's (the logged lr)."""
     o = cfg.optim
     groups = model.param_groups(backbone_lr=o.backbone_lr or o.lr, head_lr=o.lr, weight_decay=o.weight_decay)
+    proxies = [] if loss is None else [p for p in loss.parameters() if p.requires_grad]
+    if proxies:
+        lr = o.lr * cfg.loss.proxy_lr_multiplier
+        groups = [{"name": "loss", "params": proxies, "lr": lr, "weight_decay": o.weight_decay}, *groups]
     return OPTIMIZER_REGISTRY[o.name](groups, o)
 
 

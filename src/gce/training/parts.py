@@ -26,15 +26,16 @@ from gce.data.transforms import test_transform, train_transform
 from gce.errors import ConfigError, GceError
 from gce.evaluation.pipeline import DatasetEmbedder, EmbedFn, MetricSettings
 from gce.io import check_run_folder
-from gce.losses import GCELoss, build_loss
+from gce.losses import GCELoss, LossShape, ZooGCELoss, build_loss
 from gce.models import EmbeddingModel, build_model
 from gce.runtime import flush_denormals, resolve_device, seed_everything
 from gce.training.optim import build_optimizer, build_scheduler
+from gce.training.proxy_warm_start import ProxyWarmStart
 from gce.training.readings import Reading, build_reading
 from gce.training.trackers import check_trackers
 from gce.training.writer import RunWriter, check_fresh_folder
 
-__all__ = ["RunParts", "build_parts", "check_sampler_feasible", "compiled"]
+__all__ = ["RunParts", "build_parts", "build_run_loss", "check_sampler_feasible", "compiled"]
 
 
 KeyedItem = tuple[int, int]  # (image index, augmentation seed)
@@ -118,6 +119,27 @@ def _check_smallest_subset(cfg: ExperimentConfig, classes: int) -> None:
         )
 
 
+def build_run_loss(cfg: ExperimentConfig, learner_slices: list[slice], num_classes: int) -> GCELoss:
+    """The loss ``cfg.loss`` names, its proxies (if any) sized for this run (:class:`LossShape`).
+
+    Proxies are drawn from a generator seeded by ``train.seed`` with the global RNG forked: a
+    proxy loss changes nothing of the model's initial weights or of the run's random stream.
+    """
+    k, mc = len(learner_slices), cfg.metaclass
+    relabel = mc.learner_data == "all" and k > 1
+    shape = LossShape(
+        num_classes=num_classes,
+        embedding_dim=cfg.model.embedding_dim,
+        learner_slices=tuple(learner_slices) if k > 1 else (),
+        learner_classes=mc.num_metaclasses if relabel else num_classes,
+        # One learner, fine-tuning epochs and a weighted whole-embedding term use the whole embedding.
+        full=k == 1 or cfg.loss.full_embedding_weight > 0 or cfg.train.finetune_epochs > 0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_loss(cfg.loss, shape)
+
+
 def _prepare_run_folder(cfg: ExperimentConfig, resume: bool) -> Path:
     check_trackers(cfg)  # a missing tracker package fails now, before the folder and the data
     out = Path(cfg.train.out_dir)
@@ -173,7 +195,12 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:  # the trainer converts each batch as well
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
+    loss = build_run_loss(cfg, model.learner_slices(), data.train.num_classes).to(device)
+    optimizer = build_optimizer(model, cfg, loss)
+    reading = build_reading(cfg, model.learner_slices(), data.train.labels, data.train.num_classes, device)
+    if cfg.loss.proxy_warm_start:
+        assert isinstance(loss, ZooGCELoss)  # the config allows it for proxy losses only
+        reading = ProxyWarmStart(reading, loss, data.train.labels, data.train.num_classes)
     s = cfg.sampler
     train_set, train_eval_set, val_set, test_set = _datasets(cfg, data)
     return RunParts(
@@ -184,8 +211,8 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
         train_model=compiled(model, cfg),
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg),
-        reading=build_reading(cfg, model.learner_slices(), data.train.labels, data.train.num_classes, device),
-        loss=build_loss(cfg.loss),
+        reading=reading,
+        loss=loss,
         train_set=train_set,
         train_eval_set=train_eval_set,
         val_set=val_set,

@@ -128,6 +128,7 @@ class Trainer:
             "partial": dict(self.partial),
             "best_val": self.best_val,
             "model": p.model.state_dict(),
+            "loss": p.loss.state_dict(),  # a proxy loss's proxies (empty for the triplet loss)
             "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(),
             "assignment": None if assignment is None else torch.from_numpy(assignment.copy()),
@@ -168,13 +169,14 @@ class Trainer:
     def _restore(self) -> None:
         p = self.parts
         state, path = p.writer.load_checkpoint(warn=self.log)
-        require_keys(state, CHECKPOINT_KEYS, path)
+        require_keys(state, (*CHECKPOINT_KEYS, *(("loss",) if "loss" in state else ())), path)  # older: none
         # Everything that could make the checkpoint mean another run is checked before any of it
         # is used: the settings (seed included), then the data it was trained on.
         check_same_model(state["config"], self.cfg.to_dict())
         check_same_split(state.get("split"), self.split(), str(path), warn=self.log)
         try:
             p.model.load_state_dict(state["model"])
+            p.loss.load_state_dict(state.get("loss", {}))
             p.optimizer.load_state_dict(state["optimizer"])
             p.scheduler.load_state_dict(state["scheduler"])
             self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
