@@ -247,3 +247,22 @@ def test_build_index_from_images_end_to_end(checkpoint, records, tmp_path):
     assert plain.item(0).label is None
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["model"]["model_id"] == emb.model_id
+
+
+def test_build_time_exact_truth_is_evaluations_knn_chunk_by_chunk():
+    # The ground truth of the build-time recall: evaluation's exact kNN (ties by id, own id left
+    # out), merged over gallery chunks; equal to a brute-force sort whatever the chunk size.
+    from gce.retrieval.faiss_tuning import exact_topk
+    from gce.retrieval.vectors import query_vectors, stored_vectors
+
+    rng = np.random.default_rng(0)
+    slices = [slice(0, 4), slice(4, 8)]
+    embeddings = rng.normal(size=(37, 8)).astype(np.float32)
+    embeddings[5] = embeddings[3]  # an exact tie, split across chunks of 4
+    own = np.array([3, 5, 30, 0])
+    queries = query_vectors(embeddings[own], slices)
+    scores = queries @ stored_vectors(embeddings, slices).T
+    scores[np.arange(len(own)), own] = -np.inf
+    expected = np.lexsort((np.broadcast_to(np.arange(37), scores.shape), -scores), axis=1)[:, :6]
+    for chunk in (4, 7, 100):
+        np.testing.assert_array_equal(exact_topk(queries, embeddings, slices, 6, own, chunk=chunk), expected)

@@ -8,7 +8,7 @@ import torch
 from gce.errors import GceError
 from gce.evaluation.topk import KnnResult, sort_by_score_then_index
 
-__all__ = ["faiss_knn"]
+__all__ = ["faiss_knn", "keep_all_but_own"]
 
 
 def faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, metric: str, own: torch.Tensor | None) -> KnnResult:
@@ -25,18 +25,19 @@ def faiss_knn(q: torch.Tensor, g: torch.Tensor, k: int, metric: str, own: torch.
     dist = torch.from_numpy(np.ascontiguousarray(found_dist, dtype=np.float32))
     idx = torch.from_numpy(found_idx.astype(np.int64))
     if own is not None and extra:
-        dist, idx = _drop_self(dist, idx, own, k)
+        keep = keep_all_but_own(idx, own)
+        dist, idx = dist[keep].view(len(idx), -1)[:, :k], idx[keep].view(len(idx), -1)[:, :k]
     # faiss' order among equal scores is unspecified; impose (-score, index) within the list.
     key = dist if metric == "cosine" else -dist
     key, idx = sort_by_score_then_index(key, idx)
     return KnnResult(indices=idx, scores=key if metric == "cosine" else -key)
 
 
-def _drop_self(dist: torch.Tensor, idx: torch.Tensor, own: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove one column per row: the query's own index where present, else the last column."""
+def keep_all_but_own(idx: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Mask of ``idx`` (a faiss list of ``k + 1`` per row) without one column per row: the query's own
+    index where present, else the last column. Every row keeps ``k`` columns."""
     drop = idx == own[:, None]
     missing = ~drop.any(1)
     drop[missing, -1] = True
     first = drop.int().argmax(1, keepdim=True)  # a faiss list holds each index at most once
-    keep = torch.ones_like(drop).scatter_(1, first, False)
-    return dist[keep].view(len(idx), -1)[:, :k], idx[keep].view(len(idx), -1)[:, :k]
+    return torch.ones_like(drop).scatter_(1, first, False)

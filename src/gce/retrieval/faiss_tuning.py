@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from gce.retrieval.faiss_build import apply_search_params, load_faiss, search_settings
+from gce.evaluation.knn import exact_knn
+from gce.evaluation.knn_faiss import keep_all_but_own
+from gce.retrieval.faiss_build import apply_search_params, search_settings
 from gce.retrieval.vectors import query_vectors, stored_vectors
 
 __all__ = ["TARGET_RECALL", "BuildReport", "choose_setting", "exact_topk", "measure_settings"]
@@ -60,33 +63,29 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(1, int((truth >= 0).sum()))
 
 
-def _drop_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    out = np.full((len(ids), k), -1, dtype=np.int64)
-    for i, row in enumerate(ids):
-        row = row[(row != own[i]) & (row >= 0)][:k]
-        out[i, : len(row)] = row
-    return out
-
-
 def _topk_without_self(index, queries: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    return _drop_self(index.search(queries, k + 1)[1], own, k)
+    """The index's top ``k`` of each query, its own id left out (evaluation's rule for faiss lists)."""
+    ids = torch.from_numpy(index.search(queries, k + 1)[1].astype(np.int64))
+    return ids[keep_all_but_own(ids, torch.from_numpy(own))].view(len(ids), -1)[:, :k].numpy()
 
 
 def exact_topk(
-    queries: np.ndarray, embeddings: np.ndarray, slices: Sequence[slice], k: int, chunk: int = 100_000
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of (already rescaled) queries against stored forms of ``embeddings``,
-    a gallery chunk at a time (no second copy of a large gallery)."""
-    faiss = load_faiss()
-    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    queries: np.ndarray, embeddings: np.ndarray, slices: Sequence[slice], k: int, own: np.ndarray, chunk: int = 100_000
+) -> np.ndarray:
+    """Ids of the exact inner-product top ``k`` of (already rescaled) queries against the stored forms
+    of ``embeddings``, each query's own id ``own`` left out: evaluation's exact kNN (ties by id), a
+    gallery chunk at a time (no second copy of a large gallery), the chunks merged by the same rule."""
+    best_s = np.zeros((len(queries), 0), dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(embeddings), chunk):
         part = stored_vectors(embeddings[start : start + chunk], slices)
-        s, i = faiss.knn(np.ascontiguousarray(queries), part, min(k, len(part)), metric=faiss.METRIC_INNER_PRODUCT)
-        best_s, best_i = np.hstack([best_s, s]), np.hstack([best_i, i + start])
-        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        inside = (own >= start) & (own < start + len(part))
+        found = exact_knn(queries, part, k, metric="cosine", self_index=np.where(inside, own - start, -1))
+        best_s = np.hstack([best_s, found.scores.numpy()])
+        best_i = np.hstack([best_i, found.indices.numpy() + start])
+        order = np.lexsort((best_i, -best_s), axis=1)[:, :k]  # by score, then by id
         best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-    return best_s, best_i
+    return best_i
 
 
 def measure_settings(
@@ -109,8 +108,8 @@ def measure_settings(
     own = np.sort(rng.choice(len(embeddings), size=min(sample, len(embeddings)), replace=False))
     full_q = query_vectors(embeddings[own], slices)
     one_q = query_vectors(embeddings[own], slices, learners=[0])
-    truth_full = _drop_self(exact_topk(full_q, embeddings, slices, k + 1)[1], own, k)
-    truth_one = _drop_self(exact_topk(one_q, embeddings, slices, k + 1)[1], own, k)
+    truth_full = exact_topk(full_q, embeddings, slices, k, own)
+    truth_one = exact_topk(one_q, embeddings, slices, k, own)
     rows = []
     for name, params in settings:
         apply_search_params(index, params)
