@@ -178,7 +178,7 @@ def test_bad_queries_and_weights_are_one_line_errors(tmp_path):
     )
     for kwargs, message in (
         ({"learners": [4]}, "not a learner"),
-        ({"weights": [1, 2]}, "expected 4 values"),
+        ({"weights": [1, 2]}, "has 4 learners, got 2 weights"),
         ({"weights": [0, 0, 0, 0]}, "not all zero"),
         ({"learners": [0], "weights": [1] * 4}, "not both"),
     ):

@@ -57,7 +57,7 @@ def learner_weights(
     if weights is not None:
         w = np.asarray(_numbers(weights, "weights", numbers.Real), dtype=np.float64)
         if w.shape != (num_learners,):
-            raise GceError(f"weights: expected {num_learners} values (one per learner), got {len(w)}")
+            raise GceError(f"weights: the model has {num_learners} learners, got {len(w)} weights (one per learner)")
         if not np.isfinite(w).all() or (w < 0).any() or w.max() <= 0:
             raise GceError(f"weights must be finite, non-negative numbers, not all zero, got {list(weights)}")
         w = w / w.max()  # in (0, 1]: the sum below is at most K, never infinite
@@ -65,6 +65,8 @@ def learner_weights(
         chosen = [int(k) for k in _numbers(learners, "learners", numbers.Integral)]
         if not chosen:
             raise GceError("learners: give at least one learner")
+        if len(set(chosen)) != len(chosen):
+            raise GceError(f"learners: {chosen} names a learner twice")
         bad = [k for k in chosen if not 0 <= k < num_learners]
         if bad:
             raise GceError(f"learners: {bad[0]} is not a learner of this model (it has learners 0..{num_learners - 1})")

@@ -6,11 +6,10 @@ request that breaks one is refused alone, before it joins a batch (a one-line 42
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-import numpy as np
-
+from gce.errors import GceError
+from gce.retrieval.vectors import learner_weights
 from gce.serve.errors import RequestError
 
 
@@ -39,30 +38,20 @@ def parse_weights(text: str | None, count: int) -> list[float] | None:
 
 
 def check_learners(learners: Sequence[int], count: int) -> list[int]:
-    """A learner subset: learner numbers of this model, each once, at least one (else a 422)."""
-    chosen = list(learners)
-    if not chosen:
-        raise RequestError(422, "learners: give at least one learner")
-    bad = [n for n in chosen if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < count]
-    if bad:
-        raise RequestError(422, f"learners: {bad[0]!r} is not a learner of this model (0..{count - 1})")
-    if len(set(chosen)) != len(chosen):
-        raise RequestError(422, f"learners: {chosen} names a learner twice")
-    return [int(n) for n in chosen]
+    """A learner subset by the index's own rules (:func:`~gce.retrieval.vectors.learner_weights`), else a 422."""
+    _index_rules(count, learners=learners)
+    return [int(n) for n in learners]
 
 
 def check_weights(weights: Sequence[float], count: int) -> list[float]:
-    """One finite, non-negative weight per learner, not all zero, with a finite sum (else a 422)."""
-    values = list(weights)
-    if len(values) != count:
-        raise RequestError(422, f"weights: the model has {count} learners, got {len(values)} weights")
+    """One weight per learner by the index's own rules (finite, non-negative, not all zero), else a 422."""
+    _index_rules(count, weights=weights)
+    return [float(w) for w in weights]
+
+
+def _index_rules(count: int, learners: Sequence[int] | None = None, weights: Sequence[float] | None = None) -> None:
+    # One rule book: the scan's own, so the service and `gce search` never disagree on a query.
     try:
-        values = [float(w) for w in values]
-    except (TypeError, ValueError):
-        raise RequestError(422, f"weights must be numbers, got {values}") from None
-    # The scan divides by the sum: 1e308 twice overflows it to inf and every weight to 0.
-    if not all(math.isfinite(w) and w >= 0 for w in values) or not 0 < sum(values) < math.inf:
-        raise RequestError(
-            422, f"weights must be finite, non-negative and not all zero, with a finite sum, got {values}"
-        )
-    return values
+        learner_weights(count, learners, weights)
+    except GceError as exc:
+        raise RequestError(422, str(exc)) from None
