@@ -24,7 +24,6 @@ rank's RNG state goes into the checkpoint.
 from __future__ import annotations
 
 import inspect
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +47,7 @@ from gce.evaluation.pipeline import DatasetEmbedder, evaluate_split
 from gce.training.parts import RunParts, build_parts, compiled
 from gce.training.proxy_warm_start import ProxyWarmStart
 from gce.training.readings import MetaClassUpdate, Reading
+from gce.training.run_state import restore_rng
 from gce.training.trainer import EpochObserver, Trainer
 from gce.training.writer import RunWriter
 
@@ -254,11 +254,7 @@ class DistributedTrainer(Trainer):
         if ranks is None or len(ranks) != self.ctx.world_size:  # another world size: rank 0's state
             super()._restore_rng(state)
             return
-        mine = ranks[self.ctx.rank]
-        torch.set_rng_state(mine["torch"])
-        random.setstate(mine["python"])
-        if isinstance(mine.get("cuda"), torch.Tensor) and self.parts.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], self.parts.device)
+        restore_rng(ranks[self.ctx.rank], self.parts.device)
 
 
 def _silent(_: str) -> None:

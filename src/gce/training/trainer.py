@@ -11,7 +11,6 @@ The loop runs over the parts it is given (:class:`~gce.training.parts.RunParts`)
 from __future__ import annotations
 
 import math
-import random
 import signal
 import threading
 import time
@@ -35,21 +34,10 @@ from gce.evaluation.pipeline import evaluate_split
 from gce.training.checkpoint import changed_settings, check_same_model, require_keys
 from gce.training.epoch_loader import EpochLoader
 from gce.training.parts import RunParts, build_parts
+from gce.training.run_state import CHECKPOINT_KEYS, capture, load_learned_state, restore_rng, rng_state
 
 EXIT_INTERRUPTED = 130
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-CHECKPOINT_KEYS = (
-    "config",
-    "epoch",
-    "batch",
-    "partial",
-    "best_val",
-    "model",
-    "optimizer",
-    "scheduler",
-    "assignment",
-    "rng",
-)
 
 
 class TrainingInterrupted(GceError):
@@ -119,37 +107,21 @@ class Trainer:
         return self._split
 
     def _state(self, epoch: int, batch: int) -> dict[str, Any]:
-        p, assignment = self.parts, self.parts.reading.assignment
-        return {
+        position = {
             "config": self.cfg.to_dict(),
             "split": self.split(),
             "epoch": epoch,
             "batch": batch,
             "partial": dict(self.partial),
             "best_val": self.best_val,
-            "model": p.model.state_dict(),
-            "loss": p.loss.state_dict(),  # a proxy loss's proxies (empty for the triplet loss)
-            "optimizer": p.optimizer.state_dict(),
-            "scheduler": p.scheduler.state_dict(),
-            "assignment": None if assignment is None else torch.from_numpy(assignment.copy()),
-            "rng": self._rng_state(),
         }
+        return capture(self.parts, position, self._rng_state())
 
     def _rng_state(self) -> dict[str, Any]:
-        """The random state a resumed run continues from (on CUDA, the run's GPU generator too)."""
-        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.parts.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.parts.device)
-        return state
+        return rng_state(self.parts.device)
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        # A GPU run resumed on the CPU has no generator to restore; a CPU run resumed on a GPU
-        # keeps the freshly seeded one.
-        if isinstance(rng.get("cuda"), torch.Tensor) and self.parts.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.parts.device)
+        restore_rng(state["rng"], self.parts.device)
 
     def _save(self, epoch: int, batch: int) -> Path:
         self._check_finite_weights(f"epoch {epoch}, batch {batch}" if batch else f"epoch {epoch - 1}")
@@ -175,10 +147,7 @@ class Trainer:
         check_same_model(state["config"], self.cfg.to_dict())
         check_same_split(state.get("split"), self.split(), str(path), warn=self.log)
         try:
-            p.model.load_state_dict(state["model"])
-            p.loss.load_state_dict(state.get("loss", {}))
-            p.optimizer.load_state_dict(state["optimizer"])
-            p.scheduler.load_state_dict(state["scheduler"])
+            load_learned_state(p, state)
             self.start_epoch, self.start_batch = int(state["epoch"]), int(state["batch"])
             if state["assignment"] is not None:
                 p.reading.restore(state["assignment"].numpy())
