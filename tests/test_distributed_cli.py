@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,16 +139,21 @@ def test_ctrl_c_under_nproc_checkpoints_mid_epoch_and_resumes_to_the_uninterrupt
         assert torch.equal(tensor, final["interrupted"][key]), key
 
 
-def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path):
+def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path, shape_folder):
+    # An image that cannot be decoded: found by the workers' image check, not by the launcher's
+    # checks before it starts them (which list the data but decode nothing).
+    data = tmp_path / "data"
+    shutil.copytree(shape_folder, data)
+    (data / "class_00" / "img_0.png").write_bytes(b"not a png")
     config = tmp_path / "c.yaml"
-    config.write_text(CONFIG.format(root=tmp_path / "missing", out=tmp_path / "run"))
+    config.write_text(CONFIG.format(root=data, out=tmp_path / "run"))
     done = _gce("train", str(config), "--nproc", "2", "--quiet")
     _, stderr = done.communicate(timeout=300)
     assert done.returncode == 1
     assert "Traceback" not in stderr
-    assert stderr.count("does not exist") == 2  # each worker's own error
-    # Both workers fail on the missing root; the launcher SIGTERMs the slower one once the first
-    # has exited, which may land before or after it exits by itself.
+    assert stderr.count("class_00/img_0.png") == 2  # each worker's own error
+    # Both workers fail on the image; the launcher SIGTERMs the slower one once the first has
+    # exited, which may land before or after it exits by itself.
     assert stderr.strip().splitlines()[-1] in (
         "gce: error: 2 of 2 worker processes failed (exit code 1); their errors are printed above",
         (
@@ -158,3 +164,7 @@ def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path):
     bad = _gce("train", str(config), "train.no_such_key=1", "--nproc", "2")
     _, stderr = bad.communicate(timeout=120)
     assert bad.returncode == 1 and "no_such_key" in stderr and "worker" not in stderr  # before any process
+    config.write_text(CONFIG.format(root=tmp_path / "missing", out=tmp_path / "run"))
+    missing = _gce("train", str(config), "--nproc", "2")
+    _, stderr = missing.communicate(timeout=120)
+    assert missing.returncode == 1 and stderr.count("does not exist") == 1 and "worker process" not in stderr
