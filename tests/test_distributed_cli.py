@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import gce
 from gce.distributed.launch import torchrun_command
 from gce.errors import ConfigError
 from gce.training.checkpoint import load_checkpoint
 from process_signals import signal_group_in_epoch_1
 
-REPO = Path(__file__).resolve().parent.parent
+# The gce these tests import (PYTHONPATH may name another checkout): their subprocesses run it too.
+SRC = Path(gce.__file__).resolve().parent.parent
 CONFIG = """\
 name: nproc-test
 data: {{dataset: folder, root: {root}, image_size: 32, test_resize: 32, workers: 0,
@@ -52,7 +54,7 @@ def test_gce_train_nproc_2_runs_once_and_writes_once(tmp_path, shape_folder):
     out = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG.format(root=shape_folder, out=out))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "gce", "train", str(config), "--nproc", "2", "--quiet"],
         env=env,
@@ -97,7 +99,7 @@ def _gce(*args: str, **popen) -> subprocess.Popen:
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "gce", *args],
