@@ -5,7 +5,8 @@ train CONFIG ...`` runs (torch's elastic launcher, the module behind ``torchrun`
 picks a free local port), in this process, so that its end is one line instead of a traceback.
 Several machines: call ``torchrun`` directly, see docs/scale.md.
 A worker restarted by ``--max-restarts`` continues from the run's last checkpoint on its own
-(:func:`restarted_by_launcher`).
+(:func:`restarted_by_launcher`). The workers learn this process's pid (``GCE_LAUNCHER_PID``): they
+stop when it dies (:mod:`.parent_watch`), and the run folder's lock it holds is theirs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import signal
 import sys
 
 from gce.errors import ConfigError, GceError
-from gce.training.run_folder import LAUNCHER_PID_ENV
 
 __all__ = ["FRESH_STORE_PER_RESTART", "check_not_in_a_job", "launch_local", "restarted_by_launcher", "torchrun_command"]
 
@@ -55,6 +55,8 @@ def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from gce.training.run_folder import LAUNCHER_PID_ENV
 
     arguments = torchrun_command(gce_args, nproc, max_restarts)[3:]  # after "python -m torch.distributed.run"
     os.environ.setdefault(*FRESH_STORE_PER_RESTART)
