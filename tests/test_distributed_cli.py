@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import gce
 from gce.distributed.launch import torchrun_command
 from gce.errors import ConfigError
 from gce.training.checkpoint import load_checkpoint
 from process_signals import signal_group_in_epoch_1
 
-REPO = Path(__file__).resolve().parent.parent
+# The gce these tests import (PYTHONPATH may name another checkout): their subprocesses run it too.
+SRC = Path(gce.__file__).resolve().parent.parent
 CONFIG = """\
 name: nproc-test
 data: {{dataset: folder, root: {root}, image_size: 32, test_resize: 32, workers: 0,
@@ -51,7 +54,7 @@ def test_gce_train_nproc_2_runs_once_and_writes_once(tmp_path, shape_folder):
     out = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG.format(root=shape_folder, out=out))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "gce", "train", str(config), "--nproc", "2", "--quiet"],
         env=env,
@@ -96,7 +99,7 @@ def _gce(*args: str, **popen) -> subprocess.Popen:
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "gce", *args],
@@ -138,16 +141,21 @@ def test_ctrl_c_under_nproc_checkpoints_mid_epoch_and_resumes_to_the_uninterrupt
         assert torch.equal(tensor, final["interrupted"][key]), key
 
 
-def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path):
+def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path, shape_folder):
+    # An image that cannot be decoded: found by the workers' image check, not by the launcher's
+    # checks before it starts them (which list the data but decode nothing).
+    data = tmp_path / "data"
+    shutil.copytree(shape_folder, data)
+    (data / "class_00" / "img_0.png").write_bytes(b"not a png")
     config = tmp_path / "c.yaml"
-    config.write_text(CONFIG.format(root=tmp_path / "missing", out=tmp_path / "run"))
+    config.write_text(CONFIG.format(root=data, out=tmp_path / "run"))
     done = _gce("train", str(config), "--nproc", "2", "--quiet")
     _, stderr = done.communicate(timeout=300)
     assert done.returncode == 1
     assert "Traceback" not in stderr
-    assert stderr.count("does not exist") == 2  # each worker's own error
-    # Both workers fail on the missing root; the launcher SIGTERMs the slower one once the first
-    # has exited, which may land before or after it exits by itself.
+    assert stderr.count("class_00/img_0.png") == 2  # each worker's own error
+    # Both workers fail on the image; the launcher SIGTERMs the slower one once the first has
+    # exited, which may land before or after it exits by itself.
     assert stderr.strip().splitlines()[-1] in (
         "gce: error: 2 of 2 worker processes failed (exit code 1); their errors are printed above",
         (
@@ -158,3 +166,7 @@ def test_failed_workers_end_in_one_line_without_a_traceback(tmp_path):
     bad = _gce("train", str(config), "train.no_such_key=1", "--nproc", "2")
     _, stderr = bad.communicate(timeout=120)
     assert bad.returncode == 1 and "no_such_key" in stderr and "worker" not in stderr  # before any process
+    config.write_text(CONFIG.format(root=tmp_path / "missing", out=tmp_path / "run"))
+    missing = _gce("train", str(config), "--nproc", "2")
+    _, stderr = missing.communicate(timeout=120)
+    assert missing.returncode == 1 and stderr.count("does not exist") == 1 and "worker process" not in stderr

@@ -9,9 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from gce.commands.arguments import count
 from gce.commands.interrupts import report_interrupt
 from gce.config.bundled import resolve_config_path
+from gce.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gce.config import ExperimentConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,16 +33,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--nproc",
-        type=int,
+        type=count(1),
         metavar="N",
-        help="train with N processes on this machine (torchrun; one per GPU with train.device=cuda)",
+        help="train with N processes on this machine (torchrun; one per GPU with train.device=cuda, "
+        "at most one per CPU core on cpu)",
     )
     p.add_argument(
         "--max-restarts",
-        type=int,
+        type=count(0),
         default=0,
         metavar="R",
         help="with --nproc: restart failed workers up to R times, from the last checkpoint",
+    )
+    p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="with --nproc on cpu: allow more processes than CPU cores",
     )
     p.set_defaults(run=run)
 
@@ -49,16 +61,31 @@ def _one_machine(world_size: int) -> bool:
     return os.environ.get("LOCAL_WORLD_SIZE", str(world_size)) == str(world_size)
 
 
+def _launch(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    """``--nproc N``: everything checked here, once, then the workers start (the lock held for them)."""
+    from gce.distributed import SINGLE
+    from gce.distributed.launch import launch_local
+    from gce.distributed.run_start import check_process_count, check_run_start, hold_run_folder_of_job
+
+    check_process_count(cfg, args.nproc, oversubscribe=args.oversubscribe)
+    with hold_run_folder_of_job(SINGLE, Path(cfg.train.out_dir)):
+        check_run_start(cfg, args.resume)
+        return launch_local(_command(args, *(["--resume"] if args.resume else [])), args.nproc, args.max_restarts)
+
+
 def run(args: argparse.Namespace) -> int:
+    for option, given in (("--max-restarts", args.max_restarts), ("--oversubscribe", args.oversubscribe)):
+        if given and args.nproc is None:  # it would do nothing: say so rather than ignore it
+            raise ConfigError(f"{option} applies to the processes --nproc N starts; add --nproc N")
     from gce.config import load_config
     from gce.distributed import distributed_errors, init_distributed, shutdown_distributed
-    from gce.distributed.launch import launch_local, restarted_by_launcher
+    from gce.distributed.launch import restarted_by_launcher
+    from gce.distributed.run_start import hold_run_folder_of_job
 
     args.config = resolve_config_path(args.config)
+    cfg = load_config(args.config, args.overrides)  # a bad key fails here, once, before any process starts
     if args.nproc is not None:
-        load_config(args.config, args.overrides)  # a bad key fails here, once, before any process starts
-        return launch_local(_command(args, *(["--resume"] if args.resume else [])), args.nproc, args.max_restarts)
-    cfg = load_config(args.config, args.overrides)
+        return _launch(args, cfg)
     from gce.distributed.training import build_run
     from gce.training.trainer import EXIT_INTERRUPTED, TrainingInterrupted
 
@@ -74,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with distributed_errors(ctx):
             try:
-                trainer = build_run(cfg, ctx, resume=resume, progress=not args.quiet)
-                result = trainer.run()
+                with hold_run_folder_of_job(ctx, out):  # one training per run folder, from its first read
+                    trainer = build_run(cfg, ctx, resume=resume, progress=not args.quiet)
+                    result = trainer.run()
             except (TrainingInterrupted, KeyboardInterrupt) as exc:  # also Ctrl-C during start-up
                 return report_interrupt(exc, out, command) if ctx.is_main else EXIT_INTERRUPTED
     finally:

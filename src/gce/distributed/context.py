@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from gce.distributed.parent_watch import stop_with_launcher
 from gce.errors import ConfigError, GceError
 from gce.runtime import resolve_device
 
@@ -32,6 +33,7 @@ __all__ = [
     "DistContext",
     "broadcast_module",
     "broadcast_object",
+    "check_local_processes",
     "distributed_errors",
     "env_world_size",
     "init_distributed",
@@ -96,24 +98,38 @@ def _env_int(name: str) -> int:
         raise GceError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def check_local_processes(
+    device_name: str, processes: int, key: str = "train.device", world_size: int | None = None
+) -> torch.device:
+    """The device of a job of ``world_size`` processes (default ``processes``), ``processes`` of
+    them on this machine, checked: multi-process runs take cpu (gloo) or cuda (NCCL, one GPU per
+    process). ``gce train --nproc`` calls it before it starts any process; each worker again."""
+    world_size = processes if world_size is None else world_size
+    device = resolve_device(device_name, key)
+    if world_size <= 1:
+        return device
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}={device_name}: multi-process runs support cpu (gloo) and cuda (NCCL)")
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ConfigError(
+                f"{key}={device_name} names one GPU; under {world_size} processes use {key}=cuda "
+                f"(each process takes its local rank's GPU)"
+            )
+        count = torch.cuda.device_count()
+        if processes > count:
+            raise ConfigError(
+                f"{key}=cuda: {processes} processes on this machine need a GPU each and {count} are visible; "
+                f"start at most {count} processes per machine"
+            )
+    return device
+
+
 def _process_device(device_name: str, local_rank: int, world_size: int, key: str) -> torch.device:
     """The device of this process: CUDA runs take the local rank's GPU, one process per GPU."""
-    device = resolve_device(device_name, key)
+    device = check_local_processes(device_name, local_rank + 1, key, world_size=world_size)
     if world_size == 1 or device.type != "cuda":
-        if world_size > 1 and device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"{key}={device_name}: multi-process runs support cpu (gloo) and cuda (NCCL)")
         return device
-    if device.index is not None:
-        raise ConfigError(
-            f"{key}={device_name} names one GPU; under {world_size} processes use {key}=cuda "
-            f"(each process takes its local rank's GPU)"
-        )
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ConfigError(
-            f"{key}=cuda: local rank {local_rank} has no GPU of its own ({count} visible); "
-            f"start at most {count} processes per machine"
-        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -126,6 +142,7 @@ def init_distributed(device_name: str = "cpu", timeout_s: float = 1800.0, key: s
     world_size = env_world_size()
     if world_size <= 1:
         return DistContext(device=resolve_device(device_name, key), timeout_s=timeout_s)
+    stop_with_launcher()  # a worker whose launcher was killed must not train on alone
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     _env_int("MASTER_PORT")
     device = _process_device(device_name, local_rank, world_size, key)

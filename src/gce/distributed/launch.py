@@ -5,7 +5,8 @@ train CONFIG ...`` runs (torch's elastic launcher, the module behind ``torchrun`
 picks a free local port), in this process, so that its end is one line instead of a traceback.
 Several machines: call ``torchrun`` directly, see docs/scale.md.
 A worker restarted by ``--max-restarts`` continues from the run's last checkpoint on its own
-(:func:`restarted_by_launcher`).
+(:func:`restarted_by_launcher`). The workers learn this process's pid (``GCE_LAUNCHER_PID``): they
+stop when it dies (:mod:`.parent_watch`), and the run folder's lock it holds is theirs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 from gce.errors import ConfigError, GceError
 
-__all__ = ["FRESH_STORE_PER_RESTART", "launch_local", "restarted_by_launcher", "torchrun_command"]
+__all__ = ["FRESH_STORE_PER_RESTART", "check_not_in_a_job", "launch_local", "restarted_by_launcher", "torchrun_command"]
 
 # By default the workers' process group shares the launcher's rendezvous store, whose keys outlive a
 # restart: restarted gloo workers then read the dead workers' addresses and fail ("Connection
@@ -50,14 +51,18 @@ def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
     step, write a checkpoint and print the resume command; then this returns 130. Failed workers
     (after ``max_restarts`` restarts) are one line here; their own errors are printed above it.
     """
-    if "WORLD_SIZE" in os.environ:
-        raise GceError("--nproc inside a torchrun job: the job already has its processes; drop --nproc")
+    check_not_in_a_job()
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from gce.training.run_folder import LAUNCHER_PID_ENV
+
     arguments = torchrun_command(gce_args, nproc, max_restarts)[3:]  # after "python -m torch.distributed.run"
     os.environ.setdefault(*FRESH_STORE_PER_RESTART)
+    # The workers' parent: they stop if it dies (parent_watch) and take its run lock as theirs.
+    before = os.environ.get(LAUNCHER_PID_ENV)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     try:
         torchrun.run(torchrun.parse_args(arguments))
     except SignalException:
@@ -76,7 +81,18 @@ def launch_local(gce_args: list[str], nproc: int, max_restarts: int = 0) -> int:
             f"{len(own) or len(exc.failures)} of {nproc} worker processes failed (exit code "
             f"{', '.join(map(str, codes))}){also}; their errors are printed above"
         ) from None
+    finally:  # for the workers only: a process started later by this one (a test's) has another parent
+        if before is None:
+            os.environ.pop(LAUNCHER_PID_ENV, None)
+        else:
+            os.environ[LAUNCHER_PID_ENV] = before
     return 0
+
+
+def check_not_in_a_job() -> None:
+    """``--nproc`` starts a job; inside one (a torchrun worker) it would start a job per worker."""
+    if "WORLD_SIZE" in os.environ:
+        raise GceError("--nproc inside a torchrun job: the job already has its processes; drop --nproc")
 
 
 def restarted_by_launcher() -> bool:

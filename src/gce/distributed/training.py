@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,14 @@ class SilentWriter(RunWriter):
         pass
 
 
-def check_distributable(cfg: ExperimentConfig, ctx: DistContext) -> None:
-    """Fail before training when the global batch cannot be split over the ranks."""
+def check_distributable(cfg: ExperimentConfig, world_size: int) -> None:
+    """Fail before any work (the launcher calls it before starting processes) when the global
+    batch cannot be split over ``world_size`` ranks."""
     batch = cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class
-    if batch < 2 * ctx.world_size:
+    if batch < 2 * world_size:
         raise ConfigError(
             f"the global batch (sampler.classes_per_batch x sampler.samples_per_class = {batch}) "
-            f"needs at least 2 images per process; {ctx.world_size} processes need {2 * ctx.world_size}"
+            f"needs at least 2 images per process; {world_size} processes need {2 * world_size}"
         )
 
 
@@ -183,7 +185,7 @@ def distribute_parts(parts: RunParts, ctx: DistContext) -> RunParts:
     if not ctx.enabled:
         return parts
     cfg = parts.cfg
-    check_distributable(cfg, ctx)
+    check_distributable(cfg, ctx.world_size)
     model = parts.model
     synchronise_batchnorm(model.head, ctx.device)
     if cfg.train.sync_bn:
@@ -228,6 +230,10 @@ class DistributedTrainer(Trainer):
         super().__init__(parts, resume=resume, log=log if ctx.is_main else _silent, observers=observers)
         self.ctx = ctx
 
+    def _hold_run_folder(self) -> AbstractContextManager[None]:
+        """Rank 0 writes the folder and holds its lock (or its launcher does); the others only read."""
+        return super()._hold_run_folder() if self.ctx.is_main else nullcontext()
+
     def _step(self, images: Tensor, labels: Tensor, learner: int | None) -> tuple[float, int]:
         result = super()._step(images, labels, learner)
         # Ctrl-C reaches the ranks at different moments: all stop after the same step.
@@ -271,6 +277,8 @@ def build_run(
     observers: Sequence[EpochObserver] = (),
 ) -> Trainer:
     """The trainer of this process: single-process, or one rank of ``ctx.world_size``."""
+    if ctx.enabled:
+        check_distributable(cfg, ctx.world_size)  # before the data are read and verified
     parts = build_parts(cfg, resume=resume, progress=progress and ctx.is_main)
     parts = distribute_parts(parts, ctx)
     if not ctx.enabled:

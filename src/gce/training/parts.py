@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,17 +22,16 @@ from gce.data.run_data import RunData, prepare_data
 from gce.data.samplers import SubsetBalancedBatchSampler
 from gce.data.seeded import SeededAugmentedDataset
 from gce.data.transforms import test_transform, train_transform
-from gce.errors import ConfigError, GceError
+from gce.errors import ConfigError
 from gce.evaluation.pipeline import DatasetEmbedder, EmbedFn, MetricSettings
-from gce.io import check_run_folder
 from gce.losses import GCELoss, LossShape, ZooGCELoss, build_loss
 from gce.models import EmbeddingModel, build_model
 from gce.runtime import flush_denormals, resolve_device, seed_everything
 from gce.training.optim import build_optimizer, build_scheduler
 from gce.training.proxy_warm_start import ProxyWarmStart
 from gce.training.readings import Reading, build_reading
-from gce.training.trackers import check_trackers
-from gce.training.writer import RunWriter, check_fresh_folder
+from gce.training.run_folder import prepare_run_folder
+from gce.training.writer import RunWriter
 
 __all__ = ["RunParts", "build_parts", "build_run_loss", "check_sampler_feasible", "compiled"]
 
@@ -140,17 +138,6 @@ def build_run_loss(cfg: ExperimentConfig, learner_slices: list[slice], num_class
         return build_loss(cfg.loss, shape)
 
 
-def _prepare_run_folder(cfg: ExperimentConfig, resume: bool) -> Path:
-    check_trackers(cfg)  # a missing tracker package fails now, before the folder and the data
-    out = Path(cfg.train.out_dir)
-    check_run_folder(out)
-    if not resume and ((out / "last.pt").exists() or (out / "prev.pt").exists()):
-        raise GceError(f"{out} already holds a run; pass --resume to continue it or choose another train.out_dir")
-    if not resume:
-        check_fresh_folder(out)  # never replace files of the user's that share a run file's name
-    return out
-
-
 def _datasets(
     cfg: ExperimentConfig, data: RunData
 ) -> tuple[SeededAugmentedDataset, ImageDataset, ImageDataset | None, ImageDataset]:
@@ -178,7 +165,7 @@ def build_parts(cfg: ExperimentConfig, *, resume: bool = False, progress: bool =
     device = resolve_device(cfg.train.device, "train.device")
     if device.type == "cuda" and device.index is None:  # "cuda": name the GPU (a rank's own, under torchrun)
         device = torch.device("cuda", torch.cuda.current_device())
-    out = _prepare_run_folder(cfg, resume)
+    out = prepare_run_folder(cfg, resume)
     if not cfg.model.pretrained and cfg.model.freeze_bn:
         warnings.warn(
             "model.pretrained=false with model.freeze_bn=true: the trunk's BatchNorm layers keep their"

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from gce.evaluation.pipeline import evaluate_split
 from gce.training.checkpoint import changed_settings, check_same_model, require_keys
 from gce.training.epoch_loader import EpochLoader
 from gce.training.parts import RunParts, build_parts
+from gce.training.run_folder import hold_run_folder
 from gce.training.run_state import CHECKPOINT_KEYS, capture, load_learned_state, restore_rng, rng_state
 
 EXIT_INTERRUPTED = 130
@@ -340,6 +342,15 @@ class Trainer:
             raise TrainingInterrupted(f"interrupted: checkpoint written to {path}{done}")
 
     def run(self) -> EvalResult:
+        # One training per run folder: the lock is held from the checkpoint read to model.pt (a
+        # no-op when the caller, e.g. `gce train` or the ablation runner, holds it already).
+        with self._hold_run_folder():
+            return self._run()
+
+    def _hold_run_folder(self) -> AbstractContextManager[None]:
+        return hold_run_folder(self.parts.writer.out)
+
+    def _run(self) -> EvalResult:
         p = self.parts
         if self.resume:
             self._restore()
