@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from gce.cli import main
 from gce.data.records import ImageRecords
-from gce.demo import pick_queries, write_retrieval_grid
+from gce.demo import being_trained, pick_queries, write_retrieval_grid
 from gce.training.checkpoint import load_checkpoint
 
 CONFIG = """
@@ -55,8 +58,12 @@ def test_demo_after_a_config_change_keeps_the_old_run_and_trains_anew(tmp_path, 
     assert state["config"]["loss"]["margin"] == 0.3 and state["epoch"] == 1
     # A plain `gce train --resume` still refuses the other configuration.
     assert main(["train", str(config), "--quiet", "--resume"]) != 0
-    # A folder an ablation is training in (running.lock) is never moved: the demo refuses instead.
-    (run / "running.lock").write_text("12345\n")
+    # A lock left by a killed run does not count; a folder a live process trains in (its
+    # running.lock, here the pid of this test's live parent) is never moved: the demo refuses.
+    (run / "running.lock").write_text(str(_dead_pid()))
+    assert not being_trained(run)
+    (run / "running.lock").write_text(str(os.getppid()))
+    assert being_trained(run)
     assert main(["demo", str(config), "--quiet", "--out", str(tmp_path / "demo"), "loss.margin=0.2"]) != 0
     assert (run / "last.pt").exists() and not (tmp_path / "run.previous-2").exists()
 
@@ -125,3 +132,9 @@ def test_pick_queries_skips_lone_classes():
     labels = np.array([0, 0, 1, 2, 2, 3])
     chosen = pick_queries(labels, 10, seed=0)
     assert set(chosen.tolist()) == {0, 1, 3, 4}
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)
+    return child.pid

@@ -20,7 +20,7 @@ from gce.data.records import ImageRecords
 from gce.errors import CheckpointError
 from gce.evaluation import EvalResult, exact_knn
 from gce.evaluation.pipeline import EmbedFn, MetricSettings, evaluate_split
-from gce.io import check_output_dir, write_json, write_text
+from gce.io import check_output_dir, try_lock, write_json, write_text
 from gce.models.plain import PooledTrunk
 from gce.plots import plot_training_curve, retrieval_grid
 from gce.training.checkpoint import load_checkpoint, setting_differences
@@ -106,6 +106,12 @@ def _other_configuration(run_dir: Path, cfg: ExperimentConfig) -> str | None:
     return "; ".join(differences) or None
 
 
+def being_trained(run_dir: Path) -> bool:
+    """Whether a live process holds the run's ``running.lock`` (one left by a killed run is free)."""
+    with try_lock(run_dir / "running.lock") as holder:
+        return holder is not None
+
+
 def _free_sibling(folder: Path, suffix: str) -> Path:
     """``folder`` + ``suffix`` + ``-N``, the first N that names nothing yet."""
     n = 1
@@ -119,8 +125,8 @@ def run_demo(cfg: ExperimentConfig, out: Path, *, progress: bool = True, log=pri
     out = check_output_dir(out, what="--out", inputs=[cfg.data.root])
     run_dir = Path(cfg.train.out_dir)
     resume = (run_dir / "last.pt").exists()
-    # A folder an ablation is training in (its running.lock) is never moved.
-    if resume and not (run_dir / "running.lock").exists() and (differences := _other_configuration(run_dir, cfg)):
+    # A folder a live process is training in (its running.lock is held) is never moved.
+    if resume and not being_trained(run_dir) and (differences := _other_configuration(run_dir, cfg)):
         # The demo's own run folder, left by an earlier demo of other settings (an edited config, or
         # defaults changed by an upgrade): kept under a new name, and the demo trains anew.
         kept = _free_sibling(run_dir, ".previous")
