@@ -29,7 +29,7 @@ test: install
 
 # The built wheel in a clean venv, from outside the checkout: train -> eval -> embed -> index -> search.
 test-wheel: install
-	$(PY) -m pytest -q -m wheel tests/test_packaging.py
+	$(PY) -m pytest -q -m wheel tests/package/test_packaging.py
 
 # Static checks (settings in pyproject.toml: [tool.ruff], [tool.mypy]); ruff and mypy come with the
 # "test" extra.
@@ -40,14 +40,14 @@ lint: install
 
 # The tests that compare floats across code paths (1 vs 2 processes, threads, CPU kernels, batch
 # sizes, export runtimes), once per ATEN_CPU_CAPABILITY (default, avx2, the machine's own) x 1 and 2
-# torch threads: 6 pytest runs, fails if any fails (tests/numerics_matrix.py; ~37 min on 2 shared cores).
+# torch threads: 6 pytest runs, fails if any fails (tests/helpers/numerics_matrix.py; ~37 min on 2 shared cores).
 test-numerics: install
-	$(PY) tests/numerics_matrix.py
+	$(PY) tests/helpers/numerics_matrix.py
 
 # The part of that matrix for CI: 2 variants (default x 2 threads, avx2 x 1) of the quicker tests
 # (~3 min on 2 cores).
 test-numerics-ci: install
-	$(PY) tests/numerics_matrix.py --ci
+	$(PY) tests/helpers/numerics_matrix.py --ci
 
 # The search page of `gce serve` in a real headless Chromium (Debian/Ubuntu: Chromium and its driver
 # from apt, as root or with sudo; elsewhere install them and set GCE_CHROMIUM / GCE_CHROMEDRIVER).

@@ -5,7 +5,7 @@
 #     GPU_CHECK_OUT=dir bash benchmarks/gpu_check.sh     # keep the table and every section's log in dir
 #     GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh  # rehearsal on the CPU at toy sizes (minutes)
 #
-# 1. the tests that need CUDA (tests/test_distributed_cuda.py);
+# 1. the tests that need CUDA (tests/distributed/test_distributed_cuda.py);
 # 2. `gce train` end to end on the GPU (tiny generated dataset, bf16 autocast, channels-last):
 #    every path of a run (steps, meta-class refresh, evaluation) on CUDA tensors;
 # 3. ResNet-50 224 px training throughput, single-metric head against GCE K=4 and K=8,
@@ -50,7 +50,7 @@ fi
 row "device" "$("$PY" -c "import torch; print((torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device') + ', torch ' + torch.__version__)" 2>&1)"
 
 section "1. CUDA tests"
-if run 180 "$LOGS/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed_cuda.py; then
+if run 180 "$LOGS/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/distributed/test_distributed_cuda.py; then
   row "CUDA tests" "$(tail -1 "$LOGS/tests.log")"
 else
   row "CUDA tests" "FAILED: $(tail -1 "$LOGS/tests.log")"

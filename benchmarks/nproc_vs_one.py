@@ -3,7 +3,7 @@ means in practice.
 
 For each seed, the same config is trained twice with ``gce train``: in 1 process (``--threads``
 torch threads) and with ``--nproc N`` (1 thread each), on the same global batches. The exact claim
-(tests/test_distributed_training.py) is that every step computes the same function up to float
+(tests/distributed/test_distributed_training.py) is that every step computes the same function up to float
 rounding; Adam and mining then amplify rounding-level differences (docs/scale.md). This benchmark
 shows how far apart the two runs end, against how far apart two seeds of the same setting end.
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_fixtures import make_serve_index
+from helpers.serve_fixtures import make_serve_index
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gce.data.synthetic import make_pattern_folder as make_shape_folder
-from numerics import THREADS
+from helpers.numerics import THREADS
 
-if "GCE_TEST_THREADS" in os.environ:  # tests/numerics_matrix.py: the thread count of its variant
+if "GCE_TEST_THREADS" in os.environ:  # tests/helpers/numerics_matrix.py: the thread count of its variant
     torch.set_num_threads(THREADS)
 
 

@@ -15,7 +15,7 @@ from gce.io import path_argument
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MIB = 1024 * 1024
 # The ceilings of gce.serve.settings, repeated: importing it here would import FastAPI for every
-# command's --help (tests/test_hardening_serve.py checks that the two agree).
+# command's --help (tests/serve/test_hardening_serve.py checks that the two agree).
 MAX_UPLOAD_CEILING = 1024 * MIB
 PILLOW_PIXEL_CEILING = 178_956_970
 MAX_TIMEOUT_S = 3600.0

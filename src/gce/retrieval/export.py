@@ -44,7 +44,7 @@ SUFFIXES = {"onnx": (".onnx",), "torchscript": (".ts", ".pt", ".pth", ".torchscr
 MIN_OPSET = 18
 #: Largest accepted |exported - PyTorch| on unit-length learner slices. Other kernels reorder float32
 #: sums: about depth x sqrt(terms) x eps, 1.8e-4 through resnet18 and 4.9e-4 through MobileNetV2
-#: (tests/numerics.py); deeper trunks add to it. A wrong export (a layer, the preprocessing or the
+#: (tests/helpers/numerics.py); deeper trunks add to it. A wrong export (a layer, the preprocessing or the
 #: normalisation) differs by 1e-2 or more.
 PARITY_LIMIT = 2e-3
 METADATA_KEY = "gce"

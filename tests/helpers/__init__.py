@@ -1,0 +1,1 @@
+"""Shared fixtures and harnesses of the test suite (data, numerics bounds, kill/resume, servers)."""
