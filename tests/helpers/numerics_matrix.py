@@ -36,6 +36,8 @@ CROSS_PATH = [
     "tests/retrieval/test_retrieval_cli.py::test_sigkilled_embed_resumes_to_the_same_result",
     "tests/serve/test_serve.py::test_padded_embedding_batches_give_each_image_its_own_embedding",
     "tests/evaluation/test_eval_knn.py::test_faiss_backend_equals_torch_backend",
+    "tests/losses/test_losses_zoo.py::test_two_processes_train_proxies_like_one",
+    "tests/retrieval/test_retrieval_api.py::test_build_time_exact_truth_is_evaluations_knn_chunk_by_chunk",
 ]
 # The part for CI (about 3 minutes on a 2-core machine): 1 vs 2 processes of the loss, the
 # BatchNorm and the trainer's steps and weights (not its kill and restart tests), and the grouped
@@ -46,6 +48,7 @@ CI = [
     "tests/distributed/test_distributed_training.py::test_every_step_of_two_processes_equals_one_process_to_rounding",
     "tests/distributed/test_distributed_training.py::test_two_processes_end_with_the_weights_of_one_under_sgd",
     "tests/models/test_block_variants.py::test_grouped_trunk_computes_the_plain_trunk_at_start",
+    "tests/losses/test_losses_zoo.py::test_two_processes_train_proxies_like_one",
 ]
 CAPABILITIES = ["default", "avx2", None]  # None: unset, the machine's own
 THREADS = [1, 2]
