@@ -16,7 +16,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,6 +90,21 @@ def run_lock(folder: Path) -> Iterator[bool]:
         yield holder is None
 
 
+def _check_every_runs_data(configs: Iterable[ExperimentConfig]) -> None:
+    """List (not decode) each distinct data section once and check every run's sampler against it,
+    before the first run trains: the one-line errors a run would give at its start, given now."""
+    from gce.data.run_data import prepare_data
+    from gce.training.parts import check_sampler_feasible
+
+    listed: dict[str, Any] = {}
+    for cfg in configs:
+        key = json.dumps(cfg.data.model_dump(), sort_keys=True, default=str)
+        if key not in listed:
+            quick = cfg.model_copy(update={"data": cfg.data.model_copy(update={"verify_images": False})})
+            listed[key] = prepare_data(quick, progress=False).train
+        check_sampler_feasible(cfg, listed[key])
+
+
 def run_ablation(
     path: str | Path,
     extra_overrides: Sequence[str] = (),
@@ -110,6 +125,7 @@ def run_ablation(
     configs = {
         (v, s): run_config(ablation, base_tree, v, s) for s in ablation.seeds for v in variants
     }  # validate all first
+    _check_every_runs_data(configs.values())  # a bad data.root of the last variant fails now, not hours later
     for (variant, seed), cfg in configs.items():
         out = Path(cfg.train.out_dir)
         if (out / "final_metrics.json").exists():

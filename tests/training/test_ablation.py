@@ -103,3 +103,15 @@ def test_locked_run_is_skipped_by_a_second_process(tmp_path, shape_folder, capsy
     printed = capsys.readouterr().out
     assert printed.count("being trained by another process, skipped") == 4
     assert not list(out.glob("*/seed*/last.pt"))
+
+
+def test_every_runs_data_is_checked_before_the_first_run_trains(tmp_path, shape_folder, capsys):
+    # The last variant reads a folder that is not there: before, the first runs trained first.
+    (tmp_path / "base.yaml").write_text(BASE.format(root=shape_folder))
+    path = tmp_path / "abl.yaml"
+    missing = tmp_path / "no-such-data"
+    path.write_text(ABLATION.format(out=tmp_path / "abl") + f"  elsewhere: [data.root={missing}]\n")
+    assert main(["ablate", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]
+    assert not list((tmp_path / "abl").rglob("*.pt"))  # no run trained
