@@ -119,16 +119,7 @@ def two_processes(args: argparse.Namespace, communicate: bool) -> list[float]:
 
 def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
     """Bytes the autograd graph keeps for backward per training image (measured on a CPU forward)."""
-    model = build_model(
-        ModelConfig(
-            backbone=args.backbone,
-            head="gce",
-            num_learners=args.k,
-            embedding_dim=args.dim,
-            pretrained=False,
-            freeze_bn=True,
-        )
-    ).train()
+    model = _model(args).train()
     storages: dict[int, int] = {}  # a tensor saved by several operations is stored once
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -147,16 +138,7 @@ def saved_bytes_per_image(args: argparse.Namespace, bf16: bool) -> float:
 
 def memory_table(args: argparse.Namespace) -> None:
     """Training memory per GPU for 1, 2, 4, 8 processes at the given global batch (computed)."""
-    model = build_model(
-        ModelConfig(
-            backbone=args.backbone,
-            head="gce",
-            num_learners=args.k,
-            embedding_dim=args.dim,
-            pretrained=False,
-            freeze_bn=True,
-        )
-    )
+    model = _model(args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     # fp32 weights + gradients + Adam's two moments + DDP's gradient buckets (a copy of the gradients).
