@@ -17,6 +17,9 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "export": ("ONNX export", ("onnx", "onnxruntime", "onnxscript")),
     "tensorboard": ("TensorBoard logging", ("tensorboard",)),
     "mlflow": ("the mlflow tracker (train.trackers)", ("mlflow",)),
+    "milvus": ("the Milvus index back end", ("pymilvus", "milvus_lite")),
+    "timm": ("timm backbones", ("timm",)),
+    "hub": ("model folders (gce model save, hf://)", ("safetensors", "huggingface_hub")),
 }
 
 

@@ -103,7 +103,7 @@ def test_pyproject_extras_list_the_modules_that_gce_asks_for():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["name"] == DISTRIBUTION
     extras = project["optional-dependencies"]
-    pip_name = {"multipart": "python-multipart"}
+    pip_name = {"multipart": "python-multipart", "milvus_lite": "milvus-lite"}
     for extra, (_, modules) in EXTRAS.items():
         listed = {requirement.split(">")[0].split("=")[0].split("[")[0] for requirement in extras[extra]}
         assert {pip_name.get(m, m) for m in modules} == listed, extra
