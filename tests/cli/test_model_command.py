@@ -93,6 +93,9 @@ def test_save_refuses_a_foreign_folder_and_replaces_its_own(run, saved, tmp_path
     assert (again / "model.safetensors").read_bytes() == (saved / "model.safetensors").read_bytes()
     assert main(["model", "save", str(run), str(tmp_path / "x"), "--license", "MIT License"]) == 1
     assert "--license 'MIT License'" in error_line(capsys)
+    assert main(["model", "save", str(run), str(tmp_path / "x"), "--repo", "acme"]) == 1
+    assert "hf://acme: expected hf://org/name" in error_line(capsys)
+    assert not (tmp_path / "x").exists()
 
 
 def test_info_describes_a_folder_and_an_hf_reference(saved, tmp_path, monkeypatch, capsys):

@@ -97,9 +97,13 @@ def run_save(args: argparse.Namespace) -> int:
 
     require_extra("hub")
     from gce.retrieval import Embedder
-    from gce.sharing.folder import check_model_output, save_model_folder
+    from gce.sharing.folder import check_license, check_model_output, save_model_folder
+    from gce.sharing.location import parse_hub_reference
     from gce.training.checkpoint import checkpoint_files, load_model
 
+    check_license(args.license)  # the arguments, then the output folder, before the model is loaded
+    if args.repo is not None:  # checked like an hf:// reference: the card's examples must work as written
+        parse_hub_reference(f"hf://{args.repo}")
     source = _source(args.source)
     out = check_model_output(args.out, inputs=checkpoint_files(source))
     model, cfg = load_model(source)

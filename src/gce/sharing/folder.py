@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from gce.config import ExperimentConfig
     from gce.models import EmbeddingModel
 
-__all__ = ["FORMAT", "check_model_output", "load_model_folder", "read_folder_config", "save_model_folder"]
+__all__ = [
+    "FORMAT",
+    "check_license",
+    "check_model_output",
+    "load_model_folder",
+    "read_folder_config",
+    "read_weights",
+    "save_model_folder",
+]
 
 #: The layout version in ``config.json`` (``gce_format``); a reader refuses one it does not know.
 FORMAT = 1
@@ -42,6 +50,11 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "config": dict,
     "weights": dict,
 }
+
+
+def check_license(license: str) -> None:
+    if not LICENSE.fullmatch(license):
+        raise ConfigError(f"--license {license!r}: expected a lower-case license id such as mit, apache-2.0, other")
 
 
 def check_model_output(out: Path, inputs: list[Path]) -> Path:
@@ -79,8 +92,7 @@ def save_model_folder(
     from gce import __version__
     from gce.sharing.card import render_card
 
-    if not LICENSE.fullmatch(license):
-        raise ConfigError(f"--license {license!r}: expected a lower-case license id such as mit, apache-2.0, other")
+    check_license(license)
     # Copies: safetensors refuses tensors that share memory, and the file must not depend on how
     # the module happens to store them.
     tensors = {key: value.detach().to("cpu").clone().contiguous() for key, value in model.state_dict().items()}
