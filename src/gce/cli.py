@@ -12,13 +12,13 @@ from gce.errors import GceError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gce.commands import ablate, config, data, demo, embed, export, index, search, serve, train, weights
+    from gce.commands import ablate, config, data, demo, embed, export, index, model, search, serve, train, weights
     from gce.commands import eval as eval_cmd
 
     parser = argparse.ArgumentParser(prog="gce", description="Deep metric learning with Group Channel-wise Ensembles")
     parser.add_argument("--version", action="version", version=f"gce {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, eval_cmd, ablate, demo, config, data, weights, export, embed, index, search, serve):
+    for module in (train, eval_cmd, ablate, demo, config, data, weights, export, embed, index, search, serve, model):
         module.add_parser(sub)
     return parser
 

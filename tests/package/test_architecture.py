@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "gce.models": 3,
     "gce.losses": 3,
     "gce.evaluation": 4,
+    "gce.sharing": 4,
     "gce.metaclass": 5,
     "gce.training": 6,
     "gce.distributed": 7,

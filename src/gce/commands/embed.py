@@ -11,6 +11,7 @@ from typing import Any
 from gce.commands.arguments import count
 from gce.errors import DatasetError, GceError
 from gce.io import path_argument
+from gce.sharing.location import checkpoint_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " are never mixed.",
     )
     p.add_argument(
-        "--checkpoint", type=path_argument, required=True, help="a gce model.pt/best.pt/last.pt or run folder"
+        "--checkpoint",
+        type=checkpoint_argument,
+        required=True,
+        help="a gce model.pt/best.pt/last.pt, run folder, model folder or hf://org/name",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="dataset name (cub, cars196, sop, inshop, folder, csv, emoji); needs --root")

@@ -9,6 +9,7 @@ from gce.commands.arguments import count, seed
 from gce.config.checks import LIMITS
 from gce.config.vocabulary import BACKBONE_NAMES, EVAL_BACKENDS
 from gce.io import file_argument, path_argument
+from gce.sharing.location import checkpoint_argument
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Recall@K, NMI, F1, MAP@R and R-Precision on a dataset's test split.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=path_argument, help="a gce model.pt/best.pt/last.pt or run folder")
+    src.add_argument(
+        "--checkpoint",
+        type=checkpoint_argument,
+        help="a gce model.pt/best.pt/last.pt, run folder, model folder or hf://org/name",
+    )
     src.add_argument("--backbone", help=f"untrained reference: {', '.join(BACKBONE_NAMES)}, or raw (pixels)")
     p.add_argument("--no-pretrained", action="store_true", help="with --backbone: random instead of ImageNet weights")
     p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from gce.io import path_argument
+from gce.sharing.location import checkpoint_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " batch size; crop size, resize, mean/std, K, D, learner slices and the model id"
         " are stored inside the file and in FILE.json.",
     )
-    p.add_argument("model", type=path_argument, help="a gce model.pt/best.pt/last.pt or run folder")
+    p.add_argument(
+        "model",
+        type=checkpoint_argument,
+        help="a gce model.pt/best.pt/last.pt, run folder, model folder or hf://org/name",
+    )
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument(
         "--out", type=path_argument, required=True, help="file to write: .onnx for onnx, .ts or .pt for torchscript"

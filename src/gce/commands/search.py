@@ -9,6 +9,7 @@ import os
 from gce.commands.arguments import count
 from gce.errors import GceError
 from gce.io import path_argument
+from gce.sharing.location import checkpoint_argument
 
 
 def _numbers(kind):
@@ -30,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", type=path_argument, help="query image files")
     p.add_argument("--index", type=path_argument, required=True)
-    p.add_argument("--checkpoint", type=path_argument, required=True, help="the model the index was built with")
+    p.add_argument("--checkpoint", type=checkpoint_argument, required=True, help="the model the index was built with")
     p.add_argument("--k", type=count(1), default=10, help="results per query (at most the index's size)")
     choose = p.add_mutually_exclusive_group()
     choose.add_argument("--learners", type=_numbers(int), help="search on these learners only, e.g. 0,3")

@@ -11,6 +11,7 @@ from pathlib import Path
 from gce.commands.arguments import count, positive_number
 from gce.errors import ConfigError
 from gce.io import path_argument
+from gce.sharing.location import checkpoint_argument
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MIB = 1024 * 1024
@@ -32,7 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "otherwise.",
     )
     p.add_argument("--index", type=path_argument, required=True, help="index folder written by gce index build")
-    p.add_argument("--checkpoint", type=path_argument, required=True, help="the model.pt that built the index")
+    p.add_argument(
+        "--checkpoint",
+        type=checkpoint_argument,
+        required=True,
+        help="the model that built the index (model.pt, model folder or hf://org/name)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=count(1, 65535), default=8000)
     p.add_argument("--device", default="cpu")

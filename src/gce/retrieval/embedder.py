@@ -24,6 +24,7 @@ from gce.errors import GceError
 from gce.retrieval.files import shown_path
 
 if TYPE_CHECKING:
+    from gce.config import ExperimentConfig
     from gce.models import EmbeddingModel
 
 __all__ = [
@@ -127,12 +128,26 @@ class Embedder:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> Embedder:
-        """Load ``model.pt``/``best.pt``/a training checkpoint or run folder (one-line errors)."""
+        """Load ``model.pt``/``best.pt``/a training checkpoint or run folder, a model folder or
+        ``hf://org/name[@revision]`` (one-line errors)."""
         from gce.runtime import resolve_device
         from gce.training.checkpoint import load_model
 
         resolve_device(device, "--device")
         model, cfg = load_model(path, device=device)
+        return cls.from_model(model, cfg, device=device, batch_size=batch_size, source=str(path))
+
+    @classmethod
+    def from_model(
+        cls,
+        model: EmbeddingModel,
+        cfg: ExperimentConfig,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        source: str | None = None,
+    ) -> Embedder:
+        """An embedder of a loaded model with the preprocessing and id its config gives it."""
         # pretrained=False: the weights come from the checkpoint (and the id stays what it was
         # when the model carried its build arguments itself)
         model_config = {**cfg.model.model_dump(), "pretrained": False}
@@ -142,7 +157,7 @@ class Embedder:
             resize_to=cfg.data.test_resize,
             device=device,
             batch_size=batch_size,
-            source=str(path),
+            source=source,
             model_config=model_config,
         )
         embedder.training_data = cfg.data.model_dump()

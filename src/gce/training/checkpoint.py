@@ -31,6 +31,7 @@ from gce.io import (
     write_checksum,
     write_text,
 )
+from gce.sharing.location import folder_files, is_model_folder, model_folder, parse_hub_reference
 
 if TYPE_CHECKING:
     from gce.config import ExperimentConfig
@@ -119,8 +120,13 @@ def _read_verified(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_files(path_or_folder: str | Path) -> list[Path]:
-    """The files :func:`load_checkpoint` may read for ``path_or_folder`` (with their checksums):
-    the inputs an output path must never replace."""
+    """The files :func:`load_model` may read for ``path_or_folder`` (with their checksums):
+    the inputs an output path must never replace. A model folder's files; none for an ``hf://``
+    reference (its files are in the Hub's cache, and nothing is fetched to check an output)."""
+    if parse_hub_reference(path_or_folder) is not None:
+        return []
+    if is_model_folder(path_or_folder):
+        return folder_files(path_or_folder)
     target = Path(os.path.expanduser(os.fspath(path_or_folder)))
     files = [target / LAST, target / PREVIOUS] if target.is_dir() else [target]
     return [*files, *(checksum_path(f) for f in files)]
@@ -292,10 +298,17 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ExperimentConfig]:
-    """Load an exported ``model.pt``/``best.pt`` or a training checkpoint for evaluation."""
+    """Load an exported ``model.pt``/``best.pt``, a training checkpoint or run folder, a model folder
+    (``gce model save``) or ``hf://org/name[@revision]`` for evaluation: every ``--checkpoint`` of
+    every command, and ``Embedder.from_checkpoint``, load through here."""
     from gce.config import config_from_dict
     from gce.models import build_model
 
+    folder = model_folder(path)
+    if folder is not None:
+        from gce.sharing.folder import load_model_folder
+
+        return load_model_folder(folder, device, shown=path)
     state, _ = load_checkpoint(path)
     require_keys(state, ("config", "model"), path)
     try:
