@@ -25,6 +25,7 @@ from gce.retrieval.files import shown_path
 
 if TYPE_CHECKING:
     from gce.models import EmbeddingModel
+    from gce.retrieval.runtimes import Runtime
 
 __all__ = [
     "Embedder",
@@ -97,6 +98,12 @@ class Embedder:
 
     ``embed_images`` / ``embed_paths`` return float32 ``N x D`` arrays in which each learner's slice
     (:attr:`learner_slices`) has unit length, as the model was trained.
+
+    ``runtime`` runs the model: ``"torch"`` (PyTorch eager), ``"onnx"`` (ONNX Runtime on an export
+    of it: ``onnx_file``, else one cached beside the checkpoint) or ``"auto"`` (ONNX Runtime on CPU
+    when it is installed and matches PyTorch, else torch; with ``export_onnx=False`` only if an
+    ONNX file is already there); see :mod:`gce.retrieval.runtimes`. The model id is the model's,
+    whatever runs it.
     """
 
     def __init__(
@@ -109,6 +116,9 @@ class Embedder:
         batch_size: int = 64,
         source: str | None = None,
         model_config: dict[str, Any] | None = None,
+        runtime: str = "torch",
+        onnx_file: str | os.PathLike | None = None,
+        export_onnx: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -124,9 +134,22 @@ class Embedder:
         self.num_learners: int = int(model.num_learners)
         self.embedding_dim: int = int(model.embedding_dim)
         self.model_id: str = model_fingerprint(model, self.preprocessing(), self.model_config)
+        from gce.retrieval.runtimes import open_runtime
+
+        #: what runs the model (its ``name``, ``threads`` and ``describe()`` say which)
+        self.runtime: Runtime = open_runtime(self, runtime, onnx_file=onnx_file, export=export_onnx)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> Embedder:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        batch_size: int = 64,
+        *,
+        runtime: str = "torch",
+        onnx_file: str | os.PathLike | None = None,
+        export_onnx: bool = True,
+    ) -> Embedder:
         """Load ``model.pt``/``best.pt``/a training checkpoint or run folder (one-line errors)."""
         from gce.runtime import resolve_device
         from gce.training.checkpoint import load_model
@@ -144,6 +167,9 @@ class Embedder:
             batch_size=batch_size,
             source=str(path),
             model_config=model_config,
+            runtime=runtime,
+            onnx_file=onnx_file,
+            export_onnx=export_onnx,
         )
         embedder.training_data = cfg.data.model_dump()
         return embedder
@@ -177,13 +203,10 @@ class Embedder:
     # ------------------------------------------------------------------ embedding
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """Preprocessed ``B x 3 x S x S`` images -> ``B x D`` float32, each learner slice unit length."""
-        with torch.inference_mode():
-            out = self.model(batch.to(self.device))
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != self.embedding_dim:
-            raise GceError(
-                f"the model returned {getattr(out, 'shape', type(out).__name__)}, expected (B, {self.embedding_dim})"
-            )
-        return normalize_learners(out.float().cpu().numpy(), self.learner_slices)
+        out = self.runtime(batch)
+        if out.ndim != 2 or out.shape != (len(batch), self.embedding_dim):
+            raise GceError(f"the model returned {out.shape}, expected ({len(batch)}, {self.embedding_dim})")
+        return normalize_learners(out, self.learner_slices)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if len(images) == 0:

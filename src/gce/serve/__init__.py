@@ -13,12 +13,19 @@ __all__ = ["RequestError", "SearchService", "ServeSettings", "create_app", "load
 
 
 def load_service(
-    index_dir: str | Path, checkpoint: str | Path | None, settings: ServeSettings | None = None
+    index_dir: str | Path,
+    checkpoint: str | Path | None,
+    settings: ServeSettings | None = None,
+    *,
+    runtime: str = "torch",
 ) -> SearchService:
-    """Load the index and the model that built it (``checkpoint=None``: search by item id only)."""
+    """Load the index and the model that built it (``checkpoint=None``: search by item id only);
+    ``runtime`` runs the model (:mod:`gce.retrieval.runtimes`)."""
     from gce.retrieval import Embedder, SearchIndex
 
     settings = settings or ServeSettings()
     index = SearchIndex.load(index_dir)
-    embedder = Embedder.from_checkpoint(checkpoint, device=settings.device) if checkpoint is not None else None
+    embedder = None
+    if checkpoint is not None:
+        embedder = Embedder.from_checkpoint(checkpoint, device=settings.device, runtime=runtime)
     return SearchService(index, embedder, settings, index_dir=index_dir)
