@@ -40,7 +40,9 @@ def reference(checkpoint):
 
 @pytest.fixture(scope="module")
 def onnx_embedder(checkpoint, reference):
-    return Embedder.from_checkpoint(checkpoint, runtime="onnx")
+    embedder = Embedder.from_checkpoint(checkpoint, runtime="onnx")
+    assert embedder.runtime.name == "onnx"  # opened (and exported) on first use
+    return embedder
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,7 @@ def test_onnx_embeddings_match_torch_within_the_export_bound_and_keep_the_model_
         assert np.allclose(np.linalg.norm(got[:, s], axis=1), 1.0, atol=1e-5)
 
 
-def test_the_cache_is_reused_rebuilt_when_damaged_keyed_by_model_id(
-    checkpoint, onnx_embedder, exports, tmp_path
-):
+def test_the_cache_is_reused_rebuilt_when_damaged_keyed_by_model_id(checkpoint, onnx_embedder, exports, tmp_path):
     cached = checkpoint.with_name("model.pt.onnx-cache") / f"{onnx_embedder.model_id}.onnx"
     assert cached.is_file() and json.loads(cached.with_name(cached.name + ".json").read_text())["model_id"]
     assert Embedder.from_checkpoint(checkpoint, runtime="onnx").runtime.path == cached
@@ -89,14 +89,14 @@ def test_the_cache_is_reused_rebuilt_when_damaged_keyed_by_model_id(
 
     cached.write_bytes(b"\x08\x01not an onnx model" * 8)  # damaged: onnxruntime cannot load it
     again = Embedder.from_checkpoint(checkpoint, runtime="onnx")
-    assert exports == [str(cached)] and again.runtime.name == "onnx"
+    assert again.runtime.name == "onnx" and exports == [str(cached)]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert np.abs(again.embed_tensors(x) - onnx_embedder.embed_tensors(x)).max() <= EMBED_ATOL
 
     other = make_checkpoint(tmp_path / "model.pt", backbone="resnet18", seed=1)
     shutil.copytree(cached.parent, tmp_path / "model.pt.onnx-cache")  # another model's file beside it
     changed = Embedder.from_checkpoint(other, runtime="onnx")
-    assert changed.model_id != onnx_embedder.model_id
+    assert changed.runtime.name == "onnx" and changed.model_id != onnx_embedder.model_id
     assert exports[1:] == [str(tmp_path / "model.pt.onnx-cache" / f"{changed.model_id}.onnx")]
 
 
@@ -120,7 +120,7 @@ def test_auto_falls_back_to_torch_with_one_line_without_onnxruntime(checkpoint, 
     assert "\n" not in err and "using torch" in err and "onnxruntime is not installed" in err
 
     with pytest.raises(GceError, match=r"^--runtime onnx: onnxruntime is not installed") as info:
-        Embedder.from_checkpoint(checkpoint, runtime="onnx")
+        Embedder.from_checkpoint(checkpoint, runtime="onnx").runtime  # noqa: B018  (opens it)
     assert "\n" not in str(info.value)
 
 
@@ -133,12 +133,10 @@ def test_auto_falls_back_when_parity_fails_and_explicit_onnx_refuses(checkpoint,
     fallback = [line for line in err if "using torch" in line]
     assert len(fallback) == 1 and "differs from PyTorch" in fallback[0]
     with pytest.raises(GceError, match=r"^--runtime onnx: the ONNX model differs from PyTorch"):
-        Embedder.from_checkpoint(checkpoint, runtime="onnx", onnx_file=path)
+        Embedder.from_checkpoint(checkpoint, runtime="onnx", onnx_file=path).runtime  # noqa: B018
 
 
-def test_cli_embed_with_onnx_writes_what_torch_writes(
-    checkpoint, onnx_embedder, shape_folder, tmp_path
-):
+def test_cli_embed_with_onnx_writes_what_torch_writes(checkpoint, onnx_embedder, shape_folder, tmp_path):
     stores = {}
     for runtime in ("torch", "onnx"):
         out = tmp_path / runtime
@@ -174,3 +172,12 @@ def test_cli_search_with_onnx_finds_what_torch_finds(checkpoint, onnx_embedder, 
             separated = all(abs(scores[rank] - s) > 2 * bound for j, s in enumerate(scores) if j != rank)
             if separated:  # a hit whose score no other hit's is near keeps its rank
                 assert a["id"] == b["id"]
+
+
+def test_an_input_error_comes_alone_before_any_export(tmp_path, capsys, exports):
+    model = make_checkpoint(tmp_path / "model.pt", backbone="resnet18", seed=3)
+    args = ["embed", "--checkpoint", str(model), "--images", str(tmp_path / "none"), "--out", str(tmp_path / "e")]
+    assert main(args) == 1  # default --runtime auto, no --quiet
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gce: error: --images") and "\n" not in err
+    assert exports == [] and not (tmp_path / "model.pt.onnx-cache").exists()  # opened on first use only

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable
 
 
@@ -74,6 +75,15 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, threads: bool = True
             default=None,
             help=f"intra-op threads of the runtime (default: torch's; at most {MAX_THREADS}, 4 per CPU)",
         )
+
+
+def stderr_line(command: str) -> Callable[[str], None]:
+    """A ``say`` for :class:`gce.retrieval.Embedder`: ``command: message`` on stderr."""
+
+    def say(message: str) -> None:
+        print(f"{command}: {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def runtime_line(embedder) -> str:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from gce.commands.arguments import add_runtime_options, count, runtime_line
+from gce.commands.arguments import add_runtime_options, count, stderr_line
 from gce.errors import DatasetError, GceError
 from gce.io import path_argument
 
@@ -141,10 +140,12 @@ def run(args: argparse.Namespace) -> int:
     args.out = check_output_dir(args.out, what="--out", inputs=inputs, marker=MANIFEST)
     set_threads(args.threads)
     embedder = Embedder.from_checkpoint(
-        args.checkpoint, device=args.device, batch_size=args.batch_size, runtime=args.runtime
+        args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        runtime=args.runtime,
+        say=None if args.quiet else stderr_line("gce embed"),  # when the first batch opens the runtime
     )
-    if not args.quiet:  # beside the progress bar (an error stays one line with --quiet)
-        print(f"gce embed: {runtime_line(embedder)}", file=sys.stderr, flush=True)
     paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
     paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
     info = embed_to_store(

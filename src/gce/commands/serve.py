@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from pathlib import Path
 
-from gce.commands.arguments import add_runtime_options, count, positive_number, runtime_line
+from gce.commands.arguments import add_runtime_options, count, positive_number, runtime_line, stderr_line
 from gce.errors import ConfigError
 from gce.io import path_argument
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from gce.retrieval.runtimes import set_threads
 
     set_threads(args.threads)
-    service = load_service(args.index, args.checkpoint, settings, runtime=args.runtime)
+    service = load_service(args.index, args.checkpoint, settings, runtime=args.runtime, say=stderr_line("gce serve"))
     listener = bind(args.host, args.port)  # before the start-up line, so that the line is true
     server = make_server(create_app(service), settings, log_level=args.log_level, root_path=args.root_path)
     runtime = runtime_line(service.embedder) if service.embedder is not None else ""

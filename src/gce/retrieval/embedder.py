@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +119,7 @@ class Embedder:
         runtime: str = "torch",
         onnx_file: str | os.PathLike | None = None,
         export_onnx: bool = True,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -134,10 +135,31 @@ class Embedder:
         self.num_learners: int = int(model.num_learners)
         self.embedding_dim: int = int(model.embedding_dim)
         self.model_id: str = model_fingerprint(model, self.preprocessing(), self.model_config)
-        from gce.retrieval.runtimes import open_runtime
+        # opened on first use: a command's input errors come before any export, alone on stderr
+        self._runtime: Runtime | None = None
+        self._runtime_request = (runtime, onnx_file, export_onnx, say)
 
-        #: what runs the model (its ``name``, ``threads`` and ``describe()`` say which)
-        self.runtime: Runtime = open_runtime(self, runtime, onnx_file=onnx_file, export=export_onnx)
+    @property
+    def runtime(self) -> Runtime:
+        """What runs the model (its ``name``, ``threads`` and ``describe()`` say which), opened on
+        first use; ``say`` (if given) hears about an export and then which runtime runs."""
+        if self._runtime is None:
+            from gce.retrieval.runtimes import open_runtime
+
+            runtime, onnx_file, export_onnx, say = self._runtime_request
+            opened = open_runtime(self, runtime, onnx_file=onnx_file, export=export_onnx, say=say)
+            if say is not None:
+                say(f"runtime {opened.name}: {opened.describe()}")
+            self._runtime = opened
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, value: Runtime) -> None:
+        self._runtime = value
+
+    def normalized(self, raw: np.ndarray) -> np.ndarray:
+        """``raw`` model outputs (N x D) with each learner slice scaled to unit length."""
+        return normalize_learners(raw, self.learner_slices)
 
     @classmethod
     def from_checkpoint(
@@ -149,6 +171,7 @@ class Embedder:
         runtime: str = "torch",
         onnx_file: str | os.PathLike | None = None,
         export_onnx: bool = True,
+        say: Callable[[str], None] | None = None,
     ) -> Embedder:
         """Load ``model.pt``/``best.pt``/a training checkpoint or run folder (one-line errors)."""
         from gce.runtime import resolve_device
@@ -170,6 +193,7 @@ class Embedder:
             runtime=runtime,
             onnx_file=onnx_file,
             export_onnx=export_onnx,
+            say=say,
         )
         embedder.training_data = cfg.data.model_dump()
         return embedder

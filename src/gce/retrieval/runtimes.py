@@ -161,25 +161,26 @@ def open_runtime(
     *,
     onnx_file: str | os.PathLike | None = None,
     export: bool = True,
-    warn: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Runtime:
     """The runtime ``requested`` (``auto``, ``torch`` or ``onnx``) for ``embedder``'s model.
 
     ``export=False``: ``auto`` uses an ONNX file that is already there but exports none (for a
-    few queries an export costs seconds that the faster runtime never wins back)."""
+    few queries an export costs seconds that the faster runtime never wins back). ``say`` hears
+    that an export is being made (it takes seconds); why ``auto`` fell back goes to stderr."""
     if requested not in RUNTIME_CHOICES:
         raise GceError(f"--runtime {requested!r} is unknown; choose one of {', '.join(RUNTIME_CHOICES)}")
     torch_runtime = RUNTIMES["torch"](embedder.model, embedder.device)
     if requested == "torch" or (requested == "auto" and embedder.device.type != "cpu" and onnx_file is None):
         return torch_runtime  # auto on a GPU: torch (ONNX Runtime's CUDA speed is not measured here)
     try:
-        return _checked_onnx(embedder, torch_runtime, onnx_file, warn or _stderr, export or requested == "onnx")
+        return _checked_onnx(embedder, torch_runtime, onnx_file, say or _silent, export or requested == "onnx")
     except NotExported:
         return torch_runtime
     except RuntimeUnavailable as exc:
         if requested == "onnx":
             raise GceError(f"--runtime onnx: {exc}") from None
-        (warn or _stderr)(f"runtime auto: using torch ({exc})")
+        _stderr(f"runtime auto: using torch ({exc})")
         return torch_runtime
 
 
@@ -206,7 +207,7 @@ def _checked_onnx(
         try:
             return _session(embedder, reference, beside)
         except RuntimeUnavailable as exc:
-            warn(f"not using {beside}: {exc}")
+            _stderr(f"not using {beside}: {exc}")
     path = cached_onnx_path(embedder)
     if _is_cache_of(path, embedder.model_id):
         with suppress(RuntimeUnavailable):  # a damaged file: exported again below
@@ -223,7 +224,7 @@ def _session(embedder: Embedder, reference: Runtime, path: Path) -> Runtime:
 
     runtime = RUNTIMES["onnx"](path, embedder.device)
     x = parity_batch(embedder.image_size)
-    difference = float(np.abs(normalized(runtime(x), embedder) - normalized(reference(x), embedder)).max())
+    difference = float(np.abs(embedder.normalized(runtime(x)) - embedder.normalized(reference(x))).max())
     if not difference <= PARITY_LIMIT:  # NaN fails too
         raise RuntimeUnavailable(
             f"the ONNX model differs from PyTorch by {difference:.1e} (> {PARITY_LIMIT:g}) on the parity batch"
@@ -236,12 +237,6 @@ def _import_check() -> None:
         _import_onnxruntime()
     except ImportError:
         raise RuntimeUnavailable("onnxruntime is not installed (pip install 'gce-dml[export]')") from None
-
-
-def normalized(raw: np.ndarray, embedder: Embedder) -> np.ndarray:
-    from gce.retrieval.embedder import normalize_learners
-
-    return normalize_learners(raw, embedder.learner_slices)
 
 
 # -- the ONNX cache --------------------------------------------------------------------------------
@@ -306,6 +301,10 @@ def _remove_cached(path: Path) -> None:
     for file in (path, _sidecar(path)):
         with suppress(OSError):
             file.unlink(missing_ok=True)
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _stderr(message: str) -> None:

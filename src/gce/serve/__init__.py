@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from gce.serve.app import create_app
@@ -18,14 +19,15 @@ def load_service(
     settings: ServeSettings | None = None,
     *,
     runtime: str = "torch",
+    say: Callable[[str], None] | None = None,
 ) -> SearchService:
     """Load the index and the model that built it (``checkpoint=None``: search by item id only);
-    ``runtime`` runs the model (:mod:`gce.retrieval.runtimes`)."""
+    ``runtime`` runs the model (:mod:`gce.retrieval.runtimes`; ``say`` hears which, and of an export)."""
     from gce.retrieval import Embedder, SearchIndex
 
     settings = settings or ServeSettings()
     index = SearchIndex.load(index_dir)
     embedder = None
     if checkpoint is not None:
-        embedder = Embedder.from_checkpoint(checkpoint, device=settings.device, runtime=runtime)
+        embedder = Embedder.from_checkpoint(checkpoint, device=settings.device, runtime=runtime, say=say)
     return SearchService(index, embedder, settings, index_dir=index_dir)

@@ -52,6 +52,7 @@ class SearchService:
         self.index_dir = Path(index_dir) if index_dir is not None else None
         if embedder is not None:  # refuse to embed queries with another model than the index's
             index.check_model(embedder.model_id, "the checkpoint")
+            embedder.runtime  # noqa: B018  (opened now: an export or a fallback happens at start-up)
         self._index_lock = threading.Lock()  # the index is used by one thread at a time
         batch = self.settings.max_batch
         self._embed = MicroBatcher(self._embed_batch, batch, "gce-serve-embed") if embedder is not None else None
@@ -148,7 +149,7 @@ class SearchService:
                 image.close()
         query = self._embed(tensor)
         hits = self._find(query, k, learners, weights)
-        return self._response({"type": "upload"}, k, learners, weights, hits, started)
+        return self._response({"type": "upload", "id": None, "thumbnail": None}, k, learners, weights, hits, started)
 
     def search_item(
         self, item: int, k: int | None, learners: list[int] | None, weights: list[float] | None
