@@ -124,7 +124,7 @@ def test_search_json_is_the_documented_shape(fixture, services):
     assert body["query"] == {"type": "item", "id": 1, "thumbnail": "/items/1/thumbnail"} and body["k"] == 3
     assert [hit["rank"] for hit in body["results"]] == [1, 2, 3] and 1 not in [h["id"] for h in body["results"]]
     assert set(body["results"][0]) == {"rank", "id", "score", "label", "thumbnail"}
-    assert upload.status_code == 200 and upload.json()["query"] == {"type": "upload"}
+    assert upload.status_code == 200 and upload.json()["query"] == {"type": "upload", "id": None, "thumbnail": None}
     assert upload.json()["results"][0]["id"] == 0
 
 

@@ -127,13 +127,20 @@ def run(args: argparse.Namespace) -> int:
     from gce.retrieval.runtimes import set_threads
 
     set_threads(args.threads)
-    service = load_service(args.index, args.checkpoint, settings, runtime=args.runtime, say=stderr_line("gce serve"))
+    service = load_service(args.index, args.checkpoint, settings, runtime=args.runtime, say=_export_note)
     listener = bind(args.host, args.port)  # before the start-up line, so that the line is true
     server = make_server(create_app(service), settings, log_level=args.log_level, root_path=args.root_path)
     runtime = runtime_line(service.embedder) if service.embedder is not None else ""
     print(start_line(args.host, args.port, int(service.index.size), args.index, runtime), flush=True)
     server.run(sockets=[listener])
     return 0
+
+
+def _export_note(message: str) -> None:
+    """An export's note on stderr; which runtime runs is said in the start-up line (after the bind,
+    whose error must stay the only line)."""
+    if not message.startswith("runtime "):
+        stderr_line("gce serve")(message)
 
 
 def bind(host: str, port: int) -> socket.socket:
