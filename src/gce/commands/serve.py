@@ -127,8 +127,22 @@ def run(args: argparse.Namespace) -> int:
     from gce.retrieval.runtimes import set_threads
 
     set_threads(args.threads)
-    service = load_service(args.index, args.checkpoint, settings, runtime=args.runtime, say=_export_note)
-    listener = bind(args.host, args.port)  # before the start-up line, so that the line is true
+    bound: list[socket.socket] = []  # after the index loads, before the model: a port in use is
+    # refused before any export, as the only line (and before the start-up line, so that it is true)
+    try:
+        service = load_service(
+            args.index,
+            args.checkpoint,
+            settings,
+            runtime=args.runtime,
+            say=_export_note,
+            before_model=lambda: bound.append(bind(args.host, args.port)),
+        )
+    except BaseException:
+        for listener in bound:
+            listener.close()
+        raise
+    listener = bound[0]
     server = make_server(create_app(service), settings, log_level=args.log_level, root_path=args.root_path)
     runtime = runtime_line(service.embedder) if service.embedder is not None else ""
     print(start_line(args.host, args.port, int(service.index.size), args.index, runtime), flush=True)
@@ -137,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export_note(message: str) -> None:
-    """An export's note on stderr; which runtime runs is said in the start-up line (after the bind,
-    whose error must stay the only line)."""
+    """An export's note on stderr; which runtime runs is said in the start-up line."""
     if not message.startswith("runtime "):
         stderr_line("gce serve")(message)
 

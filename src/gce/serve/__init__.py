@@ -20,13 +20,17 @@ def load_service(
     *,
     runtime: str = "torch",
     say: Callable[[str], None] | None = None,
+    before_model: Callable[[], None] | None = None,
 ) -> SearchService:
     """Load the index and the model that built it (``checkpoint=None``: search by item id only);
-    ``runtime`` runs the model (:mod:`gce.retrieval.runtimes`; ``say`` hears which, and of an export)."""
+    ``runtime`` runs the model (:mod:`gce.retrieval.runtimes`; ``say`` hears which, and of an export);
+    ``before_model`` runs once the index is loaded, before the model is (``gce serve`` binds there)."""
     from gce.retrieval import Embedder, SearchIndex
 
     settings = settings or ServeSettings()
     index = SearchIndex.load(index_dir)
+    if before_model is not None:
+        before_model()
     embedder = None
     if checkpoint is not None:
         embedder = Embedder.from_checkpoint(checkpoint, device=settings.device, runtime=runtime, say=say)
