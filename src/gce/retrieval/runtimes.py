@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -127,8 +127,9 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1  # one graph, run op after op: threads go to each op
-        if os.environ.get("GCE_ORT_SPIN", "0") != "1":
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # no spinning between ops: on a shared or busy machine a spinning pool takes the CPU that the
+        # decoding processes (gce embed) and the request threads (gce serve) need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         if providers is None:
             providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
@@ -314,7 +315,3 @@ def _stderr(message: str) -> None:
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:200] if lines else type(exc).__name__
-
-
-def describe_runtime(runtime: Runtime) -> dict[str, Any]:
-    return {"runtime": runtime.name, "threads": runtime.threads, "detail": runtime.describe()}
