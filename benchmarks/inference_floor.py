@@ -79,6 +79,9 @@ def device_table(args: argparse.Namespace) -> None:
     if str(checkpoint) == "untrained":
         checkpoint = serve_load.untrained_checkpoint(args.workdir / "emoji-arch-untrained.pt")
     device = torch.device(args.device_table)
+    from gce.runtime import flush_denormals
+
+    flush_denormals(device)  # untrained weights: subnormal features would slow torch's CPU kernels ~50x
     embedder = Embedder.from_checkpoint(checkpoint, device=str(device), runtime="torch")
     x = torch.randn(64, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(0))
     onnx_file = args.workdir / "device-table.onnx"
