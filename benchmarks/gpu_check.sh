@@ -14,7 +14,10 @@
 # 4. the `gce eval` pipeline at SOP size: 60,000 images embedded on the GPU (ResNet-50, 224 px,
 #    generated images), then the 60,000 x 512 retrieval + clustering metrics;
 # 5. the effect of train.channels_last, cudnn.benchmark, train.amp and (last, on its own: it
-#    compiles for a minute or more) train.compile on the GCE K=4 step (benchmarks/step_options.py).
+#    compiles for a minute or more) train.compile on the GCE K=4 step (benchmarks/step_options.py);
+# 6. embedding images/s of each inference runtime (benchmarks/inference_floor.py --device-table):
+#    torch on CUDA, ONNX Runtime's CUDA and TensorRT providers when its build has them (a row says
+#    "skipped" otherwise); on a CPU-only machine torch and ONNX Runtime on the CPU.
 # Every section has its own time limit and a failed one does not stop the others. Each row of the
 # table is printed as soon as it is known; the script ends with the whole table. Nothing is written
 # outside a temporary folder (and GPU_CHECK_OUT when given).
@@ -116,6 +119,14 @@ if run 200 "$LOGS/compile.log" "$PY" benchmarks/step_options.py --device "$DEVIC
   options_rows "$LOGS/compile.log"
 else
   row "step option: compile" "FAILED"
+fi
+
+section "6. inference runtimes on the $DEVICE"
+if run 240 "$LOGS/runtimes.log" "$PY" benchmarks/inference_floor.py --checkpoint untrained \
+      --workdir "$WORK/runtimes" --device-table "$DEVICE"; then
+  grep -P '\t' "$LOGS/runtimes.log" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
+else
+  row "inference runtimes" "FAILED"
 fi
 
 echo

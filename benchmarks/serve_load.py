@@ -141,7 +141,13 @@ def free_port() -> int:
 
 
 def start_server(
-    index: Path, checkpoint: Path, port: int, threads: int | None, max_batch: int, log: Path
+    index: Path,
+    checkpoint: Path,
+    port: int,
+    threads: int | None,
+    max_batch: int,
+    log: Path,
+    extra: list[str] | None = None,
 ) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -167,6 +173,7 @@ def start_server(
     ]
     if threads:
         command += ["--threads", str(threads)]
+    command += extra or []
     with open(log, "w") as log_file:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 
 
@@ -49,3 +51,41 @@ def positive_number(maximum: float, minimum: float = 0.0) -> Callable[[str], flo
         return value
 
     return parse
+
+
+#: More threads than this only adds contention (and 100,000 of them would not start).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
+    """``--runtime`` (and ``--threads``) of the commands that embed images (gce.retrieval.runtimes)."""
+    from gce.config.vocabulary import RUNTIME_CHOICES
+
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default="auto",
+        help="what runs the model: onnx (ONNX Runtime on an export cached beside the checkpoint), torch,"
+        " or auto (default: onnx on CPU when installed and it matches PyTorch, else torch)",
+    )
+    if threads:
+        parser.add_argument(
+            "--threads",
+            type=count(1, MAX_THREADS),
+            default=None,
+            help=f"intra-op threads of the runtime (default: torch's; at most {MAX_THREADS}, 4 per CPU)",
+        )
+
+
+def stderr_line(command: str) -> Callable[[str], None]:
+    """A ``say`` for :class:`gce.retrieval.Embedder`: ``command: message`` on stderr."""
+
+    def say(message: str) -> None:
+        print(f"{command}: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def runtime_line(embedder) -> str:
+    """The start-up line that says what runs the model, with how many threads."""
+    return f"runtime {embedder.runtime.name}: {embedder.runtime.describe()}"

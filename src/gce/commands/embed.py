@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gce.commands.arguments import count
+from gce.commands.arguments import add_runtime_options, count, stderr_line
 from gce.errors import DatasetError, GceError
 from gce.io import path_argument
 from gce.sharing.location import checkpoint_argument
@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=count(1), default=64)
     p.add_argument("--workers", type=count(0), default=2, help="image-decoding processes")
     p.add_argument("--device", default="cpu")
+    add_runtime_options(p)
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (counted) instead of failing")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder that holds another job")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from gce.io import check_output_dir
     from gce.retrieval import Embedder, embed_to_store
     from gce.retrieval.files import shown_path
+    from gce.retrieval.runtimes import set_threads
     from gce.retrieval.store_manifest import MANIFEST
     from gce.training.checkpoint import checkpoint_files
 
@@ -140,7 +142,14 @@ def run(args: argparse.Namespace) -> int:
     # new, empty or a store of its own (embeddings.json), so that no file of the user's is touched.
     inputs = [args.images, args.csv, args.root, *checkpoint_files(args.checkpoint)]
     args.out = check_output_dir(args.out, what="--out", inputs=inputs, marker=MANIFEST)
-    embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    set_threads(args.threads)
+    embedder = Embedder.from_checkpoint(
+        args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        runtime=args.runtime,
+        say=None if args.quiet else stderr_line("gce embed"),  # when the first batch opens the runtime
+    )
     paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
     paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
     info = embed_to_store(
@@ -161,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"embedded {info.embedded:,} of {info.total:,} images from {shown_path(source)}{resumed}"
         f" -> {shown_path(str(info.path))}"
-        f" (D={embedder.embedding_dim}, K={embedder.num_learners}, {args.dtype}, model {embedder.model_id[:12]})"
+        f" (D={embedder.embedding_dim}, K={embedder.num_learners}, {args.dtype}, model {embedder.model_id[:12]};"
+        f" runtime {embedder.runtime.name}, {embedder.runtime.threads} thread(s))"
     )
     if info.skipped:
         first_path, first_reason = info.bad[0]

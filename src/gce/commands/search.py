@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from gce.commands.arguments import count
+from gce.commands.arguments import add_runtime_options, count, runtime_line
 from gce.errors import GceError
 from gce.io import path_argument
 from gce.sharing.location import checkpoint_argument
@@ -44,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per query (JSON Lines)")
     p.add_argument("--device", default="cpu")
+    add_runtime_options(p)
     p.set_defaults(run=run)
 
 
@@ -55,14 +57,18 @@ def _shown(path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gce.retrieval import Embedder, SearchIndex
+    from gce.retrieval.runtimes import set_threads
 
     index = SearchIndex.load(args.index)
-    embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device)
+    set_threads(args.threads)
+    # a few queries: auto uses an ONNX file already there, but an export would cost more than it saves
+    embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, runtime=args.runtime, export_onnx=False)
     index.check_model(embedder.model_id, f"--checkpoint {args.checkpoint}")
     if args.nprobe or args.ef:
         index.set_search_params(nprobe=args.nprobe, ef_search=args.ef)
     queries = embedder.embed_paths(args.images)
     results = index.search(queries, args.k, learners=args.learners, weights=args.weights)
+    print(f"gce search: {runtime_line(embedder)}", file=sys.stderr, flush=True)  # after any error: one line
     note = None
     if (args.learners is not None or args.weights is not None) and not index.exact:
         note = (

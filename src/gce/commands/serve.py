@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import socket
 from pathlib import Path
 
-from gce.commands.arguments import count, positive_number
+from gce.commands.arguments import add_runtime_options, count, positive_number, runtime_line, stderr_line
 from gce.errors import ConfigError
 from gce.io import path_argument
 from gce.sharing.location import checkpoint_argument
@@ -20,8 +19,6 @@ MIB = 1024 * 1024
 MAX_UPLOAD_CEILING = 1024 * MIB
 PILLOW_PIXEL_CEILING = 178_956_970
 MAX_TIMEOUT_S = 3600.0
-#: More torch threads than this only adds contention (and 100,000 of them would not start).
-MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,23 +83,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=512,
         help="open connections at once; more get a 503 (default 512)",
     )
-    p.add_argument(
-        "--threads",
-        type=count(1, MAX_THREADS),
-        default=None,
-        help=f"torch threads for embedding (default: torch's; at most {MAX_THREADS}, 4 per CPU)",
-    )
+    add_runtime_options(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
 
 
-def start_line(host: str, port: int, index_size: int, index: Path) -> str:
+def start_line(host: str, port: int, index_size: int, index: Path, runtime: str = "") -> str:
     where = f"http://{_url_host(host)}:{port}/"
     if host in LOCAL_HOSTS:
         scope = "localhost only; --host 0.0.0.0 to listen on every interface"
     else:
         scope = f"listening on {host}: reachable from other machines, put it behind a reverse proxy"
-    return f"gce serve: {where} ({scope}); index {index} with {index_size} items; API docs at {where}docs"
+    line = f"gce serve: {where} ({scope}); index {index} with {index_size} items; API docs at {where}docs"
+    return f"{line}; {runtime}" if runtime else line
 
 
 def _url_host(host: str) -> str:
@@ -137,16 +130,36 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problem = exc.errors()[0]
         raise ConfigError(f"serve option {problem['loc'][0]}: {problem['msg']}") from None
-    if args.threads:
-        import torch
+    from gce.retrieval.runtimes import set_threads
 
-        torch.set_num_threads(args.threads)
-    service = load_service(args.index, args.checkpoint, settings)
-    listener = bind(args.host, args.port)  # before the start-up line, so that the line is true
+    set_threads(args.threads)
+    bound: list[socket.socket] = []  # after the index loads, before the model: a port in use is
+    # refused before any export, as the only line (and before the start-up line, so that it is true)
+    try:
+        service = load_service(
+            args.index,
+            args.checkpoint,
+            settings,
+            runtime=args.runtime,
+            say=_export_note,
+            before_model=lambda: bound.append(bind(args.host, args.port)),
+        )
+    except BaseException:
+        for listener in bound:
+            listener.close()
+        raise
+    listener = bound[0]
     server = make_server(create_app(service), settings, log_level=args.log_level, root_path=args.root_path)
-    print(start_line(args.host, args.port, int(service.index.size), args.index), flush=True)
+    runtime = runtime_line(service.embedder) if service.embedder is not None else ""
+    print(start_line(args.host, args.port, int(service.index.size), args.index, runtime), flush=True)
     server.run(sockets=[listener])
     return 0
+
+
+def _export_note(message: str) -> None:
+    """An export's note on stderr; which runtime runs is said in the start-up line."""
+    if not message.startswith("runtime "):
+        stderr_line("gce serve")(message)
 
 
 def bind(host: str, port: int) -> socket.socket:

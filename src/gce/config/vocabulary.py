@@ -27,6 +27,8 @@ __all__ = [
     "OPTIMIZERS",
     "POOLING_MODES",
     "PROXY_LOSSES",
+    "RUNTIME_CHOICES",
+    "RUNTIME_NAMES",
     "SCHEDULERS",
     "STRATEGY_NAMES",
     "TRACKER_NAMES",
@@ -43,6 +45,7 @@ __all__ = [
     "Mining",
     "OptimizerName",
     "Pooling",
+    "RuntimeName",
     "SchedulerName",
     "StrategyName",
     "TrackerName",
@@ -106,6 +109,12 @@ EMOJI_PACKAGES: dict[str, tuple[str, str, str, str]] = {
 #: Exact kNN back ends of the evaluation.
 EvalBackend = Literal["torch", "faiss"]
 EVAL_BACKENDS: tuple[str, ...] = get_args(EvalBackend)
+
+#: Inference runtimes that embed preprocessed images (gce.retrieval.runtimes holds one factory per name);
+#: ``auto`` picks one of them at start-up.
+RuntimeName = Literal["torch", "onnx"]
+RUNTIME_NAMES: tuple[str, ...] = get_args(RuntimeName)
+RUNTIME_CHOICES: tuple[str, ...] = ("auto", *RUNTIME_NAMES)
 
 #: Experiment trackers that mirror a run's metrics.jsonl (gce.training.trackers holds one factory per name).
 TrackerName = Literal["tensorboard", "mlflow"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from gce.retrieval.files import shown_path
 if TYPE_CHECKING:
     from gce.config import ExperimentConfig
     from gce.models import EmbeddingModel
+    from gce.retrieval.runtimes import Runtime
 
 __all__ = [
     "Embedder",
@@ -98,6 +99,12 @@ class Embedder:
 
     ``embed_images`` / ``embed_paths`` return float32 ``N x D`` arrays in which each learner's slice
     (:attr:`learner_slices`) has unit length, as the model was trained.
+
+    ``runtime`` runs the model: ``"torch"`` (PyTorch eager), ``"onnx"`` (ONNX Runtime on an export
+    of it: ``onnx_file``, else one cached beside the checkpoint) or ``"auto"`` (ONNX Runtime on CPU
+    when it is installed and matches PyTorch, else torch; with ``export_onnx=False`` only if an
+    ONNX file is already there); see :mod:`gce.retrieval.runtimes`. The model id is the model's,
+    whatever runs it.
     """
 
     def __init__(
@@ -110,6 +117,10 @@ class Embedder:
         batch_size: int = 64,
         source: str | None = None,
         model_config: dict[str, Any] | None = None,
+        runtime: str = "torch",
+        onnx_file: str | os.PathLike | None = None,
+        export_onnx: bool = True,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -125,9 +136,44 @@ class Embedder:
         self.num_learners: int = int(model.num_learners)
         self.embedding_dim: int = int(model.embedding_dim)
         self.model_id: str = model_fingerprint(model, self.preprocessing(), self.model_config)
+        # opened on first use: a command's input errors come before any export, alone on stderr
+        self._runtime: Runtime | None = None
+        self._runtime_request = (runtime, onnx_file, export_onnx, say)
+
+    @property
+    def runtime(self) -> Runtime:
+        """What runs the model (its ``name``, ``threads`` and ``describe()`` say which), opened on
+        first use; ``say`` (if given) hears about an export and then which runtime runs."""
+        if self._runtime is None:
+            from gce.retrieval.runtimes import open_runtime
+
+            runtime, onnx_file, export_onnx, say = self._runtime_request
+            opened = open_runtime(self, runtime, onnx_file=onnx_file, export=export_onnx, say=say)
+            if say is not None:
+                say(f"runtime {opened.name}: {opened.describe()}")
+            self._runtime = opened
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, value: Runtime) -> None:
+        self._runtime = value
+
+    def normalized(self, raw: np.ndarray) -> np.ndarray:
+        """``raw`` model outputs (N x D) with each learner slice scaled to unit length."""
+        return normalize_learners(raw, self.learner_slices)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> Embedder:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        batch_size: int = 64,
+        *,
+        runtime: str = "torch",
+        onnx_file: str | os.PathLike | None = None,
+        export_onnx: bool = True,
+        say: Callable[[str], None] | None = None,
+    ) -> Embedder:
         """Load ``model.pt``/``best.pt``/a training checkpoint or run folder, a model folder or
         ``hf://org/name[@revision]`` (one-line errors)."""
         from gce.runtime import resolve_device
@@ -135,7 +181,17 @@ class Embedder:
 
         resolve_device(device, "--device")
         model, cfg = load_model(path, device=device)
-        return cls.from_model(model, cfg, device=device, batch_size=batch_size, source=str(path))
+        return cls.from_model(
+            model,
+            cfg,
+            device=device,
+            batch_size=batch_size,
+            source=str(path),
+            runtime=runtime,
+            onnx_file=onnx_file,
+            export_onnx=export_onnx,
+            say=say,
+        )
 
     @classmethod
     def from_model(
@@ -146,6 +202,10 @@ class Embedder:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         source: str | None = None,
+        runtime: str = "torch",
+        onnx_file: str | os.PathLike | None = None,
+        export_onnx: bool = True,
+        say: Callable[[str], None] | None = None,
     ) -> Embedder:
         """An embedder of a loaded model with the preprocessing and id its config gives it."""
         # pretrained=False: the weights come from the checkpoint (and the id stays what it was
@@ -159,6 +219,10 @@ class Embedder:
             batch_size=batch_size,
             source=source,
             model_config=model_config,
+            runtime=runtime,
+            onnx_file=onnx_file,
+            export_onnx=export_onnx,
+            say=say,
         )
         embedder.training_data = cfg.data.model_dump()
         return embedder
@@ -192,13 +256,10 @@ class Embedder:
     # ------------------------------------------------------------------ embedding
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """Preprocessed ``B x 3 x S x S`` images -> ``B x D`` float32, each learner slice unit length."""
-        with torch.inference_mode():
-            out = self.model(batch.to(self.device))
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != self.embedding_dim:
-            raise GceError(
-                f"the model returned {getattr(out, 'shape', type(out).__name__)}, expected (B, {self.embedding_dim})"
-            )
-        return normalize_learners(out.float().cpu().numpy(), self.learner_slices)
+        out = self.runtime(batch)
+        if out.ndim != 2 or out.shape != (len(batch), self.embedding_dim):
+            raise GceError(f"the model returned {out.shape}, expected ({len(batch)}, {self.embedding_dim})")
+        return normalize_learners(out, self.learner_slices)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if len(images) == 0:

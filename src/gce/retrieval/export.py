@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,8 +23,10 @@ import torch
 from gce.errors import GceError
 from gce.extras import require_extra
 from gce.io import OutputError, check_output_file
-from gce.retrieval.embedder import Embedder
 from gce.retrieval.files import commit_file, write_json_atomic
+
+if TYPE_CHECKING:  # (a run-time import would close the cycle embedder -> runtimes -> export)
+    from gce.retrieval.embedder import Embedder
 
 __all__ = [
     "FORMATS",

@@ -165,11 +165,14 @@ def embed_to_store(
         disable=not progress,
         dynamic_ncols=True,
     )
+    # One loader for every shard left: its decoding processes start once and keep decoding the next
+    # shard's images while this one's embeddings are written.
+    stream = _decoded_batches(embedder, paths, labels, done, shard_size, batch_size, workers, skip_bad)
     try:
         while done < len(paths):
             number = len(manifest["shards"])
             start, stop = done, min(done + shard_size, len(paths))
-            emb, ids, shard_bad = _embed_range(embedder, paths, labels, start, stop, batch_size, workers, skip_bad, bar)
+            emb, ids, shard_bad = _embed_range(embedder, paths, start, stop, stream, bar)
             buffer = io.BytesIO()
             np.savez(
                 buffer,
@@ -210,18 +213,30 @@ def embed_to_store(
     return StoreInfo(out, len(paths), len(paths) - skipped, skipped, bad, resumed_from)
 
 
-def _embed_range(embedder, paths, labels, start, stop, batch_size, workers, skip_bad, bar):
-    dataset = _Images(paths[start:stop], labels[start:stop], embedder.transform, embedder.image_size, skip_bad)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+def _decoded_batches(embedder, paths, labels, done, shard_size, batch_size, workers, skip_bad):
+    """Preprocessed batches of the items from ``done`` on, none straddling a shard's end."""
+    batches = [
+        list(range(s, min(s + batch_size, shard_start + shard_size, len(paths))))
+        for shard_start in range(done, len(paths), shard_size)
+        for s in range(shard_start, min(shard_start + shard_size, len(paths)), batch_size)
+    ]
+    dataset = _Images(paths, labels, embedder.transform, embedder.image_size, skip_bad)
+    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers))
+
+
+def _embed_range(embedder, paths, start, stop, stream, bar):
     chunks, ids, bad = [], [], []
-    for images, positions, errors in loader:
+    seen = start
+    while seen < stop:
+        images, positions, errors = next(stream)
         ok = np.array([not e for e in errors], dtype=bool)
         for pos, error in zip(positions.tolist(), errors, strict=True):
             if error:
-                bad.append((shown_path(paths[start + pos]), error))
+                bad.append((shown_path(paths[pos]), error))
         if ok.any():
             chunks.append(embedder.embed_tensors(images[torch.from_numpy(ok)]))
-            ids.append(start + positions.numpy()[ok])
+            ids.append(positions.numpy()[ok])
+        seen += len(errors)
         bar.update(len(errors))
     emb = np.concatenate(chunks) if chunks else np.zeros((0, embedder.embedding_dim), dtype=np.float32)
     return emb, (np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, dtype=np.int64)), bad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from gce.serve.app import create_app
@@ -13,12 +14,24 @@ __all__ = ["RequestError", "SearchService", "ServeSettings", "create_app", "load
 
 
 def load_service(
-    index_dir: str | Path, checkpoint: str | Path | None, settings: ServeSettings | None = None
+    index_dir: str | Path,
+    checkpoint: str | Path | None,
+    settings: ServeSettings | None = None,
+    *,
+    runtime: str = "torch",
+    say: Callable[[str], None] | None = None,
+    before_model: Callable[[], None] | None = None,
 ) -> SearchService:
-    """Load the index and the model that built it (``checkpoint=None``: search by item id only)."""
+    """Load the index and the model that built it (``checkpoint=None``: search by item id only);
+    ``runtime`` runs the model (:mod:`gce.retrieval.runtimes`; ``say`` hears which, and of an export);
+    ``before_model`` runs once the index is loaded, before the model is (``gce serve`` binds there)."""
     from gce.retrieval import Embedder, SearchIndex
 
     settings = settings or ServeSettings()
     index = SearchIndex.load(index_dir)
-    embedder = Embedder.from_checkpoint(checkpoint, device=settings.device) if checkpoint is not None else None
+    if before_model is not None:
+        before_model()
+    embedder = None
+    if checkpoint is not None:
+        embedder = Embedder.from_checkpoint(checkpoint, device=settings.device, runtime=runtime, say=say)
     return SearchService(index, embedder, settings, index_dir=index_dir)

@@ -35,7 +35,7 @@ class SearchService:
 
     ``index`` is a :class:`gce.retrieval.SearchIndex`; ``embedder`` a :class:`gce.retrieval.Embedder`
     of the same model (or ``None``: searches by item id only). Model calls and index scans each run
-    on one worker thread that batches the requests queued meanwhile (:mod:`gce.serve.batching`);
+    one batch at a time, with the requests queued meanwhile (:mod:`gce.serve.batching`);
     at most ``settings.max_parallel_decodes`` uploads are decoded at once, which bounds memory.
     """
 
@@ -52,6 +52,7 @@ class SearchService:
         self.index_dir = Path(index_dir) if index_dir is not None else None
         if embedder is not None:  # refuse to embed queries with another model than the index's
             index.check_model(embedder.model_id, "the checkpoint")
+            embedder.runtime  # noqa: B018  (opened now: an export or a fallback happens at start-up)
         self._index_lock = threading.Lock()  # the index is used by one thread at a time
         batch = self.settings.max_batch
         self._embed = MicroBatcher(self._embed_batch, batch, "gce-serve-embed") if embedder is not None else None
@@ -148,7 +149,7 @@ class SearchService:
                 image.close()
         query = self._embed(tensor)
         hits = self._find(query, k, learners, weights)
-        return self._response({"type": "upload"}, k, learners, weights, hits, started)
+        return self._response({"type": "upload", "id": None, "thumbnail": None}, k, learners, weights, hits, started)
 
     def search_item(
         self, item: int, k: int | None, learners: list[int] | None, weights: list[float] | None
@@ -173,12 +174,15 @@ class SearchService:
     # -- the batch functions (each runs on its batcher's worker thread) ------------------------------
 
     def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        """Embed a batch padded to a power of two: the CPU backend (oneDNN) keeps compiled kernels
-        per input shape, so 32 different batch sizes would hold ~300 MiB more than 6 (measured)."""
-        n = len(tensors)
-        size = min(1 << (n - 1).bit_length(), max(n, self.settings.max_batch))
-        batch = torch.stack(tensors + [tensors[-1]] * (size - n))
+        """Embed a batch; for PyTorch padded to a power of two: its CPU backend (oneDNN) keeps compiled
+        kernels per input shape, so 32 different batch sizes would hold ~300 MiB more than 6
+        (measured). ONNX Runtime needs no padding (which would cost up to 2x the model's work)."""
         assert self.embedder is not None  # this batcher exists only with an embedder
+        n = len(tensors)
+        size = n
+        if getattr(self.embedder.runtime, "pads_batches", True):
+            size = min(1 << (n - 1).bit_length(), max(n, self.settings.max_batch))
+        batch = torch.stack(tensors + [tensors[-1]] * (size - n))
         return list(np.asarray(self.embedder.embed_tensors(batch)[:n], dtype=np.float32))
 
     def _search_batch(self, jobs: list[_SearchJob]) -> list[list]:
