@@ -141,7 +141,9 @@ class SearchService:
         try:
             self.index.item(item)
         except (KeyError, IndexError, ValueError, TypeError):
-            raise RequestError(404, f"unknown item id {item} (the index has {self.index.size} items)") from None
+            deleted = int(getattr(self.index, "deleted", 0))
+            gone = f", {deleted} deleted" if deleted else ""
+            raise RequestError(404, f"unknown item id {item} (the index has {self.index.size} items{gone})") from None
         return item
 
     # -- searching ---------------------------------------------------------------------------------

@@ -126,7 +126,10 @@ async function search() {
   }
   if (number !== state.latest) return;  // a newer search has started: this answer is stale
   if (answer.error) {
-    const what = query.type === "upload" ? `Upload rejected: ${answer.error}` : `Search failed: ${answer.error}`;
+    // a refused filter is the filter's fault, not the upload's (its messages name the filter)
+    const filterError = answer.status === 400 && /\bfilters?\b/.test(answer.error);
+    const what = filterError ? `Filter rejected: ${answer.error}`
+      : query.type === "upload" ? `Upload rejected: ${answer.error}` : `Search failed: ${answer.error}`;
     showMessage(what);
     setStatus("No results.");
     $("results").replaceChildren();
