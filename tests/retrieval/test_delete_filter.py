@@ -159,6 +159,18 @@ def test_short_answers_are_searched_again_at_full_width(data, approximate, index
     assert math.isinf(budgets[-1]), "no query came back short: the retry was not tested"
 
 
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_filters_work_after_faiss_torch_utils_is_imported(data, approximate, tmp_path, index_type):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search with a
+    wrapper that takes no search parameters (a filtered search once failed with a TypeError)."""
+    pytest.importorskip("faiss.contrib.torch_utils")
+    index = _build(tmp_path / "idx", data) if index_type == "flat" else approximate[index_type]
+    item_filter = parse_filter("label in c1,c2")
+    keep = _keep(data, item_filter)
+    _, ids = index.search_arrays(data[3], 5, filter=item_filter)
+    assert ids.shape == (NQ, 5) and (ids >= 0).all() and keep[ids].all()
+
+
 def test_a_filter_is_an_item_filter(data, tmp_path):
     index = _build(tmp_path / "idx", data)
     with pytest.raises(GceError, match="filter must be an ItemFilter"):

@@ -32,13 +32,23 @@ def selected_search(
     bits = np.packbits(keep, bitorder="little")  # faiss' bitmap order: id i is bit i % 8 of byte i // 8
     selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
     widen = len(keep) / max(1, int(np.count_nonzero(keep)))
-    scores, ids = index.search(queries, k, params=_params(faiss, index, index_type, selector, widen))
+    scores, ids = _search(faiss, index, queries, k, _params(faiss, index, index_type, selector, widen))
     if index_type != "flat":  # flat scores every selected item: never short
         short = (ids < 0).any(axis=1)
         if short.any():
             full = _params(faiss, index, index_type, selector, math.inf)
-            scores[short], ids[short] = index.search(np.ascontiguousarray(queries[short]), k, params=full)
+            scores[short], ids[short] = _search(faiss, index, queries[short], k, full)
     del bits  # (kept alive until here: the selector points into it)
+    return scores, ids
+
+
+def _search(faiss, index, queries: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+    """faiss' own search call with ``params``: once ``faiss.contrib.torch_utils`` is imported
+    (pytorch-metric-learning does), ``Index.search`` is a wrapper that takes no parameters."""
+    x = np.ascontiguousarray(queries, dtype=np.float32)
+    scores = np.empty((len(x), k), dtype=np.float32)
+    ids = np.empty((len(x), k), dtype=np.int64)
+    index.search_c(len(x), faiss.swig_ptr(x), k, faiss.swig_ptr(scores), faiss.swig_ptr(ids), params)
     return scores, ids
 
 
