@@ -141,6 +141,29 @@ def test_approximate_types_return_only_passing_items_and_full_k(data, approximat
     assert min(recalls) >= 0.8, recalls
 
 
+def test_hnsw_scans_its_storage_when_a_walk_would_cost_more(data, approximate, monkeypatch):
+    """A filter passing 3 of 600 items: the widened walk (efSearch x 200) would compute more distances
+    than there are items, so the flat storage answers, exactly; a broad filter (2 in 3) still walks."""
+    from gce.retrieval import index_select
+
+    index, queries = approximate["hnsw"], data[3]
+    stored = index.faiss_index.reconstruct_n(0, N, np.empty((N, DIM), dtype=np.float32))
+    walked = []
+    real = index_select._params
+    monkeypatch.setattr(index_select, "_params", lambda *a: walked.append(a[-1]) or real(*a))
+    index.set_search_params(ef_search=4)  # 600 items: at the default, every walk costs more than a scan
+    try:
+        for texts, walks in [(["label=c4", "path startswith /cat/a/00"], False), (["path startswith /cat/b/"], True)]:
+            walked.clear()
+            item_filter = parse_filter(texts)
+            scores, ids = index.search_arrays(queries, 10, filter=item_filter)
+            assert bool(walked) == walks, texts
+            if not walks:
+                _assert_exact(scores, ids, _truth(queries, stored, _keep(data, item_filter)), 10)
+    finally:
+        index.set_search_params(ef_search=int(index.manifest["search_params"]["ef_search"]))
+
+
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw", "ivfpq"])
 def test_short_answers_are_searched_again_at_full_width(data, approximate, index_type, monkeypatch):
     from gce.retrieval import index_select

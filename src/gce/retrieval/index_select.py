@@ -10,6 +10,11 @@ budget is divided by ``f`` (capped at everything). Queries that still come back 
 cells, or beyond the graph walk at that width) are searched again at full width: every cell, or
 ``efSearch`` = the number of stored items, which visits every item an IVF index holds and every
 node the HNSW graph reaches.
+
+A very selective filter would make the widened HNSW walk compute more distances than a scan of
+every item (each expanded node computes those of its up to 2M level-0 neighbours): then the search
+runs on the HNSW index's own flat storage with the same selector, which scores exactly the passing
+items and costs a bit test per item (benchmarks/filter_speed.py; docs/retrieval.md).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ def selected_search(
     bits = np.packbits(keep, bitorder="little")  # faiss' bitmap order: id i is bit i % 8 of byte i // 8
     selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
     widen = len(keep) / max(1, int(np.count_nonzero(keep)))
+    if index_type == "hnsw" and _walk_costs_more(index, widen):
+        storage = faiss.downcast_index(index.storage)  # the same vectors under the same ids
+        scores, ids = _search(faiss, storage, queries, k, faiss.SearchParameters(sel=selector))
+        del bits
+        return scores, ids
     scores, ids = _search(faiss, index, queries, k, _params(faiss, index, index_type, selector, widen))
     if index_type != "flat":  # flat scores every selected item: never short
         short = (ids < 0).any(axis=1)
@@ -61,6 +71,12 @@ def _params(faiss, index, index_type: str, selector, widen: float):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=_scaled(ef, widen, int(index.ntotal)))
     ivf = faiss.extract_index_ivf(index)
     return faiss.SearchParametersIVF(sel=selector, nprobe=_scaled(int(ivf.nprobe), widen, int(ivf.nlist)))
+
+
+def _walk_costs_more(index, widen: float) -> bool:
+    """Whether the widened graph walk would compute at least as many distances as there are items."""
+    ef = _scaled(int(index.hnsw.efSearch), widen, int(index.ntotal))
+    return ef * int(index.hnsw.nb_neighbors(0)) >= int(index.ntotal)
 
 
 def _scaled(value: int, widen: float, most: int) -> int:
