@@ -2,7 +2,7 @@
 
 Upload through the page, compare the grid (count, order, scores, labels) with the API's answer for
 the same query, toggle a learner, search from a result, drop a file, upload a non-image and read the
-message, and save screenshots to docs/img/serve_page.png and serve_page_rejected.png. Any failed step fails ``make e2e``.
+message, filter by label, and save screenshots to docs/img/serve_page.png and serve_page_rejected.png. Any failed step fails ``make e2e``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +213,18 @@ def test_the_page_end_to_end(server, browser):
     assert not message.is_displayed()
     assert_grid_is(driver, answer)
     assert json.load(urllib.request.urlopen(f"{url}/health")) == {"status": "ok"}
+
+    # 7. A filter: typed into its field, Enter runs the query again with it; a bad one is said.
+    wanted = fixture.labels[5]
+    field = driver.find_element(By.ID, "filter")
+    field.send_keys(f"label={wanted}\n")
+    wait_for_searches(driver, 9)
+    filtered = api_search(url, {"k": str(k), "filter": f"label={wanted}"}, query)
+    assert {hit["label"] for hit in filtered["results"]} == {wanted}
+    assert_grid_is(driver, filtered)
+    assert f"label={wanted}" in driver.find_element(By.ID, "status").text
+    field.send_keys(Keys.CONTROL, "a")  # select and type over: one change event (clear() fires its own)
+    field.send_keys("colour=red\n")
+    wait_for_searches(driver, 10)
+    assert message.text.startswith("Filter rejected: cannot read filter 'colour=red'"), message.text
+    assert grid(driver) == []

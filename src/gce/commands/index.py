@@ -1,4 +1,4 @@
-"""``gce index build|add|info``: faiss indexes over an embeddings folder."""
+"""``gce index build|add|delete|info``: faiss indexes over an embeddings folder."""
 
 from __future__ import annotations
 
@@ -57,6 +57,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("index", type=path_argument)
     a.add_argument("embeddings", type=path_argument)
     a.set_defaults(run=run_add)
+    d = actions.add_parser(
+        "delete",
+        help="delete items from an index by id or by path",
+        description="Deleted items never come back from a search; their ids are never given again (a"
+        " later add continues after the highest id). Written as a new version of the index: a killed"
+        " delete leaves the index as it was. Their space is reclaimed by a rebuild.",
+    )
+    d.add_argument("index", type=path_argument)
+    which = d.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", type=count(0), nargs="+", metavar="ID", help="item ids (as gce search shows them)")
+    which.add_argument(
+        "--paths",
+        type=path_argument,
+        metavar="FILE",
+        help="a file of item paths, one per line, as the index stores them",
+    )
+    d.set_defaults(run=run_delete)
     i = actions.add_parser("info", help="describe an index (type, size, model, defaults)")
     i.add_argument("index", type=path_argument)
     i.add_argument("--no-verify", action="store_true", help="skip the checksum pass")
@@ -101,6 +118,27 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_delete(args: argparse.Namespace) -> int:
+    from gce.errors import GceError
+    from gce.retrieval import SearchIndex
+
+    index = SearchIndex.load(args.index)
+    if args.paths is not None:
+        try:
+            lines = args.paths.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GceError(f"--paths {args.paths}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+        paths = [line for line in lines if line.strip()]
+        if not paths:
+            raise GceError(f"--paths {args.paths}: no paths in the file")
+        ids = index.ids_of_paths(paths)
+    else:
+        ids = args.ids
+    removed = index.delete(ids)
+    print(f"deleted {removed:,} items from {index.path}; it now holds {index.size:,} ({index.deleted:,} deleted)")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     from gce.retrieval import SearchIndex
 
@@ -110,6 +148,8 @@ def run_info(args: argparse.Namespace) -> int:
         f"{index.path}: {index.index_type} index, {index.size:,} items x {index.dim} dims, K={index.num_learners}"
         f" learners, model {index.model_id[:12]}"
     )
+    reclaim = " (their space is reclaimed by a rebuild)" if index.deleted else ""
+    print(f"items: {index.size:,} live, {index.deleted:,} deleted{reclaim}; next id {len(index.items):,}")
     print(f"build parameters: {json.dumps(m.get('params', {}))}; search defaults: {json.dumps(index.search_params)}")
     print(f"files verified: {'no' if args.no_verify else 'yes'} (generation {m.get('generation')})")
     return 0

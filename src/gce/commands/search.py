@@ -43,6 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ef", type=count(1), help="hnsw: efSearch, at most the index's size (default: chosen at build time)"
     )
+    p.add_argument(
+        "--filter",
+        action="append",
+        metavar="TEXT",
+        # the texts of gce.retrieval.filters.FILTER_SYNTAX (not imported: the parser stays light)
+        help="only items that pass: 'label=NAME', 'label in A,B,C' or 'path startswith PREFIX';"
+        " repeat to combine (AND)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per query (JSON Lines)")
     p.add_argument("--device", default="cpu")
     add_runtime_options(p)
@@ -56,9 +64,10 @@ def _shown(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gce.retrieval import Embedder, SearchIndex
+    from gce.retrieval import Embedder, SearchIndex, parse_filter
     from gce.retrieval.runtimes import set_threads
 
+    item_filter = parse_filter(args.filter)  # a typo fails before the model loads
     index = SearchIndex.load(args.index)
     set_threads(args.threads)
     # a few queries: auto uses an ONNX file already there, but an export would cost more than it saves
@@ -67,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nprobe or args.ef:
         index.set_search_params(nprobe=args.nprobe, ef_search=args.ef)
     queries = embedder.embed_paths(args.images)
-    results = index.search(queries, args.k, learners=args.learners, weights=args.weights)
+    results = index.search(queries, args.k, learners=args.learners, weights=args.weights, filter=item_filter)
     print(f"gce search: {runtime_line(embedder)}", file=sys.stderr, flush=True)  # after any error: one line
     note = None
     if (args.learners is not None or args.weights is not None) and not index.exact:
@@ -90,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(
             f"{path}  ({index.index_type}{', learners ' + ','.join(map(str, args.learners)) if args.learners else ''}"
-            f"{', weights ' + ','.join(f'{w:g}' for w in args.weights) if args.weights else ''})"
+            f"{', weights ' + ','.join(f'{w:g}' for w in args.weights) if args.weights else ''}"
+            f"{', filter ' + item_filter.describe() if item_filter else ''})"
         )
         print(f"  {'rank':>4}  {'score':>6}  {'id':>7}  {'label':<20}  path")
         for rank, h in enumerate(hits, 1):

@@ -10,7 +10,9 @@ export to ONNX/TorchScript. The ``gce embed/index/search/export`` commands wrap 
 from gce.config.vocabulary import INDEX_TYPES
 from gce.retrieval.embedder import Embedder, model_fingerprint, normalize_learners
 from gce.retrieval.faiss_tuning import BuildReport
-from gce.retrieval.index import SearchHit, SearchIndex, build_index
+from gce.retrieval.filters import FilterError, ItemFilter, parse_filter
+from gce.retrieval.index import SearchHit, SearchIndex
+from gce.retrieval.index_build import build_index
 from gce.retrieval.items import ItemTable
 from gce.retrieval.pipeline import (
     add_store_to_index,
@@ -26,6 +28,8 @@ __all__ = [
     "BuildReport",
     "Embedder",
     "EmbeddingSet",
+    "FilterError",
+    "ItemFilter",
     "ItemTable",
     "SearchHit",
     "SearchIndex",
@@ -37,6 +41,7 @@ __all__ = [
     "embed_to_store",
     "model_fingerprint",
     "normalize_learners",
+    "parse_filter",
     "query_vectors",
     "read_store",
     "records_to_items",

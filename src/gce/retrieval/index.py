@@ -6,41 +6,42 @@ weighted query approximately with the structure they built for the full embeddin
 HNSW links from full-embedding similarity; IVF-PQ codes decode each learner's slice), so recall for
 a single learner is lower than for the full embedding: ``gce index build`` prints both
 (:mod:`gce.retrieval.faiss_tuning`). The folder's files are :mod:`gce.retrieval.index_files`.
+
+Ids are positions in the faiss index and in the item table, given in order and never reused. A
+delete marks ids as deleted (tombstones, stored in the item table of a new generation) and every
+search from then on passes faiss a selector that leaves them out (:mod:`gce.retrieval.index_select`),
+as a metadata filter (:mod:`gce.retrieval.filters`) does. Tombstones rather than ``remove_ids``:
+faiss HNSW cannot remove a node at all (and its graph would lose the paths through it), IVF and
+flat removal would renumber or need an id map per type; one mechanism keeps every type's ids
+stable and flat search exact (faiss scores exactly the selected vectors). Deleted vectors keep
+their space until the index is rebuilt from its embeddings.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
-import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gce.config.vocabulary import INDEX_TYPES
 from gce.errors import GceError
-from gce.io import user_path, write_json
+from gce.io import user_path
 from gce.retrieval.embedder import normalize_learners, slices_from_json
-from gce.retrieval.faiss_build import apply_search_params, build_faiss, load_faiss
-from gce.retrieval.faiss_tuning import TARGET_RECALL, BuildReport, choose_setting, measure_settings
+from gce.retrieval.faiss_build import apply_search_params, load_faiss
 from gce.retrieval.files import MANIFEST_CHECKSUM
-from gce.retrieval.index_files import (
-    REPORT,
-    check_build_target,
-    load_generation,
-    manifest_body,
-    previous_manifest,
-    write_generation,
-    writer_lock,
-)
-from gce.retrieval.index_manifest import ManifestError, check_model_meta, read_index_manifest
+from gce.retrieval.filters import ItemFilter
+from gce.retrieval.index_files import load_generation, manifest_body, write_generation, writer_lock
+from gce.retrieval.index_manifest import read_index_manifest
+from gce.retrieval.index_select import selected_search
 from gce.retrieval.items import ItemTable
 from gce.retrieval.vectors import query_vectors, stored_vectors
 
-__all__ = ["SearchHit", "SearchIndex", "build_index"]
+__all__ = ["SearchHit", "SearchIndex", "query_vectors"]
 
 
 @dataclass(frozen=True)
@@ -49,90 +50,6 @@ class SearchHit:
     score: float
     path: str
     label: str | None
-
-
-def build_index(
-    embeddings: np.ndarray,
-    paths: Sequence[str],
-    labels: Sequence[str | None] | None,
-    out_dir: str | os.PathLike,
-    model: dict[str, Any],
-    *,
-    index_type: str = "flat",
-    params: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    sample: int = 500,
-    target_recall: float = TARGET_RECALL,
-    seed: int = 0,
-    progress: bool = False,
-    sources: list[dict[str, Any]] | None = None,
-) -> tuple[SearchIndex, BuildReport]:
-    """Build an index folder from learner-normalised ``embeddings`` (N x D) and their paths/labels.
-
-    ``model`` holds ``model_id``, ``embedding_dim``, ``num_learners`` and ``learner_slices`` (as
-    :meth:`Embedder.metadata` or an embedding store gives them). Approximate types are measured on
-    ``sample`` gallery queries and get as default the fastest search setting reaching
-    ``target_recall`` (see :class:`BuildReport`).
-    """
-    meta = _model_meta(model)
-    if index_type not in INDEX_TYPES:
-        raise GceError(f"unknown index type {index_type!r}; valid types: {', '.join(INDEX_TYPES)}")
-    out = user_path(out_dir, "index folder")
-    check_build_target(out, overwrite=overwrite)  # before the work, and again under the lock
-    slices = slices_from_json(meta["learner_slices"])
-    x = np.asarray(embeddings)
-    if x.ndim != 2 or x.shape[1] != meta["embedding_dim"]:
-        raise GceError(f"embeddings have shape {x.shape}, expected (N, {meta['embedding_dim']})")
-    if len(x) == 0:
-        raise GceError("no embeddings to index")
-    labels = list(labels) if labels is not None else [None] * len(x)
-    if len(paths) != len(x) or len(labels) != len(x):
-        raise GceError(f"{len(x)} embeddings but {len(paths)} paths and {len(labels)} labels")
-    start = time.perf_counter()
-    index, used = build_faiss(x, index_type, slices, params, seed=seed, progress=progress)
-    build_seconds = time.perf_counter() - start
-    rows, n_sample = measure_settings(index, index_type, x, slices, sample=sample, seed=seed)
-    chosen = choose_setting(rows, target_recall)
-    search_params: dict[str, Any] = {key: chosen[key] for key in ("nprobe", "ef_search") if key in chosen}
-    apply_search_params(index, search_params)
-    items = ItemTable()
-    items.extend(paths, labels)
-    body = {
-        "index_type": index_type,
-        "params": used,
-        "search_params": search_params,
-        "model": meta,
-        "sources": list(sources or []),
-    }
-    with writer_lock(out):
-        check_build_target(out, overwrite=overwrite)  # another build may have finished meanwhile
-        manifest = write_generation(out, index, items, body, previous_manifest(out))
-        report = BuildReport(
-            index_type,
-            int(index.ntotal),
-            build_seconds,
-            int(manifest["files"]["index"]["bytes"]),
-            n_sample,
-            10,
-            rows,
-            {key: chosen[key] for key in ("setting",) if key in chosen},
-        )
-        write_json(out / REPORT, asdict(report), what="build report")
-    return SearchIndex(index, items, manifest, out), report
-
-
-def _model_meta(model: dict[str, Any]) -> dict[str, Any]:
-    """The model metadata an index records, validated (one-line errors) and as plain JSON values."""
-    try:
-        check_model_meta(model)
-    except ManifestError as exc:
-        raise GceError(f"model metadata: {exc}") from None
-    return {
-        "model_id": model["model_id"],
-        "embedding_dim": int(model["embedding_dim"]),
-        "num_learners": int(model["num_learners"]),
-        "learner_slices": [[int(a), int(b)] for a, b in model["learner_slices"]],
-    }
 
 
 # -------------------------------------------------------------------------------- searching
@@ -164,6 +81,7 @@ class SearchIndex:
         self.index_type: str = manifest["index_type"]
         self.search_params: dict[str, Any] = dict(manifest.get("search_params", {}))
         self._direct_map = False
+        self._kept: OrderedDict[ItemFilter | None, np.ndarray] = OrderedDict()  # ids each filter lets through
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -184,7 +102,13 @@ class SearchIndex:
     # ---------------------------------------------------------------- properties
     @property
     def size(self) -> int:
-        return int(self._index.ntotal)
+        """The number of live items (deleted ones not counted)."""
+        return self._items.live
+
+    @property
+    def deleted(self) -> int:
+        """The number of deleted items (their ids are never given again)."""
+        return len(self._items.deleted)
 
     @property
     def faiss_index(self):
@@ -219,26 +143,60 @@ class SearchIndex:
         if nprobe is not None:
             nprobe = min(_positive(nprobe, "nprobe"), int(load_faiss().extract_index_ivf(self._index).nlist))
         if ef_search is not None:
-            ef_search = min(_positive(ef_search, "ef_search"), max(1, self.size))
+            ef_search = min(_positive(ef_search, "ef_search"), max(1, int(self._index.ntotal)))
         params = {"nprobe": nprobe, "ef_search": ef_search}
         apply_search_params(self._index, params)
         self.search_params.update({k: v for k, v in params.items() if v is not None})
 
     # ---------------------------------------------------------------- search
     def search_arrays(
-        self, queries: np.ndarray, k: int, learners: Sequence[int] | None = None, weights: Sequence[float] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        learners: Sequence[int] | None = None,
+        weights: Sequence[float] | None = None,
+        *,
+        filter: ItemFilter | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, ids)``, each ``(n, min(k, size))``: ``k`` is capped at the number of items (so a
-        huge ``k`` costs nothing); ids of -1 (score -inf) where an approximate index found fewer.
+        """``(scores, ids)``, each ``(n, min(k, m))`` where ``m`` is the number of live items that pass
+        ``filter`` (all live items without one): a huge ``k`` costs nothing; ids of -1 (score -inf)
+        where an approximate index found fewer.
 
         Scores are the weighted mean of the learners' cosine similarities (the plain cosine of the
-        whole embedding without weights).
+        whole embedding without weights). With a filter (:func:`gce.retrieval.parse_filter`), a
+        flat index answers exactly as a search over the passing items alone would.
         """
-        k = min(_positive(k, "k"), self.size)
+        k = _positive(k, "k")
+        if filter is not None and not isinstance(filter, ItemFilter):
+            what = type(filter).__name__
+            raise GceError(f"filter must be an ItemFilter (from gce.retrieval.parse_filter), got {what}")
         q = query_vectors(queries, self.learner_slices, learners, weights)
-        scores, ids = self._index.search(q, k)
+        keep = self._keep(filter)
+        if keep is None:  # nothing deleted, no filter: the plain search
+            scores, ids = self._index.search(q, min(k, self.size))
+        else:
+            k = min(k, int(np.count_nonzero(keep)))
+            if k == 0:
+                return np.zeros((len(q), 0), dtype=np.float32), np.zeros((len(q), 0), dtype=np.int64)
+            scores, ids = selected_search(self._index, self.index_type, q, k, keep)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids.astype(np.int64)
+
+    def _keep(self, filter: ItemFilter | None) -> np.ndarray | None:
+        """True for the live ids that pass ``filter`` (``None``: every stored id passes). The last few
+        masks are kept: a service asks for the same filters again and again."""
+        if filter is None and not self._items.deleted:
+            return None
+        keep = self._kept.get(filter)
+        if keep is None:
+            keep = self._items.live_mask()
+            if filter is not None:
+                keep &= filter.mask(self._items.paths, self._items.labels)
+            self._kept[filter] = keep
+            while len(self._kept) > _KEPT_MASKS:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(filter)
+        return keep
 
     def search(
         self,
@@ -246,9 +204,12 @@ class SearchIndex:
         k: int = 10,
         learners: Sequence[int] | None = None,
         weights: Sequence[float] | None = None,
+        *,
+        filter: ItemFilter | None = None,
     ) -> list[list[SearchHit]]:
-        """The top-``k`` hits of each query (``N x D`` learner-normalised embeddings), best first."""
-        scores, ids = self.search_arrays(queries, k, learners, weights)
+        """The top-``k`` hits of each query (``N x D`` learner-normalised embeddings), best first, among
+        the live items that pass ``filter`` (see :meth:`search_arrays`)."""
+        scores, ids = self.search_arrays(queries, k, learners, weights, filter=filter)
         paths, labels = self._items.paths, self._items.labels
         return [
             [SearchHit(int(i), float(s), paths[i], labels[i]) for s, i in zip(srow, irow, strict=True) if i >= 0]
@@ -256,16 +217,17 @@ class SearchIndex:
         ]
 
     def item(self, id: int) -> SearchHit:
+        """The path and label of a live item; ``KeyError`` for an unknown or deleted id."""
         i = int(id)
-        if not 0 <= i < len(self._items):
+        if not self._items.is_live(i):
             raise KeyError(id)
         return SearchHit(i, 0.0, self._items.paths[i], self._items.labels[i])
 
     def embedding(self, id: int) -> np.ndarray:
         """The stored embedding of item ``id``, learner-normalised like :meth:`Embedder.embed_images`
-        (for ``ivfpq`` the decoded approximation)."""
+        (for ``ivfpq`` the decoded approximation); ``KeyError`` for an unknown or deleted id."""
         i = int(id)
-        if not 0 <= i < self.size:
+        if not self._items.is_live(i):
             raise KeyError(id)
         if self.index_type in ("ivf", "ivfpq") and not self._direct_map:
             load_faiss().extract_index_ivf(self._index).make_direct_map()
@@ -296,19 +258,55 @@ class SearchIndex:
                 # so that its items are not lost.
                 self._adopt(*load_generation(self.path, verify=True))
                 self._check_new(x, paths, labels, model_id)
-            first = self.size
+            first = len(self._items)  # after the highest id ever given, deleted ones included
             # Work on a copy so that a failed write leaves this object as it was on disk.
             index = load_faiss().clone_index(self._index)
             for start in range(0, len(x), 100_000):
                 index.add(stored_vectors(x[start : start + 100_000], self.learner_slices))
-            items = ItemTable(list(self._items.paths), list(self._items.labels))
+            items = ItemTable(list(self._items.paths), list(self._items.labels), self._items.deleted)
             items.extend(paths, labels)
             body = manifest_body(self.manifest)
             body["sources"] = [*self.manifest.get("sources", []), *([source] if source else [])]
             manifest = write_generation(self.path, index, items, body, self.manifest)
         self._index, self._items, self._direct_map, self.manifest = index, items, False, manifest
+        self._kept.clear()
         apply_search_params(self._index, self.search_params)
-        return range(first, self.size)
+        return range(first, len(items))
+
+    # ---------------------------------------------------------------- deleting
+    def delete(self, ids: Sequence[int]) -> int:
+        """Delete items by id and rewrite the folder atomically (a new generation: a killed delete
+        leaves the index as it was); returns how many were deleted. An unknown or already deleted
+        id is a one-line error and nothing is written. Ids are never reused."""
+        wanted = self._live_ids(ids)  # before the lock: a wrong id fails at once
+        with writer_lock(self.path):
+            current = read_index_manifest(self.path)
+            if current[MANIFEST_CHECKSUM] != self.manifest.get(MANIFEST_CHECKSUM):
+                # Another writer published meanwhile: delete from what is on disk now (see add).
+                self._adopt(*load_generation(self.path, verify=True))
+                wanted = self._live_ids(ids)
+            items = self._items.with_deleted(wanted)
+            body = manifest_body(self.manifest)
+            manifest = write_generation(self.path, self._index, items, body, self.manifest, same_index=True)
+        self._items, self.manifest = items, manifest
+        self._kept.clear()
+        return len(wanted)
+
+    def ids_of_paths(self, paths: Sequence[str]) -> list[int]:
+        """The ids of the live items stored under ``paths`` (as stored: the paths the index lists);
+        a path that no live item has is a one-line error naming the first few."""
+        ids, missing = self._items.live_ids_of(paths)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            shown = ", ".join(repr(p) for p in missing[:3]) + more
+            raise GceError(f"{len(missing)} path(s) are not live items of {self.path}: {shown}")
+        return ids
+
+    def _live_ids(self, ids: Sequence[int]) -> list[int]:
+        try:
+            return self._items.check_live(ids)
+        except GceError as exc:
+            raise GceError(f"{self.path}: {exc}; nothing was deleted") from None
 
     def _check_new(self, x: np.ndarray, paths: Sequence[str], labels: list[str | None], model_id: str) -> None:
         self.check_model(model_id, "the new embeddings'")
@@ -327,3 +325,7 @@ class SearchIndex:
 
     def __repr__(self) -> str:
         return f"SearchIndex({self.path}, {self.index_type}, {self.size:,} x {self.dim}, K={self.num_learners})"
+
+
+#: Filter masks a SearchIndex keeps (one byte per item each).
+_KEPT_MASKS = 8

@@ -4,12 +4,13 @@ Layout::
 
     manifest.json        names the current generation's files with their sha256 (gce.retrieval.index_manifest)
     index.<gen>.faiss    the faiss index of generation <gen>: never rewritten once a manifest names it
-    items.<gen>.npz      its id -> (path, label) table
+    items.<gen>.npz      its id -> (path, label) table and the ids of deleted items
     build_report.json    what gce index build measured
     write.lock           held (flock, holding its pid) by the one build or add writing the folder
 
-Writers (``build``, ``add``) hold ``write.lock``; a second writer is refused at once with a one-line
-error naming the holder's pid. A writer writes the next generation under new names, replaces the
+Writers (``build``, ``add``, ``delete``) hold ``write.lock``; a second writer is refused at once with a one-line
+error naming the holder's pid. A writer writes the next generation under new names (a delete, which
+changes only the item table, hard-links the unchanged index file under its new name), replaces the
 manifest (one atomic rename, fsynced), and only then removes the files the previous manifest named.
 Readers take no lock: they read the manifest once, then the files it names; when one of them
 vanished because a writer published a newer generation meanwhile, the load starts again from the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -101,7 +103,8 @@ def previous_manifest(folder: Path) -> dict[str, Any] | None:
 
 def manifest_body(manifest: dict[str, Any]) -> dict[str, Any]:
     """What a new generation carries over from a manifest (the rest is written anew)."""
-    return {k: v for k, v in manifest.items() if k not in (MANIFEST_CHECKSUM, "format", "generation", "files", "size")}
+    written = (MANIFEST_CHECKSUM, "format", "generation", "files", "size", "deleted")
+    return {k: v for k, v in manifest.items() if k not in written}
 
 
 def _generation_of(name: str) -> int | None:
@@ -110,10 +113,20 @@ def _generation_of(name: str) -> int | None:
 
 
 def write_generation(
-    folder: Path, index, items: ItemTable, body: dict[str, Any], previous: dict[str, Any] | None
+    folder: Path,
+    index,
+    items: ItemTable,
+    body: dict[str, Any],
+    previous: dict[str, Any] | None,
+    *,
+    same_index: bool = False,
 ) -> dict[str, Any]:
     """Under the lock: write the next generation, publish it (the manifest), then remove what it
-    superseded. Returns the new manifest. A failure before the manifest leaves the previous index."""
+    superseded. Returns the new manifest. A failure before the manifest leaves the previous index.
+
+    ``same_index``: ``index`` is the previous generation's, unchanged (a delete): its file is
+    hard-linked under the new name instead of written again (copied where links are refused).
+    """
     faiss = load_faiss()
     if previous is not None:
         gen = int(previous["generation"]) + 1  # names above it were never published: safe to reuse
@@ -122,7 +135,13 @@ def write_generation(
     names = {key: file_name(key, gen) for key in ("index", "items")}
     temps = {key: folder / f".{name}.tmp-{os.getpid()}" for key, name in names.items()}
     try:
-        faiss.write_index(index, str(temps["index"]))
+        if same_index and previous is not None:
+            # An unpublished file of a killed writer may already be a link to the same file under
+            # the new name; a rename between two links of one file would do nothing.
+            (folder / names["index"]).unlink(missing_ok=True)
+            _link_or_copy(folder / previous["files"]["index"]["name"], temps["index"])
+        else:
+            faiss.write_index(index, str(temps["index"]))
         temps["items"].write_bytes(items.to_bytes())
         for key, name in names.items():
             commit_file(temps[key], folder / name)
@@ -135,9 +154,20 @@ def write_generation(
         key: {"name": name, "sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
         for key, name in names.items()
     }
-    manifest = write_index_manifest(folder, {**body, "generation": gen, "files": files, "size": int(index.ntotal)})
+    counts = {"size": int(index.ntotal), "deleted": len(items.deleted)}
+    manifest = write_index_manifest(folder, {**body, "generation": gen, "files": files, **counts})
     _remove_superseded(folder, previous, gen)
     return manifest
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` holds ``source``'s bytes: the same file (generation files are never rewritten, so
+    sharing one is safe), or a copy where the file system has no hard links."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _remove_superseded(folder: Path, previous: dict[str, Any] | None, gen: int) -> None:
@@ -201,5 +231,10 @@ def _read_files(folder: Path, manifest: dict[str, Any], verify: bool) -> tuple[A
         raise DatasetError(
             f"{folder}: inconsistent index (manifest: {size} x {dim}, faiss: {index.ntotal} x"
             f" {index.d}, item table: {len(items)})"
+        )
+    if len(items.deleted) != int(manifest.get("deleted", 0)):
+        raise DatasetError(
+            f"{folder}: inconsistent index (manifest: {manifest.get('deleted', 0)} deleted items, item table:"
+            f" {len(items.deleted)})"
         )
     return index, items

@@ -93,7 +93,9 @@ def validate_manifest(values: dict[str, Any]) -> None:
     gen = _int(values.get("generation"), "generation", 0)
     if values.get("index_type") not in INDEX_TYPES:
         raise ManifestError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {values.get('index_type')!r}")
-    _int(values.get("size"), "size", 1)
+    size = _int(values.get("size"), "size", 1)
+    if _int(values.get("deleted", 0), "deleted", 0) > size:  # absent in indexes written before deletes
+        raise ManifestError(f"deleted ({values['deleted']}) must be at most size ({size})")
     check_model_meta(values.get("model"))
     for key, value in _dict(values.get("params", {}), "params").items():
         _int(value, f"params.{key}", 1)

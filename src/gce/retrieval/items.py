@@ -1,8 +1,10 @@
-"""The table that maps index ids back to image paths and labels, stored compactly (no pickle)."""
+"""The table that maps index ids back to image paths and labels, and which ids are deleted,
+stored compactly (no pickle)."""
 
 from __future__ import annotations
 
 import io
+import numbers
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gce.errors import DatasetError
+from gce.errors import DatasetError, GceError
 
 
 def _pack(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -28,17 +30,70 @@ def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
 
 @dataclass
 class ItemTable:
-    """Per index id (0..N-1): the image path and its label (``None`` when unknown)."""
+    """Per index id (0..N-1): the image path and its label (``None`` when unknown); ``deleted``
+    holds the ids of deleted items (tombstones: an id is never given again, see SearchIndex.delete)."""
 
     paths: list[str] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
+    deleted: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        if any(not 0 <= i < len(self.paths) for i in self.deleted):
+            raise ValueError("deleted ids outside the table")
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def live(self) -> int:
+        """The number of items not deleted."""
+        return len(self.paths) - len(self.deleted)
+
+    def is_live(self, id: int) -> bool:
+        return 0 <= id < len(self.paths) and id not in self.deleted
+
+    def live_mask(self) -> np.ndarray:
+        """A boolean array, True for the ids not deleted."""
+        mask = np.ones(len(self.paths), dtype=bool)
+        if self.deleted:
+            mask[np.fromiter(self.deleted, dtype=np.int64, count=len(self.deleted))] = False
+        return mask
+
+    def live_ids_of(self, paths: Iterable[str]) -> tuple[list[int], list[str]]:
+        """The ids of the live items stored under each of ``paths`` (every one, if a path was indexed
+        twice), and the paths no live item has."""
+        wanted = dict.fromkeys(str(p) for p in paths)
+        found: dict[str, list[int]] = {}
+        for i, path in enumerate(self.paths):
+            if path in wanted and i not in self.deleted:
+                found.setdefault(path, []).append(i)
+        return sorted(i for ids in found.values() for i in ids), [p for p in wanted if p not in found]
+
+    def check_live(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` as sorted distinct live ids, or a one-line error naming those that are not."""
+        try:
+            values = list(ids)
+        except TypeError:
+            raise GceError(f"ids must be a list of item ids, got {ids!r}") from None
+        if not values:
+            raise GceError("no ids given")
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            raise GceError(f"ids must be integers, got {bad[0]!r}")
+        wanted = sorted({int(v) for v in values})
+        unknown = [i for i in wanted if not 0 <= i < len(self.paths)]
+        gone = [i for i in wanted if i in self.deleted]
+        if unknown or gone:
+            parts = [f"unknown id(s) {_listed(unknown)} (ids are 0..{len(self.paths) - 1})"] if unknown else []
+            parts += [f"already deleted: {_listed(gone)}"] if gone else []
+            raise GceError("; ".join(parts))
+        return wanted
+
+    def with_deleted(self, ids: Iterable[int]) -> ItemTable:
+        """A copy with ``ids`` deleted too (this table is left as it is)."""
+        return ItemTable(list(self.paths), list(self.labels), self.deleted | frozenset(int(i) for i in ids))
 
     def extend(self, paths: Iterable[str], labels: Iterable[str | None]) -> None:
         paths, labels = [str(p) for p in paths], list(labels)
@@ -61,6 +116,7 @@ class ItemTable:
             name_blob=name_blob,
             name_offsets=name_offsets,
             label_codes=codes,
+            deleted_ids=np.array(sorted(self.deleted), dtype=np.int64),
         )
         return buffer.getvalue()
 
@@ -70,14 +126,24 @@ class ItemTable:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in _ARRAYS}
+                # absent in tables written before deletes existed: nothing deleted
+                deleted = data["deleted_ids"] if "deleted_ids" in data.files else np.zeros(0, dtype=np.int64)
             paths = _unpack(*_checked(arrays["path_blob"], arrays["path_offsets"]))
             names = _unpack(*_checked(arrays["name_blob"], arrays["name_offsets"]))
             codes = arrays["label_codes"]
             if codes.dtype.kind != "i" or codes.shape != (len(paths),) or ((codes < -1) | (codes >= len(names))).any():
                 raise ValueError("label codes do not match the paths and names")
+            if deleted.dtype.kind != "i" or deleted.ndim != 1:
+                raise ValueError("deleted ids are not a list of ids")
+            if deleted.size and (deleted[0] < 0 or deleted[-1] >= len(paths) or (np.diff(deleted) <= 0).any()):
+                raise ValueError("deleted ids are not sorted ids of the table")
         except (OSError, KeyError, ValueError, UnicodeDecodeError, EOFError, zipfile.BadZipFile) as exc:
             raise DatasetError(f"{path}: damaged item table ({type(exc).__name__})") from None
-        return cls(paths, [None if c < 0 else names[c] for c in codes.tolist()])
+        return cls(paths, [None if c < 0 else names[c] for c in codes.tolist()], frozenset(deleted.tolist()))
+
+
+def _listed(ids: list[int], most: int = 5) -> str:
+    return ", ".join(map(str, ids[:most])) + (f" and {len(ids) - most} more" if len(ids) > most else "")
 
 
 _ARRAYS = ("path_blob", "path_offsets", "name_blob", "name_offsets", "label_codes")

@@ -11,7 +11,8 @@ from gce.data.records import ImageRecords
 from gce.errors import GceError
 from gce.retrieval.embedder import Embedder
 from gce.retrieval.faiss_tuning import BuildReport
-from gce.retrieval.index import SearchIndex, build_index
+from gce.retrieval.index import SearchIndex
+from gce.retrieval.index_build import build_index
 from gce.retrieval.store import read_store
 
 __all__ = ["add_store_to_index", "build_index_from_images", "build_index_from_store", "records_to_items"]

@@ -61,6 +61,7 @@ class SearchResponse(BaseModel):
     k: int
     learners: list[int]
     weights: list[float] | None
+    filter: str | None = None
     results: list[Hit]
     took_ms: float
 
@@ -80,6 +81,7 @@ class InfoResponse(BaseModel):
     learner_slices: list[list[int]]
     index_type: str
     index_size: int
+    index_deleted: int = 0
     image_size: int | None
     uploads: bool
     limits: Limits
@@ -88,7 +90,7 @@ class InfoResponse(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
-        (400, "undecodable image or malformed request"),
+        (400, "undecodable image, malformed request or bad filter"),
         (404, "unknown item id"),
         (408, "request body not received within the upload timeout"),
         (413, "upload or image over the limits"),
@@ -143,6 +145,11 @@ def create_app(service: SearchService) -> FastAPI:
         k: int | None = Form(None, description="number of neighbours (default and maximum in /info)"),
         learners: str | None = Form(None, description="learner subset, e.g. '0,2' (default: all)"),
         weights: str | None = Form(None, description="one weight per learner, e.g. '1,0.5,1,1'"),
+        filter: list[str] | None = Form(
+            None,
+            description="only items that pass: 'label=NAME', 'label in A,B,C' or 'path startswith PREFIX';"
+            " repeat the field to combine conditions (AND); also read from the URL query",
+        ),
     ) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in FORM_TYPES:
@@ -153,10 +160,11 @@ def create_app(service: SearchService) -> FastAPI:
             )
         subset = service.parse_learners(learners)
         weight_list = service.parse_weights(weights)
+        item_filter = service.parse_filter([*(filter or []), *request.query_params.getlist("filter")])
         if (image is None) == (id is None):
             raise RequestError(400, "give exactly one of the form fields 'image' (a file) or 'id' (an item id)")
         if id is not None:
-            return json_response(service.search_item(id, k, subset, weight_list))
+            return json_response(service.search_item(id, k, subset, weight_list, item_filter))
         assert image is not None  # exactly one of the two was given
         check_content_type(image.content_type)
         limit = settings.max_upload_bytes
@@ -164,7 +172,7 @@ def create_app(service: SearchService) -> FastAPI:
         if len(data) > limit:  # the part's real size, counted by the form parser, if it says one
             size = f" of {image.size} bytes" if image.size is not None and image.size > limit else ""
             raise RequestError(413, f"upload{size} is over the limit of {limit} bytes")
-        return json_response(service.search_upload(data, k, subset, weight_list))
+        return json_response(service.search_upload(data, k, subset, weight_list, item_filter))
 
     @app.get(
         "/items/{item_id}/thumbnail",

@@ -22,6 +22,7 @@ from PIL import Image
 from gce import __version__
 from gce.data.images import load_rgb
 from gce.errors import BadImageError, GceError
+from gce.retrieval.filters import FilterError, ItemFilter, parse_filter
 from gce.retrieval.index import query_vectors
 from gce.serve import queries
 from gce.serve.batching import MicroBatcher
@@ -76,7 +77,8 @@ class SearchService:
             "embedding_dim": int(index.dim),
             "learner_slices": [[int(a), int(b)] for a, b in _slices(index.learner_slices)],
             "index_type": index.index_type,
-            "index_size": int(index.size),
+            "index_size": int(index.size),  # live items
+            "index_deleted": int(getattr(index, "deleted", 0)),
             "image_size": int(self.embedder.image_size) if self.embedder is not None else None,
             "uploads": self.embedder is not None,
             "limits": {
@@ -108,8 +110,19 @@ class SearchService:
         """``"1,0.5,1,1"`` -> one non-negative weight per learner of the model."""
         return queries.parse_weights(text, int(self.index.num_learners))
 
+    def parse_filter(self, texts: Sequence[str] | None) -> ItemFilter | None:
+        """The ``filter`` texts of a request (:mod:`gce.retrieval.filters`), ANDed; a bad one is a 400."""
+        try:
+            return parse_filter(list(texts) if texts else None)
+        except FilterError as exc:
+            raise RequestError(400, str(exc)) from None
+
     def check_query(
-        self, query: np.ndarray, learners: Sequence[int] | None, weights: Sequence[float] | None
+        self,
+        query: np.ndarray,
+        learners: Sequence[int] | None,
+        weights: Sequence[float] | None,
+        filter: ItemFilter | None = None,
     ) -> _SearchJob:
         """Everything about one query that the batched scan would refuse, refused here, before the
         query joins a batch: one request's bad input must never become its batch-mates' error."""
@@ -122,20 +135,27 @@ class SearchService:
             query_vectors(query, self.index.learner_slices, chosen, weighted)
         except GceError as exc:
             raise RequestError(422, str(exc)) from None
-        return _SearchJob(np.asarray(query, dtype=np.float32).reshape(-1), 0, chosen, weighted)
+        return _SearchJob(np.asarray(query, dtype=np.float32).reshape(-1), 0, chosen, weighted, filter)
 
     def item_id(self, item: int) -> int:
         """The id if the index holds it, else a 404."""
         try:
             self.index.item(item)
         except (KeyError, IndexError, ValueError, TypeError):
-            raise RequestError(404, f"unknown item id {item} (the index has {self.index.size} items)") from None
+            deleted = int(getattr(self.index, "deleted", 0))
+            gone = f", {deleted} deleted" if deleted else ""
+            raise RequestError(404, f"unknown item id {item} (the index has {self.index.size} items{gone})") from None
         return item
 
     # -- searching ---------------------------------------------------------------------------------
 
     def search_upload(
-        self, data: bytes, k: int | None, learners: list[int] | None, weights: list[float] | None
+        self,
+        data: bytes,
+        k: int | None,
+        learners: list[int] | None,
+        weights: list[float] | None,
+        filter: ItemFilter | None = None,
     ) -> dict[str, Any]:
         if self.embedder is None or self._embed is None:  # (both are set, or neither)
             raise RequestError(409, "this service was started without a checkpoint: search by item id only")
@@ -148,24 +168,33 @@ class SearchService:
             finally:
                 image.close()
         query = self._embed(tensor)
-        hits = self._find(query, k, learners, weights)
-        return self._response({"type": "upload", "id": None, "thumbnail": None}, k, learners, weights, hits, started)
+        hits = self._find(query, k, learners, weights, filter)
+        return self._response(
+            {"type": "upload", "id": None, "thumbnail": None}, k, learners, weights, filter, hits, started
+        )
 
     def search_item(
-        self, item: int, k: int | None, learners: list[int] | None, weights: list[float] | None
+        self,
+        item: int,
+        k: int | None,
+        learners: list[int] | None,
+        weights: list[float] | None,
+        filter: ItemFilter | None = None,
     ) -> dict[str, Any]:
         item = self.item_id(item)
         k = self.check_k(k, exclude_self=True)
         started = time.perf_counter()
         with self._index_lock:
-            query = np.asarray(self.index.embedding(item), dtype=np.float32).reshape(-1)
-        hits = [hit for hit in self._find(query, k + 1, learners, weights) if hit.id != item][:k]
-        return self._response(
-            {"type": "item", "id": item, "thumbnail": thumbnail_url(item)}, k, learners, weights, hits, started
-        )
+            try:
+                query = np.asarray(self.index.embedding(item), dtype=np.float32).reshape(-1)
+            except KeyError:  # deleted since item_id looked
+                raise RequestError(404, f"unknown item id {item}") from None
+        hits = [hit for hit in self._find(query, k + 1, learners, weights, filter) if hit.id != item][:k]
+        query_info = {"type": "item", "id": item, "thumbnail": thumbnail_url(item)}
+        return self._response(query_info, k, learners, weights, filter, hits, started)
 
-    def _find(self, query: np.ndarray, k: int, learners, weights) -> list:
-        job = replace(self.check_query(query, learners, weights), k=k)
+    def _find(self, query: np.ndarray, k: int, learners, weights, filter: ItemFilter | None = None) -> list:
+        job = replace(self.check_query(query, learners, weights, filter), k=k)
         try:
             return self._search(job)
         except GceError as exc:  # validated above; kept so that a refusal is never a 500
@@ -186,12 +215,12 @@ class SearchService:
         return list(np.asarray(self.embedder.embed_tensors(batch)[:n], dtype=np.float32))
 
     def _search_batch(self, jobs: list[_SearchJob]) -> list[list]:
-        """One index scan per distinct (learners, weights) among the queued queries."""
+        """One index scan per distinct (learners, weights, filter) among the queued queries."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for n, job in enumerate(jobs):
-            groups[(job.learners, job.weights)].append(n)
+            groups[(job.learners, job.weights, job.filter)].append(n)
         results: list[list] = [[] for _ in jobs]
-        for (learners, weights), members in groups.items():
+        for (learners, weights, item_filter), members in groups.items():
             k = max(jobs[n].k for n in members)
             queries = np.stack([jobs[n].query for n in members])
             with self._index_lock:
@@ -200,6 +229,7 @@ class SearchService:
                     k,
                     learners=list(learners) if learners is not None else None,
                     weights=list(weights) if weights is not None else None,
+                    filter=item_filter,
                 )
             for n, found in zip(members, hits, strict=True):
                 results[n] = found[: jobs[n].k]
@@ -211,12 +241,15 @@ class SearchService:
             if batcher is not None:
                 batcher.close()
 
-    def _response(self, query: dict, k: int, learners, weights, hits: list, started: float) -> dict[str, Any]:
+    def _response(
+        self, query: dict, k: int, learners, weights, item_filter: ItemFilter | None, hits: list, started: float
+    ) -> dict[str, Any]:
         return {
             "query": query,
             "k": k,
             "learners": learners if learners is not None else list(range(int(self.index.num_learners))),
             "weights": weights,
+            "filter": item_filter.describe() if item_filter is not None else None,
             "results": [
                 {
                     "rank": rank,
@@ -270,6 +303,7 @@ class _SearchJob:
     k: int
     learners: tuple[int, ...] | None
     weights: tuple[float, ...] | None
+    filter: ItemFilter | None = None
 
 
 def thumbnail_url(item: int) -> str:

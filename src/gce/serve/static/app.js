@@ -31,7 +31,8 @@ async function loadInfo() {
     const sliceSize = info.learner_slices.length ? info.learner_slices[0][1] - info.learner_slices[0][0] : 0;
     const model = info.model_id ? info.model_id.slice(0, 12) : "?";
     $("info").textContent = `model ${model} · ${info.num_learners} learners × ${sliceSize} d` +
-      ` · ${info.index_type} index of ${info.index_size.toLocaleString()} images`;
+      ` · ${info.index_type} index of ${info.index_size.toLocaleString()} images` +
+      (info.index_deleted ? ` (${info.index_deleted.toLocaleString()} deleted)` : "");
     const k = $("k");
     k.max = info.limits.max_k;
     k.value = Math.min(info.limits.default_k, info.limits.max_k);
@@ -110,6 +111,8 @@ async function search() {
   if (k) form.append("k", k);
   const learners = selectedLearners();
   if (state.info && learners.length < state.info.num_learners) form.append("learners", learners.join(","));
+  const filter = $("filter").value.trim();
+  if (filter) form.append("filter", filter);  // one condition; the API takes the field repeated (AND)
   setStatus("Searching…");
   document.body.dataset.busy = "true";
   let answer;
@@ -123,7 +126,10 @@ async function search() {
   }
   if (number !== state.latest) return;  // a newer search has started: this answer is stale
   if (answer.error) {
-    const what = query.type === "upload" ? `Upload rejected: ${answer.error}` : `Search failed: ${answer.error}`;
+    // a refused filter is the filter's fault, not the upload's (its messages name the filter)
+    const filterError = answer.status === 400 && /\bfilters?\b/.test(answer.error);
+    const what = filterError ? `Filter rejected: ${answer.error}`
+      : query.type === "upload" ? `Upload rejected: ${answer.error}` : `Search failed: ${answer.error}`;
     showMessage(what);
     setStatus("No results.");
     $("results").replaceChildren();
@@ -178,7 +184,8 @@ function render(body) {
   grid.replaceChildren(...items);
   const learners = body.learners.length === (state.info ? state.info.num_learners : body.learners.length)
     ? "all learners" : `learners ${body.learners.join(", ")}`;
-  setStatus(`${hits.length} nearest neighbours · ${learners} · ${body.took_ms.toFixed(1)} ms`);
+  const filter = body.filter ? ` · ${body.filter}` : "";
+  setStatus(`${hits.length} nearest neighbours · ${learners}${filter} · ${body.took_ms.toFixed(1)} ms`);
 }
 
 function wireDropZone() {
@@ -199,6 +206,7 @@ function wireDropZone() {
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
   $("k").addEventListener("change", () => { if (state.query) search(); });
+  $("filter").addEventListener("change", () => { if (state.query) search(); });  // Enter or leaving the field
 }
 
 wireDropZone();
