@@ -53,9 +53,10 @@ def _shown(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gce.retrieval import Embedder, SearchIndex
+    from gce.retrieval import Embedder
+    from gce.retrieval.open_index import open_index
 
-    index = SearchIndex.load(args.index)
+    index = open_index(args.index)
     embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device)
     index.check_model(embedder.model_id, f"--checkpoint {args.checkpoint}")
     if args.nprobe or args.ef:

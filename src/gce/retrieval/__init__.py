@@ -12,6 +12,7 @@ from gce.retrieval.embedder import Embedder, model_fingerprint, normalize_learne
 from gce.retrieval.faiss_tuning import BuildReport
 from gce.retrieval.index import SearchHit, SearchIndex, build_index
 from gce.retrieval.items import ItemTable
+from gce.retrieval.open_index import open_index
 from gce.retrieval.pipeline import (
     add_store_to_index,
     build_index_from_images,
@@ -37,6 +38,7 @@ __all__ = [
     "embed_to_store",
     "model_fingerprint",
     "normalize_learners",
+    "open_index",
     "query_vectors",
     "read_store",
     "records_to_items",

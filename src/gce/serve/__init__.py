@@ -16,9 +16,10 @@ def load_service(
     index_dir: str | Path, checkpoint: str | Path | None, settings: ServeSettings | None = None
 ) -> SearchService:
     """Load the index and the model that built it (``checkpoint=None``: search by item id only)."""
-    from gce.retrieval import Embedder, SearchIndex
+    from gce.retrieval import Embedder
+    from gce.retrieval.open_index import open_index
 
     settings = settings or ServeSettings()
-    index = SearchIndex.load(index_dir)
+    index = open_index(index_dir)
     embedder = Embedder.from_checkpoint(checkpoint, device=settings.device) if checkpoint is not None else None
     return SearchService(index, embedder, settings, index_dir=index_dir)
