@@ -116,3 +116,25 @@ def test_cli_build_add_info_search_on_a_lite_file(shape_folder, tmp_path, capsys
     milvus, faiss = (a["results"] for a in answers)
     assert [r["path"] for r in milvus] == [r["path"] for r in faiss]
     np.testing.assert_allclose([r["score"] for r in milvus], [r["score"] for r in faiss], atol=1e-5)
+
+
+def test_service_searches_a_milvus_index_by_item(hnsw, data):
+    """gce serve opens the folder through open_index: search by item id, unknown ids are a 404."""
+    pytest.importorskip("fastapi")
+    from gce.serve import RequestError, load_service
+
+    index, _ = hnsw
+    x, _, _ = data
+    service = load_service(index.path, None)
+    try:
+        answer = service.search_item(7, 5, [2], None)
+        ids = [hit["id"] for hit in answer["results"]]
+        assert 7 not in ids and len(ids) == 5
+        truth = np.argsort(
+            -(query_vectors(x[7], index.learner_slices, [2]) @ stored_vectors(x, index.learner_slices).T)[0]
+        )
+        assert len(set(ids) & set(truth[1:6].tolist())) >= 4  # approximate (hnsw): at most one miss
+        with pytest.raises(RequestError):
+            service.search_item(N + 5, 5, None, None)
+    finally:
+        service.close()
