@@ -1,10 +1,14 @@
 """A real Milvus server (the ``milvus`` pip package, Milvus 2.3) for the tests, on 127.0.0.1.
 
 Every port the package lets one choose is a free one (so a second server or a developer's own
-Milvus does not clash), its data lives in a temporary folder, the start is bounded in time and
-the process is stopped at the end. What cannot be chosen: Milvus 2.3's gRPC and metrics servers
-listen on all interfaces (only their ports are configurable), and its embedded etcd's peer port
-is 2380 on 127.0.0.1.
+Milvus does not clash), every component is told its address is 127.0.0.1, its data lives in a
+temporary folder, the start is bounded in time and the process is stopped at the end.
+
+What cannot be chosen (seen with ``ss -ltnp``): Milvus 2.3 binds its gRPC servers (proxy, the
+coordinators and nodes) and its metrics/health port on all interfaces, ``*:PORT`` (only the ports
+are configurable), and its embedded etcd listens on 127.0.0.1:2379 and 127.0.0.1:2380 whatever
+``etcd_port`` says (the package's template has no key for the embedded etcd's own config), so
+two servers cannot run at once on one machine.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ def _cannot_run() -> str | None:
     return None
 
 
-def _etcd_peer_port_taken() -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", 2380)) == 0
+def _etcd_ports_taken() -> list[int]:
+    taken = []
+    for port in (2379, 2380):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(port)
+    return taken
 
 
 def start_server(base_dir: Path):
@@ -60,8 +68,8 @@ def start_server(base_dir: Path):
 def milvus_uri(tmp_path_factory):
     """``http://127.0.0.1:PORT`` of a Milvus server started for this test session."""
     reason = _cannot_run()
-    if reason is None and _etcd_peer_port_taken():
-        reason = "port 2380 (Milvus' embedded etcd peer port, not configurable in 2.3) is in use"
+    if reason is None and (taken := _etcd_ports_taken()):
+        reason = f"port {taken[0]} of 127.0.0.1 (Milvus 2.3's embedded etcd, not configurable) is in use"
     if reason:
         pytest.skip(f"no Milvus server: {reason}")
     started = time.monotonic()

@@ -34,17 +34,16 @@ from gce.retrieval.milvus_schema import (
     check_gce_collection,
     connect,
     filter_expression,
+    insert_items,
     search_params,
-    vector_fields,
 )
-from gce.retrieval.vectors import learner_weights, query_vectors, stored_vectors
+from gce.retrieval.vectors import learner_weights, query_vectors
 
 __all__ = ["FORMAT", "MilvusIndex", "read_milvus_manifest", "write_milvus_manifest"]
 
 FORMAT = "gce-milvus-index-1"
 #: A learner-subset search takes this many candidates per chosen learner (times k) before the merge.
 CANDIDATES = 4
-_INSERT_ROWS = 5_000  # rows per insert call: ~10 MB at 512 dims, well under gRPC's 64 MB message limit
 
 
 def read_milvus_manifest(folder: Path) -> dict[str, Any]:
@@ -205,7 +204,7 @@ class MilvusIndex:
         vectors = self._learner_vectors(candidates, chosen)
         out = []
         for row in range(len(qn)):
-            ids = sorted({i for lists in per for i, _ in lists[row]})
+            ids = sorted({i for lists in per for i, _ in lists[row]} & vectors.keys())  # deleted meanwhile: gone
             total = np.zeros(len(ids), dtype=np.float64)
             for j in chosen:
                 g = np.stack([vectors[i][j] for i in ids])
@@ -296,33 +295,9 @@ class MilvusIndex:
     def insert_rows(
         self, x: np.ndarray, paths: Sequence[str], labels: Sequence[str | None], first: int, *, progress: bool = False
     ) -> None:
-        from tqdm.auto import tqdm
-
-        fields = vector_fields(self.layout, self.num_learners)
-        for start in tqdm(
-            range(0, len(x), _INSERT_ROWS), desc="inserting", disable=not progress, leave=False, unit="batch"
-        ):
-            part = x[start : start + _INSERT_ROWS]
-            columns: dict[str, Any] = {"vector": stored_vectors(part, self.learner_slices)}
-            if len(fields) > 1:
-                unit = normalize_learners(part, self.learner_slices)
-                columns.update({f"learner_{j}": unit[:, s] for j, s in enumerate(self.learner_slices)})
-            rows = [
-                {
-                    "id": first + start + r,
-                    "path": str(paths[start + r]),
-                    "label": "" if labels[start + r] is None else str(labels[start + r]),
-                    "has_label": labels[start + r] is not None,
-                    **{name: values[r].tolist() for name, values in columns.items()},
-                }
-                for r in range(len(part))
-            ]
-            try:
-                self._client.insert(self.collection, rows)
-            except Exception as exc:
-                raise GceError(
-                    f"Milvus insert into {self.collection!r} failed: {str(exc).splitlines()[0][:300]}"
-                ) from None
+        insert_items(
+            self._client, self.collection, self.layout, self.learner_slices, x, paths, labels, first, progress=progress
+        )
 
     def delete(self, ids: Sequence[int]) -> int:
         """Remove items by id; an unknown id is a one-line error and nothing is removed."""

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gce.errors import GceError
 from gce.extras import require_extra
 from gce.retrieval.filters import ItemFilter
@@ -40,6 +42,7 @@ __all__ = [
     "create_collection",
     "filter_expression",
     "index_params",
+    "insert_items",
     "search_params",
     "search_settings",
     "vector_fields",
@@ -232,3 +235,48 @@ def filter_expression(item_filter: ItemFilter | None) -> str:
         bound = f" and path < {_literal(upper)}" if upper is not None else ""
         parts.append(f"(path >= {_literal(item_filter.path_prefix)}{bound})")
     return " and ".join(parts)
+
+
+#: Rows per insert request: ~10 MB at 512 dimensions, well under gRPC's 64 MB message limit.
+INSERT_ROWS = 5_000
+
+
+def insert_items(
+    client,
+    collection: str,
+    layout: str,
+    slices: Sequence[slice],
+    x: np.ndarray,
+    paths: Sequence[str],
+    labels: Sequence[str | None],
+    first: int,
+    *,
+    progress: bool = False,
+) -> None:
+    """Insert learner-normalised embeddings ``x`` as ids ``first, first + 1, ...`` (the stored form of
+    :mod:`gce.retrieval.vectors`, and each learner's unit vector in the ``learners`` layout)."""
+    from tqdm.auto import tqdm
+
+    from gce.retrieval.embedder import normalize_learners
+    from gce.retrieval.vectors import stored_vectors
+
+    for start in tqdm(range(0, len(x), INSERT_ROWS), desc="inserting", disable=not progress, leave=False, unit="batch"):
+        part = x[start : start + INSERT_ROWS]
+        columns: dict[str, Any] = {"vector": stored_vectors(part, slices)}
+        if layout == "learners":
+            unit = normalize_learners(part, slices)
+            columns.update({f"learner_{j}": unit[:, s] for j, s in enumerate(slices)})
+        rows = [
+            {
+                "id": first + start + r,
+                "path": str(paths[start + r]),
+                "label": "" if labels[start + r] is None else str(labels[start + r]),
+                "has_label": labels[start + r] is not None,
+                **{name: values[r].tolist() for name, values in columns.items()},
+            }
+            for r in range(len(part))
+        ]
+        try:
+            client.insert(collection, rows)
+        except Exception as exc:
+            raise GceError(f"Milvus insert into {collection!r} failed: {_milvus_error(exc)}") from None
