@@ -1,4 +1,4 @@
-"""``gce index build|add|delete|info``: faiss indexes over an embeddings folder."""
+"""``gce index build|add|delete|info``: faiss or Milvus indexes over an embeddings folder."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--hnsw-m", type=count(2, HNSW_M_MAX), help=f"hnsw: links per node (default 32, at most {HNSW_M_MAX})"
     )
+    b.add_argument(
+        "--backend",
+        choices=("faiss", "milvus"),
+        default="faiss",
+        help="faiss: the index lives in --out; milvus: in a Milvus collection (--uri), --out points at it",
+    )
+    b.add_argument("--uri", help="milvus: a server or cluster (http://host:19530) or a milvus-lite file (*.db)")
+    b.add_argument("--collection", help="milvus: the collection to create (default: the --out folder's name)")
     b.add_argument("--sample", type=count(1), default=500, help="gallery items used as queries to measure recall")
     b.add_argument(
         "--overwrite",
@@ -89,6 +97,8 @@ def run_build(args: argparse.Namespace) -> int:
     args.out = check_output_dir(args.out, what="--out", inputs=[args.embeddings])
     check_build_target(args.out, overwrite=args.overwrite)
     params = {key: value for key, value in (("nlist", args.nlist), ("hnsw_m", args.hnsw_m)) if value}
+    if args.backend == "milvus" or args.uri or args.collection:
+        return _build_milvus(args, params)
     index, report = build_index_from_store(
         args.embeddings,
         args.out,
@@ -100,6 +110,48 @@ def run_build(args: argparse.Namespace) -> int:
     )
     print(report.format_table())
     print(f"index written to {index.path} ({index.size:,} items, model {index.model_id[:12]})")
+    return 0
+
+
+def _build_milvus(args: argparse.Namespace, params: dict) -> int:
+    from pathlib import Path
+
+    from gce.errors import GceError
+    from gce.retrieval import read_store
+    from gce.retrieval.milvus_build import build_milvus_index
+
+    if args.backend != "milvus":
+        raise GceError("--uri and --collection are options of --backend milvus")
+    if not args.uri:
+        raise GceError("--backend milvus needs --uri (http://host:19530, or a milvus-lite file such as catalogue.db)")
+    data = read_store(args.embeddings)
+    if len(data.embeddings) == 0:
+        raise GceError(f"{args.embeddings}: holds no embeddings (every image was skipped)")
+    index, report = build_milvus_index(
+        data.embeddings,
+        data.paths,
+        data.labels,
+        args.out,
+        data.model,
+        uri=args.uri,
+        collection=args.collection,
+        index_type=args.index_type,
+        params=params,
+        sample=args.sample,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        sources=[{"embeddings": str(Path(args.embeddings).resolve()), "count": len(data.embeddings)}],
+    )
+    print(report.format_table())
+    if index.layout == "single" and index.num_learners > 1:
+        print(
+            "note: this Milvus server allows one vector field per collection (Milvus 2.3), so a learner"
+            " subset is searched with the masked query on the whole embedding (the learner 0 column above)"
+        )
+    print(
+        f"index written to {index.path}: Milvus collection {index.collection!r} at {index.uri}"
+        f" ({index.size:,} items, model {index.model_id[:12]}, {index.layout} layout)"
+    )
     return 0
 
 
@@ -120,9 +172,9 @@ def run_add(args: argparse.Namespace) -> int:
 
 def run_delete(args: argparse.Namespace) -> int:
     from gce.errors import GceError
-    from gce.retrieval import SearchIndex
+    from gce.retrieval.open_index import open_index
 
-    index = SearchIndex.load(args.index)
+    index = open_index(args.index)
     if args.paths is not None:
         try:
             lines = args.paths.read_text(encoding="utf-8").splitlines()
@@ -140,10 +192,20 @@ def run_delete(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from gce.retrieval import SearchIndex
+    from gce.retrieval.open_index import open_index
 
-    index = SearchIndex.load(args.index, verify=not args.no_verify)
+    index = open_index(args.index, verify=not args.no_verify)
     m = index.manifest
+    if getattr(index, "backend", "faiss") == "milvus":
+        print(
+            f"{index.path}: Milvus {index.index_type} index, {index.size:,} items x {index.dim} dims,"
+            f" K={index.num_learners} learners, model {index.model_id[:12]}"
+        )
+        print(f"collection {index.collection!r} at {index.uri}; vector layout: {index.layout}")
+        print(
+            f"build parameters: {json.dumps(m.get('params', {}))}; search defaults: {json.dumps(index.search_params)}"
+        )
+        return 0
     print(
         f"{index.path}: {index.index_type} index, {index.size:,} items x {index.dim} dims, K={index.num_learners}"
         f" learners, model {index.model_id[:12]}"

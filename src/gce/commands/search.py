@@ -64,11 +64,12 @@ def _shown(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gce.retrieval import Embedder, SearchIndex, parse_filter
+    from gce.retrieval import Embedder, parse_filter
+    from gce.retrieval.open_index import open_index
     from gce.retrieval.runtimes import set_threads
 
     item_filter = parse_filter(args.filter)  # a typo fails before the model loads
-    index = SearchIndex.load(args.index)
+    index = open_index(args.index)
     set_threads(args.threads)
     # a few queries: auto uses an ONNX file already there, but an export would cost more than it saves
     embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, runtime=args.runtime, export_onnx=False)

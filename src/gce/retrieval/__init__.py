@@ -14,6 +14,7 @@ from gce.retrieval.filters import FilterError, ItemFilter, parse_filter
 from gce.retrieval.index import SearchHit, SearchIndex
 from gce.retrieval.index_build import build_index
 from gce.retrieval.items import ItemTable
+from gce.retrieval.open_index import open_index
 from gce.retrieval.pipeline import (
     add_store_to_index,
     build_index_from_images,
@@ -41,6 +42,7 @@ __all__ = [
     "embed_to_store",
     "model_fingerprint",
     "normalize_learners",
+    "open_index",
     "parse_filter",
     "query_vectors",
     "read_store",

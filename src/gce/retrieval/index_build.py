@@ -48,7 +48,7 @@ def build_index(
     ``sample`` gallery queries and get as default the fastest search setting reaching
     ``target_recall`` (see :class:`BuildReport`).
     """
-    meta = _model_meta(model)
+    meta = model_meta(model)
     if index_type not in INDEX_TYPES:
         raise GceError(f"unknown index type {index_type!r}; valid types: {', '.join(INDEX_TYPES)}")
     out = user_path(out_dir, "index folder")
@@ -95,7 +95,7 @@ def build_index(
     return SearchIndex(index, items, manifest, out), report
 
 
-def _model_meta(model: dict[str, Any]) -> dict[str, Any]:
+def model_meta(model: dict[str, Any]) -> dict[str, Any]:
     """The model metadata an index records, validated (one-line errors) and as plain JSON values."""
     try:
         check_model_meta(model)

@@ -76,8 +76,11 @@ def build_index_from_store(
     )
 
 
-def add_store_to_index(index_dir: str | os.PathLike, store: str | os.PathLike) -> tuple[SearchIndex, range]:
-    index = SearchIndex.load(index_dir)
+def add_store_to_index(index_dir: str | os.PathLike, store: str | os.PathLike) -> tuple[Any, range]:
+    """Append an embeddings folder to an index of either back end (:func:`gce.retrieval.open_index.open_index`)."""
+    from gce.retrieval.open_index import open_index
+
+    index = open_index(index_dir)
     data = read_store(store)
     dim = int(data.model["embedding_dim"])
     if dim != index.dim:

@@ -25,10 +25,11 @@ def load_service(
     """Load the index and the model that built it (``checkpoint=None``: search by item id only);
     ``runtime`` runs the model (:mod:`gce.retrieval.runtimes`; ``say`` hears which, and of an export);
     ``before_model`` runs once the index is loaded, before the model is (``gce serve`` binds there)."""
-    from gce.retrieval import Embedder, SearchIndex
+    from gce.retrieval import Embedder
+    from gce.retrieval.open_index import open_index
 
     settings = settings or ServeSettings()
-    index = SearchIndex.load(index_dir)
+    index = open_index(index_dir)
     if before_model is not None:
         before_model()
     embedder = None
