@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gce.commands.arguments import count
+from gce.commands.arguments import count, positive_number
 from gce.errors import DatasetError, GceError
 from gce.io import path_argument
 
@@ -41,7 +41,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (counted) instead of failing")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder that holds another job")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.add_argument(
+        "--nproc",
+        type=count(1),
+        metavar="N",
+        help="embed with N processes on this machine (torchrun; one per GPU with --device cuda, "
+        "at most one per CPU core on cpu); the store is the one a single process writes",
+    )
+    p.add_argument("--oversubscribe", action="store_true", help="with --nproc on cpu: allow more processes than cores")
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_number(7 * 24 * 3600.0),
+        default=1800.0,
+        metavar="S",
+        help="with several processes: seconds one waits for the others to make progress before it fails",
+    )
+    p.set_defaults(run=run, embed_parser=p)
 
 
 def images_under(folder: Path) -> list[str]:
@@ -121,9 +136,11 @@ def _training_split_options(data: dict[str, Any] | None, args: argparse.Namespac
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.commands.embed_processes import check_launch, embedding_context, launch, worker_command
     from gce.io import check_output_dir
     from gce.retrieval import Embedder, embed_to_store
     from gce.retrieval.files import shown_path
+    from gce.retrieval.store import prepare_store
     from gce.retrieval.store_manifest import MANIFEST
     from gce.training.checkpoint import checkpoint_files
 
@@ -131,28 +148,36 @@ def run(args: argparse.Namespace) -> int:
         raise GceError("--root goes with --dataset")
     if args.split is not None and not args.dataset:  # not silently ignored
         raise GceError(f"--split {args.split} goes with --dataset; --images and --csv embed every image they list")
+    check_launch(args)
+    argv = worker_command(args.embed_parser, args)  # as the user gave it, for --nproc's processes
     args.split = args.split or "test"
     # The folder is checked before any image is listed or embedded: never inside an input, and
     # new, empty or a store of its own (embeddings.json), so that no file of the user's is touched.
     inputs = [args.images, args.csv, args.root, *checkpoint_files(args.checkpoint)]
     args.out = check_output_dir(args.out, what="--out", inputs=inputs, marker=MANIFEST)
-    embedder = Embedder.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
-    paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
-    paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
-    info = embed_to_store(
-        embedder,
-        paths,
-        labels,
-        args.out,
-        dtype=args.dtype,
-        shard_size=args.shard_size,
-        skip_bad=args.skip_bad,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=not args.quiet,
-        source=source,
-        overwrite=args.overwrite,
-    )
+    with embedding_context(args) as ctx:  # torchrun's process group, or one process
+        device = "cpu" if args.nproc is not None else str(ctx.device)  # the launcher reads metadata only
+        embedder = Embedder.from_checkpoint(args.checkpoint, device=device, batch_size=args.batch_size)
+        paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
+        paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
+        options = {"dtype": args.dtype, "shard_size": args.shard_size, "skip_bad": args.skip_bad, "source": source}
+        if args.nproc is not None:
+            store = lambda: prepare_store(embedder, paths, labels, args.out, overwrite=args.overwrite, **options)  # noqa: E731
+            return launch(args, argv, store)
+        info = embed_to_store(
+            embedder,
+            paths,
+            labels,
+            args.out,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+            ctx=ctx,
+            **options,
+        )
+        if not ctx.is_main:
+            return 0
     resumed = f", resumed after {info.resumed_from:,}" if info.resumed_from else ""
     print(
         f"embedded {info.embedded:,} of {info.total:,} images from {shown_path(source)}{resumed}"
