@@ -161,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
         paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
         paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
         options = {"dtype": args.dtype, "shard_size": args.shard_size, "skip_bad": args.skip_bad, "source": source}
-        if args.nproc is not None:
-            store = lambda: prepare_store(embedder, paths, labels, args.out, overwrite=args.overwrite, **options)  # noqa: E731
-            return launch(args, argv, store)
+        if args.nproc is not None:  # the store opened here, once; the model is not needed any more
+            left = prepare_store(embedder, paths, labels, args.out, overwrite=args.overwrite, **options)
+            del embedder
+            return launch(args, argv, left)
         info = embed_to_store(
             embedder,
             paths,

@@ -72,12 +72,12 @@ def embedding_context(args: argparse.Namespace) -> Iterator[DistContext]:
         shutdown_distributed()
 
 
-def launch(args: argparse.Namespace, argv: list[str], open_store) -> int:
-    """Open the store here (``open_store()``, the one-line errors once), then run ``argv`` on
-    ``args.nproc`` processes; 0, 130 after Ctrl-C, or one line naming the failed processes."""
+def launch(args: argparse.Namespace, argv: list[str], shards: int) -> int:
+    """Run ``argv`` on ``args.nproc`` processes, ``shards`` shards being left to embed in the store
+    (opened by the caller: its one-line errors once); 0, 130 after Ctrl-C, or one line naming the
+    failed processes."""
     from gce.distributed.launch import launch_local
 
-    shards = open_store()
     if shards < args.nproc:
         print(
             f"gce: note: {shards} shard(s) left to embed for {args.nproc} processes: "

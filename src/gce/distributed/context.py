@@ -184,9 +184,9 @@ def _is_timeout(exc: BaseException) -> bool:
 
 def _is_peer_failure(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return any(
-        s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "socket closed", "no route")
-    )
+    # "connection was likely closed": the rendezvous store's host (rank 0 under gce's launcher) died.
+    peer_gone = ("connection closed by peer", "connection reset", "broken pipe", "socket closed", "no route")
+    return any(s in text for s in (*peer_gone, "connection was likely closed"))
 
 
 @contextmanager
