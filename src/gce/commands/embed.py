@@ -136,7 +136,7 @@ def _training_split_options(data: dict[str, Any] | None, args: argparse.Namespac
 
 
 def run(args: argparse.Namespace) -> int:
-    from gce.commands.embed_processes import check_launch, embedding_context, launch, worker_command
+    from gce.commands.embed_processes import check_launch, join_job, launch, worker_command
     from gce.io import check_output_dir
     from gce.retrieval import Embedder, embed_to_store
     from gce.retrieval.files import shown_path
@@ -155,30 +155,33 @@ def run(args: argparse.Namespace) -> int:
     # new, empty or a store of its own (embeddings.json), so that no file of the user's is touched.
     inputs = [args.images, args.csv, args.root, *checkpoint_files(args.checkpoint)]
     args.out = check_output_dir(args.out, what="--out", inputs=inputs, marker=MANIFEST)
-    with embedding_context(args) as ctx:  # torchrun's process group, or one process
-        device = "cpu" if args.nproc is not None else str(ctx.device)  # the launcher reads metadata only
-        embedder = Embedder.from_checkpoint(args.checkpoint, device=device, batch_size=args.batch_size)
-        paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
-        paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
+    ctx = join_job(args)  # torchrun's process group (a GPU each on cuda), or one process
+    device = "cpu" if args.nproc is not None else str(ctx.device)  # --nproc's launcher reads metadata only
+    embedder = Embedder.from_checkpoint(args.checkpoint, device=device, batch_size=args.batch_size)
+    paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
+    paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
+    if args.nproc is not None:  # the store opened here, once; then the processes embed
         options = {"dtype": args.dtype, "shard_size": args.shard_size, "skip_bad": args.skip_bad, "source": source}
-        if args.nproc is not None:  # the store opened here, once; the model is not needed any more
-            left = prepare_store(embedder, paths, labels, args.out, overwrite=args.overwrite, **options)
-            del embedder
-            return launch(args, argv, left)
-        info = embed_to_store(
-            embedder,
-            paths,
-            labels,
-            args.out,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-            ctx=ctx,
-            **options,
-        )
-        if not ctx.is_main:
-            return 0
+        left = prepare_store(embedder, paths, labels, args.out, overwrite=args.overwrite, **options)
+        del embedder
+        return launch(args, argv, left)
+    info = embed_to_store(
+        embedder,
+        paths,
+        labels,
+        args.out,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        skip_bad=args.skip_bad,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.quiet,
+        source=source,
+        overwrite=args.overwrite,
+        ctx=ctx,
+    )
+    if not ctx.is_main:  # rank 0 reports for the job
+        return 0
     resumed = f", resumed after {info.resumed_from:,}" if info.resumed_from else ""
     print(
         f"embedded {info.embedded:,} of {info.total:,} images from {shown_path(source)}{resumed}"

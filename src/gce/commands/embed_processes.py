@@ -12,8 +12,7 @@ group (gloo on cpu; NCCL on cuda, one GPU per process: ``cuda:LOCAL_RANK``) and 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
+import atexit
 from typing import TYPE_CHECKING
 
 from gce.errors import ConfigError
@@ -21,7 +20,7 @@ from gce.errors import ConfigError
 if TYPE_CHECKING:
     from gce.distributed import DistContext
 
-__all__ = ["check_launch", "embedding_context", "launch", "worker_command"]
+__all__ = ["check_launch", "join_job", "launch", "worker_command"]
 
 #: Options of the launcher only: the workers get the command without them (the launcher has
 #: already started over when --overwrite was given; a worker must not again).
@@ -36,10 +35,10 @@ def worker_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             continue
         option = max(action.option_strings, key=len)
         value = getattr(args, action.dest, None)
-        if option in _LAUNCHER_ONLY or value is None or value is False:
+        if option in _LAUNCHER_ONLY or value is None:
             continue
-        if value is True and action.nargs == 0:
-            argv.append(option)
+        if action.nargs == 0:  # a flag (store_true, store_false): given when not at its default
+            argv += [option] if value != action.default else []
         elif isinstance(value, list | tuple):
             argv += [option, *map(str, value)]
         else:
@@ -57,19 +56,17 @@ def check_launch(args: argparse.Namespace) -> None:
         check_local_capacity(args.device, args.nproc, oversubscribe=args.oversubscribe, key="--device")
 
 
-@contextmanager
-def embedding_context(args: argparse.Namespace) -> Iterator[DistContext]:
-    """This process's place in the job: torchrun's process group when started by it, else one process."""
+def join_job(args: argparse.Namespace) -> DistContext:
+    """This process's place in the job: torchrun's process group when started by it (left when the
+    process exits), else one process (also ``--nproc``'s launcher, which embeds nothing itself)."""
     from gce.distributed import SINGLE, init_distributed, shutdown_distributed
 
-    if args.nproc is not None:  # the launcher: one process that embeds nothing itself
-        yield SINGLE
-        return
+    if args.nproc is not None:
+        return SINGLE
     ctx = init_distributed(args.device, args.dist_timeout, key="--device", timeout_key="--dist-timeout")
-    try:
-        yield ctx
-    finally:
-        shutdown_distributed()
+    if ctx.enabled:
+        atexit.register(shutdown_distributed)
+    return ctx
 
 
 def launch(args: argparse.Namespace, argv: list[str], shards: int) -> int:
