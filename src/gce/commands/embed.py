@@ -8,10 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gce.commands.arguments import add_runtime_options, count, stderr_line
+from gce.commands.arguments import add_runtime_options, count, positive_number, stderr_line
 from gce.errors import DatasetError, GceError
 from gce.io import path_argument
 from gce.sharing.location import checkpoint_argument
+
+#: ``--runtime auto`` exports the model to ONNX only for at least this many images: the export takes
+#: about 8 s (MobileNetV2, 64 px) and ONNX Runtime then saves about 1.5 ms per image on 2 CPU cores
+#: (406 -> 1,032 images/s, benchmarks/export_speed.py), so it repays itself from ~5,000 images.
+AUTO_EXPORT_MIN_IMAGES = 5000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +51,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (counted) instead of failing")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder that holds another job")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.add_argument(
+        "--nproc",
+        type=count(1),
+        metavar="N",
+        help="embed with N processes on this machine (torchrun; one per GPU with --device cuda, "
+        "at most one per CPU core on cpu); the store is the one a single process writes",
+    )
+    p.add_argument("--oversubscribe", action="store_true", help="with --nproc on cpu: allow more processes than cores")
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_number(7 * 24 * 3600.0),
+        default=1800.0,
+        metavar="S",
+        help="with several processes: seconds one waits for the others to make progress before it fails",
+    )
+    p.set_defaults(run=run, embed_parser=p)
 
 
 def images_under(folder: Path) -> list[str]:
@@ -126,10 +146,12 @@ def _training_split_options(data: dict[str, Any] | None, args: argparse.Namespac
 
 
 def run(args: argparse.Namespace) -> int:
+    from gce.commands.embed_processes import check_launch, join_job, launch, worker_command
     from gce.io import check_output_dir
     from gce.retrieval import Embedder, embed_to_store
     from gce.retrieval.files import shown_path
     from gce.retrieval.runtimes import set_threads
+    from gce.retrieval.store import prepare_store
     from gce.retrieval.store_manifest import MANIFEST
     from gce.training.checkpoint import checkpoint_files
 
@@ -137,21 +159,33 @@ def run(args: argparse.Namespace) -> int:
         raise GceError("--root goes with --dataset")
     if args.split is not None and not args.dataset:  # not silently ignored
         raise GceError(f"--split {args.split} goes with --dataset; --images and --csv embed every image they list")
+    check_launch(args)
+    argv = worker_command(args.embed_parser, args)  # as the user gave it, for --nproc's processes
     args.split = args.split or "test"
     # The folder is checked before any image is listed or embedded: never inside an input, and
     # new, empty or a store of its own (embeddings.json), so that no file of the user's is touched.
     inputs = [args.images, args.csv, args.root, *checkpoint_files(args.checkpoint)]
     args.out = check_output_dir(args.out, what="--out", inputs=inputs, marker=MANIFEST)
+    ctx = join_job(args)  # torchrun's process group (a GPU each on cuda), or one process
+    device = "cpu" if args.nproc is not None else str(ctx.device)  # --nproc's launcher reads metadata only
     set_threads(args.threads)
     embedder = Embedder.from_checkpoint(
         args.checkpoint,
-        device=args.device,
+        device=device,
         batch_size=args.batch_size,
         runtime=args.runtime,
-        say=None if args.quiet else stderr_line("gce embed"),  # when the first batch opens the runtime
+        say=None if args.quiet or not ctx.is_main else stderr_line("gce embed"),  # when the first batch opens it
     )
     paths, labels, source = catalogue(args, _training_split_options(embedder.training_data, args))
     paths = [os.path.abspath(p) for p in paths]  # results must open from any working directory
+    embedder.export_onnx = len(paths) >= AUTO_EXPORT_MIN_IMAGES
+    if args.nproc is not None:  # the store opened here, once; then the processes embed
+        options = {"dtype": args.dtype, "shard_size": args.shard_size, "skip_bad": args.skip_bad, "source": source}
+        left = prepare_store(embedder, paths, labels, args.out, overwrite=args.overwrite, **options)
+        if left and args.runtime != "torch" and str(args.device).startswith("cpu"):
+            _ = embedder.runtime  # any export made once here, not by every process at the same time
+        del embedder
+        return launch(args, argv, left)
     info = embed_to_store(
         embedder,
         paths,
@@ -165,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         source=source,
         overwrite=args.overwrite,
+        ctx=ctx,
     )
+    if not ctx.is_main:  # rank 0 reports for the job
+        return 0
     resumed = f", resumed after {info.resumed_from:,}" if info.resumed_from else ""
     print(
         f"embedded {info.embedded:,} of {info.total:,} images from {shown_path(source)}{resumed}"

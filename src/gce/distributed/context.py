@@ -57,6 +57,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     timeout_s: float = 1800.0
+    timeout_key: str = "train.dist_timeout_s"  # the setting that sets timeout_s, named in its error
 
     @property
     def enabled(self) -> bool:
@@ -134,14 +135,19 @@ def _process_device(device_name: str, local_rank: int, world_size: int, key: str
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_name: str = "cpu", timeout_s: float = 1800.0, key: str = "train.device") -> DistContext:
+def init_distributed(
+    device_name: str = "cpu",
+    timeout_s: float = 1800.0,
+    key: str = "train.device",
+    timeout_key: str = "train.dist_timeout_s",
+) -> DistContext:
     """Join the process group torchrun describes in the environment, or return the single context.
 
     Idempotent: a second call (e.g. evaluation after training in the same process) reuses the group.
     """
     world_size = env_world_size()
     if world_size <= 1:
-        return DistContext(device=resolve_device(device_name, key), timeout_s=timeout_s)
+        return DistContext(device=resolve_device(device_name, key), timeout_s=timeout_s, timeout_key=timeout_key)
     stop_with_launcher()  # a worker whose launcher was killed must not train on alone
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     _env_int("MASTER_PORT")
@@ -155,7 +161,14 @@ def init_distributed(device_name: str = "cpu", timeout_s: float = 1800.0, key: s
             f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not match "
             f"RANK={rank} WORLD_SIZE={world_size}"
         )
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, timeout_s=timeout_s)
+    return DistContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        timeout_s=timeout_s,
+        timeout_key=timeout_key,
+    )
 
 
 def shutdown_distributed() -> None:
@@ -171,9 +184,9 @@ def _is_timeout(exc: BaseException) -> bool:
 
 def _is_peer_failure(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return any(
-        s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "socket closed", "no route")
-    )
+    # "connection was likely closed": the rendezvous store's host (rank 0 under gce's launcher) died.
+    peer_gone = ("connection closed by peer", "connection reset", "broken pipe", "socket closed", "no route")
+    return any(s in text for s in (*peer_gone, "connection was likely closed"))
 
 
 @contextmanager
@@ -186,7 +199,7 @@ def distributed_errors(ctx: DistContext) -> Iterator[None]:
             raise
         if _is_timeout(exc):
             raise CollectiveTimeout(
-                f"rank {ctx.rank}: a collective operation did not complete within train.dist_timeout_s="
+                f"rank {ctx.rank}: a collective operation did not complete within {ctx.timeout_key}="
                 f"{ctx.timeout_s:g} s; another rank hung or died (see its output)"
             ) from None
         if _is_peer_failure(exc):

@@ -30,7 +30,7 @@ from gce.io import check_run_folder
 from gce.training.parts import check_sampler_feasible
 from gce.training.run_folder import hold_run_folder, prepare_run_folder
 
-__all__ = ["check_process_count", "check_run_start", "hold_run_folder_of_job", "usable_cpus"]
+__all__ = ["check_local_capacity", "check_process_count", "check_run_start", "hold_run_folder_of_job", "usable_cpus"]
 
 
 def usable_cpus() -> int:
@@ -41,18 +41,26 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_process_count(cfg: ExperimentConfig, nproc: int, *, oversubscribe: bool = False) -> None:
-    """``--nproc`` against the machine and the config, before any process or file is touched."""
+def check_local_capacity(
+    device_name: str, nproc: int, *, oversubscribe: bool = False, key: str = "train.device"
+) -> None:
+    """``--nproc`` against this machine (any command that starts processes): not inside a job, at
+    most one process per GPU on cuda, per CPU core on cpu unless ``oversubscribe``."""
     check_not_in_a_job()
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
-    device = check_local_processes(cfg.train.device, nproc)  # cuda: at most one process per GPU
+    device = check_local_processes(device_name, nproc, key)  # cuda: at most one process per GPU
     cpus = usable_cpus()
     if device.type == "cpu" and nproc > cpus and not oversubscribe:
         raise ConfigError(
             f"--nproc {nproc} is more than the {cpus} CPU cores this process may use (each process holds "
             f"its own copy of the model and data); use --nproc {cpus} or fewer, or add --oversubscribe"
         )
+
+
+def check_process_count(cfg: ExperimentConfig, nproc: int, *, oversubscribe: bool = False) -> None:
+    """``--nproc`` against the machine and the config, before any process or file is touched."""
+    check_local_capacity(cfg.train.device, nproc, oversubscribe=oversubscribe)
     check_distributable(cfg, nproc)
 
 

@@ -138,7 +138,10 @@ class Embedder:
         self.model_id: str = model_fingerprint(model, self.preprocessing(), self.model_config)
         # opened on first use: a command's input errors come before any export, alone on stderr
         self._runtime: Runtime | None = None
-        self._runtime_request = (runtime, onnx_file, export_onnx, say)
+        self._runtime_request = (runtime, onnx_file, say)
+        #: ``auto`` may export the model to ONNX (seconds) when no ONNX file is there yet; settable
+        #: until the runtime opens (``gce embed`` allows it only for catalogues that repay it)
+        self.export_onnx = export_onnx
 
     @property
     def runtime(self) -> Runtime:
@@ -147,8 +150,8 @@ class Embedder:
         if self._runtime is None:
             from gce.retrieval.runtimes import open_runtime
 
-            runtime, onnx_file, export_onnx, say = self._runtime_request
-            opened = open_runtime(self, runtime, onnx_file=onnx_file, export=export_onnx, say=say)
+            runtime, onnx_file, say = self._runtime_request
+            opened = open_runtime(self, runtime, onnx_file=onnx_file, export=self.export_onnx, say=say)
             if say is not None:
                 say(f"runtime {opened.name}: {opened.describe()}")
             self._runtime = opened

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,16 @@ from gce.io import remove_stale_temporaries
 from gce.retrieval.embedder import learner_slices_problem
 from gce.retrieval.files import check_checksum, read_manifest, write_checked_manifest
 
-__all__ = ["DTYPES", "FORMAT", "MANIFEST", "open_store", "read_store_manifest", "shard_name"]
+__all__ = [
+    "DTYPES",
+    "FORMAT",
+    "MANIFEST",
+    "check_shard_record",
+    "damaged_as_error",
+    "open_store",
+    "read_store_manifest",
+    "shard_name",
+]
 
 MANIFEST = "embeddings.json"
 FORMAT = "gce-embeddings-1"
@@ -31,6 +42,15 @@ def shard_name(number: int) -> str:
 
 class _Damaged(Exception):
     pass
+
+
+@contextmanager
+def damaged_as_error(path: Path) -> Iterator[None]:
+    """A failed content check of the file ``path`` as one line naming it."""
+    try:
+        yield
+    except _Damaged as exc:
+        raise DatasetError(f"{path}: damaged ({exc})") from None
 
 
 def read_store_manifest(path: Path, what: str = "gce embeddings folder") -> dict[str, Any]:
@@ -70,7 +90,7 @@ def _check(m: dict[str, Any]) -> None:
     _need(isinstance(shards, list), "shards must be a list")
     done = skipped = 0
     for number, shard in enumerate(shards):
-        _check_shard(number, shard, done, min(done + size, total))
+        check_shard_record(number, shard, done, min(done + size, total))
         done, skipped = shard["stop"], skipped + shard["skipped"]
         if done == total:
             _need(number == len(shards) - 1, f"shards after the last item (shard {number + 1})")
@@ -81,7 +101,8 @@ def _check(m: dict[str, Any]) -> None:
     _need(writing in (None, shard_name(len(shards))), f"writing names {writing!r}, not the next shard")
 
 
-def _check_shard(number: int, shard: Any, start: int, stop: int) -> None:
+def check_shard_record(number: int, shard: Any, start: int, stop: int) -> None:
+    """Shard ``number``'s record (its file, range, counts, skipped images, checksum) is consistent."""
     where = f"shard {number}"
     _need(isinstance(shard, dict), f"{where} is not an object")
     _need(shard.get("file") == shard_name(number), f"{where} must be the file {shard_name(number)}")
@@ -117,9 +138,17 @@ def _remove_leftovers(out: Path, manifest: dict[str, Any], keep_listed: bool) ->
     manifest["writing"] = None
 
 
-def open_store(out: Path, job: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+def open_store(
+    out: Path,
+    job: dict[str, Any],
+    overwrite: bool,
+    in_parts: Callable[[dict[str, Any]], list[str]] | None = None,
+) -> dict[str, Any]:
     """The manifest to continue: the store's own when it resumes the same ``job``, else a new one
-    (``overwrite``: after removing the files the old manifest records, and nothing else)."""
+    (``overwrite``: after removing the files the old manifest records, and nothing else).
+    ``in_parts(manifest)``: the files the part files of that manifest's job record (their shards
+    and themselves, :mod:`.store_parts`): the store's own too."""
+    in_parts = in_parts or (lambda manifest: [])
     path = out / MANIFEST
     if path.exists():
         try:
@@ -134,8 +163,11 @@ def open_store(out: Path, job: dict[str, Any], overwrite: bool) -> dict[str, Any
             for shard in old["shards"]:  # a resumed run trusts only complete, intact shards
                 check_checksum(out / shard["file"], shard["sha256"])
             _remove_leftovers(out, old, keep_listed=True)
-            _refuse_strangers(out, old, job)
+            _refuse_strangers(out, old, job, set(in_parts(old)))
             return old
+        for name in in_parts(old):
+            remove_stale_temporaries(out / name)
+            (out / name).unlink(missing_ok=True)
         _remove_leftovers(out, old, keep_listed=False)
     manifest = {
         "format": FORMAT,
@@ -146,7 +178,7 @@ def open_store(out: Path, job: dict[str, Any], overwrite: bool) -> dict[str, Any
         "embedded": 0,
         "skipped": 0,
     }
-    _refuse_strangers(out, manifest, job)
+    _refuse_strangers(out, manifest, job, set())
     write_checked_manifest(path, manifest)
     return manifest
 
@@ -167,13 +199,13 @@ def _check_same_job(out: Path, old: dict[str, Any], job: dict[str, Any]) -> None
             )
 
 
-def _refuse_strangers(out: Path, manifest: dict[str, Any], job: dict[str, Any]) -> None:
+def _refuse_strangers(out: Path, manifest: dict[str, Any], job: dict[str, Any], own: set[str]) -> None:
     """Refuse a file this store did not write at a name it is about to write (never replaced)."""
     first = len(manifest["shards"])
     last = -(-job["items_total"] // job["shard_size"])
     for number in range(first, last):
         name = shard_name(number)
-        if os.path.lexists(out / name):
+        if name not in own and os.path.lexists(out / name):
             raise GceError(
                 f"{out / name} was not written by this store (its manifest does not list it);"
                 " it is not replaced: move it away or choose another --out"
