@@ -14,7 +14,10 @@
 # 4. the `gce eval` pipeline at SOP size: 60,000 images embedded on the GPU (ResNet-50, 224 px,
 #    generated images), then the 60,000 x 512 retrieval + clustering metrics;
 # 5. the effect of train.channels_last, cudnn.benchmark, train.amp and (last, on its own: it
-#    compiles for a minute or more) train.compile on the GCE K=4 step (benchmarks/step_options.py).
+#    compiles for a minute or more) train.compile on the GCE K=4 step (benchmarks/step_options.py);
+# 6. ViT-S/16 (timm/vit_small_patch16_224) 224 px training throughput, GCE K=4 and K=8 on the 14 x 14
+#    patch-token grid against the single-metric head, fp32 and bf16 (random weights; needs timm);
+#    skipped without a CUDA device (the CPU rehearsal runs it at 32 px) or without timm.
 # Every section has its own time limit and a failed one does not stop the others. Each row of the
 # table is printed as soon as it is known; the script ends with the whole table. Nothing is written
 # outside a temporary folder (and GPU_CHECK_OUT when given).
@@ -116,6 +119,28 @@ if run 200 "$LOGS/compile.log" "$PY" benchmarks/step_options.py --device "$DEVIC
   options_rows "$LOGS/compile.log"
 else
   row "step option: compile" "FAILED"
+fi
+
+section "6. ViT-S/16 throughput on the $DEVICE"
+VIT=timm/vit_small_patch16_224
+VIT_SIZE=224 VIT_ARGS=(--k 4 8 --classes 16 --per-class 4 --steps 10 --warmup 3)
+# toy sizes on the CPU (the size a multiple of the patch, 16): checks the section, not the speed
+[ "$DEVICE" = cpu ] && VIT_SIZE=32 VIT_ARGS=(--k 4 --classes 4 --per-class 2 --steps 2 --warmup 1)
+if [ "$DEVICE" != cpu ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  row "$VIT throughput" "skipped: no CUDA device"
+elif ! "$PY" -c "import timm" 2>/dev/null; then
+  row "$VIT throughput" "skipped: timm not installed (pip install 'gce-dml[timm]')"
+else
+  for precision in fp32 bf16; do
+    amp=$([ $precision = bf16 ] && echo --amp)
+    if run 150 "$LOGS/vit_$precision.log" "$PY" benchmarks/head_step_ratio.py --device "$DEVICE" \
+        --backbone "$VIT" --size "$VIT_SIZE" --pretrained no --flush off "${VIT_ARGS[@]}" $amp; then
+      awk -v p="$precision" -v s="$VIT_SIZE" '/^timm/ {split($5, pm, /[x,]/); batch=pm[1]*pm[2]} $1=="random" {printf "vit_small_patch16 %spx %s, batch %s, K=%s\tGCE %s img/s, single %s img/s, time ratio %s, FLOP ratio %s, peak GiB GCE %s / single %s\n", s, p, batch, $3, $6, $7, $8, $10, $12, $13}' \
+          "$LOGS/vit_$precision.log" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
+    else
+      row "$VIT throughput $precision" "FAILED"
+    fi
+  done
 fi
 
 echo
