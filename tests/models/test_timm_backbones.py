@@ -263,3 +263,27 @@ def test_importing_the_models_and_the_config_does_not_import_timm() -> None:
     code = "import sys, gce.cli, gce.config, gce.models; print('timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_a_vit_run_trains_and_its_model_file_reloads(tmp_path: Path, shape_folder: Path) -> None:
+    from gce.training.checkpoint import load_model
+    from helpers.tiny_training import run_train, write_config
+
+    out = tmp_path / "run"
+    config = write_config(tmp_path, shape_folder, out)
+    overrides = [
+        "model.backbone=timm/vit_small_patch14_dinov2",
+        "data.image_size=28",
+        "data.test_resize=28",
+        "train.epochs=1",
+        "sampler.batches_per_epoch=2",
+        "train.trackers=[]",
+    ]
+    assert run_train(config, *overrides) == 0
+    model, cfg = load_model(out / "model.pt")  # rebuilt with pretrained=false, the run's weights loaded
+    assert cfg.model.backbone == "timm/vit_small_patch14_dinov2" and isinstance(model.trunk, ViTTrunk)
+    images = _images("timm/vit_small_patch14_dinov2", seed=5)
+    with torch.no_grad():
+        z = model.eval()(images)
+    assert z.shape == (2, 32) and torch.isfinite(z).all()
