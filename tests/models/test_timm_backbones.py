@@ -287,3 +287,9 @@ def test_a_vit_run_trains_and_its_model_file_reloads(tmp_path: Path, shape_folde
     with torch.no_grad():
         z = model.eval()(images)
     assert z.shape == (2, 32) and torch.isfinite(z).all()
+
+
+def test_a_vit_given_images_off_its_patch_grid_says_so(models: dict[str, EmbeddingModel]) -> None:
+    trunk = models["timm/vit_small_patch14_dinov2"].trunk.eval()
+    with pytest.raises(ConfigError, match=r"images of 30 x 28 px are not a multiple of the patch size 14"):
+        trunk(torch.zeros(1, 3, 30, 28))
