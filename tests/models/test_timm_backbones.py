@@ -293,3 +293,12 @@ def test_a_vit_given_images_off_its_patch_grid_says_so(models: dict[str, Embeddi
     trunk = models["timm/vit_small_patch14_dinov2"].trunk.eval()
     with pytest.raises(ConfigError, match=r"images of 30 x 28 px are not a multiple of the patch size 14"):
         trunk(torch.zeros(1, 3, 30, 28))
+
+
+def test_model_weights_is_in_a_dump_only_when_set() -> None:
+    # Configs without it dump (config.yaml, checkpoints, gce.Embedder's model id) what they did before it.
+    plain = config_from_dict(_experiment("resnet50", 224))
+    assert "weights" not in plain.to_dict()["model"] and "weights" not in plain.model.model_dump()
+    given = config_from_dict(_experiment("resnet50", 224, weights="w.pth"))
+    assert given.to_dict()["model"]["weights"] == "w.pth"
+    assert config_from_dict(given.to_dict()) == given

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from gce.config.checks import check_experiment
 from gce.config.model_checks import check_image_size, check_model_config
@@ -76,6 +84,15 @@ class ModelConfig(_Section):
         description="a local state-dict file (.pth/.pt/.safetensors, torchvision or timm format) the pretrained "
         "weights come from instead of the torchvision/timm download; loaded strictly",
     )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_weights(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Unset, model.weights is left out of every dump (config.yaml, checkpoints, the model id of
+        # gce.Embedder), so those of configs without it stay byte for byte what they were before it.
+        data: dict[str, Any] = handler(self)
+        if self.weights is None:
+            data.pop("weights", None)
+        return data
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
