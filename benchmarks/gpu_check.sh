@@ -18,6 +18,9 @@
 # 6. embedding images/s of each inference runtime (benchmarks/inference_floor.py --device-table):
 #    torch on CUDA, ONNX Runtime's CUDA and TensorRT providers when its build has them (a row says
 #    "skipped" otherwise); on a CPU-only machine torch and ONNX Runtime on the CPU.
+# 7. ViT-S/16 (timm/vit_small_patch16_224) 224 px training throughput, GCE K=4 and K=8 on the 14 x 14
+#    patch-token grid against the single-metric head, fp32 and bf16 (random weights; needs timm);
+#    skipped without a CUDA device (the CPU rehearsal runs it at 32 px) or without timm.
 # Every section has its own time limit and a failed one does not stop the others. Each row of the
 # table is printed as soon as it is known; the script ends with the whole table. Nothing is written
 # outside a temporary folder (and GPU_CHECK_OUT when given).
@@ -127,6 +130,28 @@ if run 240 "$LOGS/runtimes.log" "$PY" benchmarks/inference_floor.py --checkpoint
   grep -P '\t' "$LOGS/runtimes.log" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
 else
   row "inference runtimes" "FAILED"
+fi
+
+section "7. ViT-S/16 throughput on the $DEVICE"
+VIT=timm/vit_small_patch16_224
+VIT_SIZE=224 VIT_ARGS=(--k 4 8 --classes 16 --per-class 4 --steps 10 --warmup 3)
+# toy sizes on the CPU (the size a multiple of the patch, 16): checks the section, not the speed
+[ "$DEVICE" = cpu ] && VIT_SIZE=32 VIT_ARGS=(--k 4 --classes 4 --per-class 2 --steps 2 --warmup 1)
+if [ "$DEVICE" != cpu ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  row "$VIT throughput" "skipped: no CUDA device"
+elif ! "$PY" -c "import timm" 2>/dev/null; then
+  row "$VIT throughput" "skipped: timm not installed (pip install 'gce-dml[timm]')"
+else
+  for precision in fp32 bf16; do
+    amp=$([ $precision = bf16 ] && echo --amp)
+    if run 150 "$LOGS/vit_$precision.log" "$PY" benchmarks/head_step_ratio.py --device "$DEVICE" \
+        --backbone "$VIT" --size "$VIT_SIZE" --pretrained no --flush off "${VIT_ARGS[@]}" $amp; then
+      awk -v p="$precision" -v s="$VIT_SIZE" '/^timm/ {split($5, pm, /[x,]/); batch=pm[1]*pm[2]} $1=="random" {printf "vit_small_patch16 %spx %s, batch %s, K=%s\tGCE %s img/s, single %s img/s, time ratio %s, FLOP ratio %s, peak GiB GCE %s / single %s\n", s, p, batch, $3, $6, $7, $8, $10, $12, $13}' \
+          "$LOGS/vit_$precision.log" | while IFS=$'\t' read -r name value; do row "$name" "$value"; done
+    else
+      row "$VIT throughput $precision" "FAILED"
+    fi
+  done
 fi
 
 echo

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from gce.config import ModelConfig
+from gce.config.vocabulary import BACKBONE_NAMES
 from gce.losses import GCELoss
 from gce.models import build_model
 from gce.runtime import set_flush_denormal_in_openmp_workers
@@ -226,7 +227,7 @@ def find_denormals(args: argparse.Namespace, pretrained: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="mobilenet_v2", choices=["resnet18", "resnet50", "googlenet", "mobilenet_v2"])
+    p.add_argument("--backbone", default="mobilenet_v2", choices=BACKBONE_NAMES)
     p.add_argument("--size", type=int, default=64, help="image size (px)")
     p.add_argument("--pretrained", choices=["yes", "no", "both"], default="both")
     p.add_argument("--flush", choices=["on", "off", "both"], default="both")

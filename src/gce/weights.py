@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gce.errors import GceError
 from gce.io import atomic_path, sha256_file
-from gce.models.backbones import available_backbones, weights_cache_path
+from gce.models.backbones import BACKBONES, weights_cache_path
 
 __all__ = [
     "OFFLINE_PACKAGE",
@@ -139,5 +139,5 @@ def install_offline_weights(quiet: bool = False) -> list[Path]:
 
 
 def weights_status() -> dict[str, bool]:
-    """For each backbone: whether its ImageNet weights file is in the torch hub cache."""
-    return {name: weights_cache_path(name).is_file() for name in available_backbones()}
+    """For each backbone: whether its pretrained weights are cached (torch hub cache; timm: Hugging Face cache)."""
+    return {name: BACKBONES[name].pretrained.is_cached() for name in BACKBONES}

@@ -17,6 +17,7 @@ from gce.training.optim import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
 from gce.training.trackers import TRACKER_REGISTRY
 
 REGISTRIES = {
+    "backbone": (BACKBONES, vocabulary.BACKBONE_NAMES),
     "dataset": (DATASETS, vocabulary.DATASET_NAMES),
     "head": (HEAD_REGISTRY, vocabulary.HEADS),
     "strategy": (STRATEGY_REGISTRY, vocabulary.STRATEGY_NAMES),
@@ -37,7 +38,7 @@ def test_every_name_the_config_accepts_has_a_factory(kind):
 
 def test_backbones_match_the_vocabulary_and_its_channel_table():
     assert tuple(BACKBONES) == vocabulary.BACKBONE_NAMES
-    assert {name: spec.channels for name, spec in BACKBONES.items()} == vocabulary.BACKBONE_CHANNELS
+    assert {name: BACKBONES[name].channels for name in BACKBONES} == vocabulary.BACKBONE_CHANNELS
 
 
 def test_a_registry_refuses_names_outside_its_vocabulary_and_twice():

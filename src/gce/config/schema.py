@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from gce.config.checks import check_experiment
-from gce.config.model_checks import check_model_config
+from gce.config.model_checks import check_image_size, check_model_config
 from gce.config.vocabulary import (
     PROXY_LOSSES,
     BackboneName,
@@ -71,6 +79,20 @@ class ModelConfig(_Section):
     block: BlockKind = Field("conv3x3", description="gce head: grouped layers of the block")
     block_residual: bool = Field(False, description="gce head: ReLU(trunk features + block output)")
     grouped_trunk_layers: int = Field(0, ge=0, description="last trunk layers each learner owns a copy of (0: shared)")
+    weights: str | None = Field(
+        None,
+        description="a local state-dict file (.pth/.pt/.safetensors, torchvision or timm format) the pretrained "
+        "weights come from instead of the torchvision/timm download; loaded strictly",
+    )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_weights(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Unset, model.weights is left out of every dump (config.yaml, checkpoints, the model id of
+        # gce.Embedder), so those of configs without it stay byte for byte what they were before it.
+        data: dict[str, Any] = handler(self)
+        if self.weights is None:
+            data.pop("weights", None)
+        return data
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -221,6 +243,7 @@ class ExperimentConfig(_Section):
                 "train.sync_bn=true needs model.freeze_bn=false (frozen BatchNorm layers use their "
                 "running statistics and have nothing to synchronise)"
             )
+        check_image_size(m.backbone, self.data.image_size)  # a ViT's patch grid tiles the image
         lo, hi = self.data.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"data.crop_scale={list(self.data.crop_scale)} must satisfy 0 < min <= max <= 1")

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 __all__ = [
     "BACKBONE_CHANNELS",
     "BACKBONE_NAMES",
+    "BACKBONE_PATCH",
     "BALANCE_BY",
     "BLOCK_KINDS",
     "DATASET_NAMES",
@@ -56,10 +57,33 @@ DatasetName = Literal["cub", "cars196", "sop", "inshop", "folder", "csv", "emoji
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 # Each choice is a Literal type (what the config schema and mypy check) and its names as a tuple.
-BackboneName = Literal["resnet18", "resnet50", "googlenet", "mobilenet_v2"]
+#: Trunks: torchvision's under their torchvision names, timm's as ``timm/<timm model name>`` (the
+#: prefix says where the architecture and its pretrained weights come from; torchvision has a
+#: ConvNeXt-T too). The timm ones need the ``timm`` extra.
+BackboneName = Literal[
+    "resnet18",
+    "resnet50",
+    "googlenet",
+    "mobilenet_v2",
+    "timm/convnext_tiny",
+    "timm/vit_small_patch16_224",
+    "timm/vit_small_patch14_dinov2",
+]
 BACKBONE_NAMES: tuple[str, ...] = get_args(BackboneName)
-#: Trunk name -> channels of its last feature map (what the embedding head receives).
-BACKBONE_CHANNELS: dict[str, int] = {"resnet18": 512, "resnet50": 2048, "googlenet": 1024, "mobilenet_v2": 1280}
+#: Trunk name -> channels of its last feature map (what the embedding head receives), for the
+#: torch-free config checks; tests/models checks it against each built trunk (timm's num_features).
+BACKBONE_CHANNELS: dict[str, int] = {
+    "resnet18": 512,
+    "resnet50": 2048,
+    "googlenet": 1024,
+    "mobilenet_v2": 1280,
+    "timm/convnext_tiny": 768,
+    "timm/vit_small_patch16_224": 384,
+    "timm/vit_small_patch14_dinov2": 384,
+}
+#: Vision transformers -> their patch size: the image size must be a multiple of it (the patch
+#: tokens become the feature map's grid).
+BACKBONE_PATCH: dict[str, int] = {"timm/vit_small_patch16_224": 16, "timm/vit_small_patch14_dinov2": 14}
 
 #: Embedding heads: the group channel-wise block, and the dense layer split between learners.
 Head = Literal["gce", "linear_split"]

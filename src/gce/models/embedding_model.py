@@ -108,15 +108,16 @@ def build_model(model: ModelConfig, *, pretrained: bool | None = None, allow_dow
     one-line :class:`~gce.errors.ConfigError` naming the key, e.g.
     ``model.embedding_dim=100 is not divisible by model.num_learners=3``), so nothing is checked
     twice. ``pretrained`` overrides ``model.pretrained`` (``False`` when checkpoint weights follow);
-    missing ImageNet weights raise :class:`~gce.errors.GceError` (see
-    :func:`~gce.models.backbones.build_trunk`). The ``linear_split`` head ignores the GCE block's
-    values (``block_channels``, ``input_mixing``, ``block``, ``block_residual``). With
+    pretrained weights come from ``model.weights`` when set, else the torchvision/timm cache; a missing
+    file raises :class:`~gce.errors.GceError` (see :func:`~gce.models.backbones.build_trunk`). The
+    ``linear_split`` head ignores the GCE block's values (``block_channels``, ``input_mixing``, ``block``,
+    ``block_residual``). With
     ``grouped_trunk_layers > 0`` each learner owns a copy of the trunk's last layers
     (:class:`~gce.models.grouped_trunk.GroupedTrunk`). ``freeze_bn`` freezes the trunk's BatchNorm
     layers only: the head's BatchNorm is new and must learn.
     """
     use_pretrained = model.pretrained if pretrained is None else pretrained
-    trunk, channels = build_trunk(model.backbone, use_pretrained, allow_download=allow_download)
+    trunk, channels = build_trunk(model.backbone, use_pretrained, allow_download=allow_download, weights=model.weights)
     if model.grouped_trunk_layers:
         trunk = GroupedTrunk(trunk, channels, model.num_learners, model.grouped_trunk_layers)
     if model.freeze_bn:
