@@ -9,13 +9,22 @@ coordinators and nodes) and its metrics/health port on all interfaces, ``*:PORT`
 are configurable), and its embedded etcd listens on 127.0.0.1:2379 and 127.0.0.1:2380 whatever
 ``etcd_port`` says (the package's template has no key for the embedded etcd's own config), so
 two servers cannot run at once on one machine.
+
+So the server tests run in a network namespace of their own whose only interface is loopback
+(:func:`loopback_only_command`: ``unshare --net --map-root-user``): there, "all interfaces" is
+127.0.0.1, nothing outside can reach the server, and its fixed etcd ports clash with nobody. The
+fixture starts a server only inside such a namespace (``GCE_TEST_LOOPBACK_ONLY=1``, set by
+tests/retrieval/test_milvus_server.py, which runs the server tests there).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +40,35 @@ def _cannot_run() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"the {module} package is not installed (pip install 'gce-dml[test]')"
     return None
+
+
+#: Set in the loopback-only namespace that tests/retrieval/test_milvus_server.py runs the server tests in.
+LOOPBACK_ONLY_ENV = "GCE_TEST_LOOPBACK_ONLY"
+
+# Run in the new namespace before anything else: its loopback interface starts down.
+_LOOPBACK_UP = """
+import fcntl, os, socket, struct, sys
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0))[:18])[1]
+    fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+    if len(socket.if_nameindex()) != 1:
+        sys.exit("not a loopback-only namespace")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def loopback_only_command(python_args: list[str]) -> tuple[list[str] | None, str]:
+    """``(command, "")`` running ``python python_args...`` in a new network namespace with loopback
+    up and nothing else, or ``(None, why not)`` where this machine cannot make one."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None, "no unshare command (util-linux)"
+    command = [unshare, "--net", "--map-root-user", sys.executable, "-c", _LOOPBACK_UP]
+    probe = subprocess.run([*command, "-c", "pass"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return None, f"unshare --net --map-root-user failed: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+    return [*command, *python_args], ""
 
 
 def _etcd_ports_taken() -> list[int]:
@@ -67,6 +105,8 @@ def start_server(base_dir: Path):
 @pytest.fixture(scope="session")
 def milvus_uri(tmp_path_factory):
     """``http://127.0.0.1:PORT`` of a Milvus server started for this test session."""
+    if os.environ.get(LOOPBACK_ONLY_ENV) != "1":  # never on the machine's own interfaces
+        pytest.skip("the Milvus 2.3 server tests run in a loopback-only namespace (test_milvus_server.py)")
     reason = _cannot_run()
     if reason is None and (taken := _etcd_ports_taken()):
         reason = f"port {taken[0]} of 127.0.0.1 (Milvus 2.3's embedded etcd, not configurable) is in use"
