@@ -12,9 +12,19 @@ from gce.cli import main
 from gce.retrieval.filters import parse_filter
 from gce.retrieval.milvus_build import build_milvus_index
 from gce.retrieval.vectors import query_vectors, stored_vectors
+from helpers.faiss_state import faiss_without_torch_utils
 from helpers.retrieval_fixtures import clustered_embeddings, model_meta
 
 pytest.importorskip("milvus_lite")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _faiss_as_milvus_lite_expects():
+    """milvus-lite runs faiss in this process: undo faiss.contrib.torch_utils if an earlier test imported it."""
+    with faiss_without_torch_utils():
+        yield
+
+
 N, DIM, K = 1200, 32, 4
 SCORE_ATOL = 4 * DIM * float(np.finfo(np.float32).eps)  # as in test_milvus_index
 
