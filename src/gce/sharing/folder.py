@@ -96,7 +96,9 @@ def save_model_folder(
     # Copies: safetensors refuses tensors that share memory, and the file must not depend on how
     # the module happens to store them.
     tensors = {key: value.detach().to("cpu").clone().contiguous() for key, value in model.state_dict().items()}
-    payload = save(tensors, metadata={"format": "pt", "gce_format": str(FORMAT)})
+    # One metadata key: safetensors writes its metadata map in hash order, which differs between
+    # calls, and the same model must give the same bytes (gce's layout version is in config.json).
+    payload = save(tensors, metadata={"format": "pt"})
     meta = {
         "gce_format": FORMAT,
         "library_name": "gce",
