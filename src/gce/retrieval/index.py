@@ -62,6 +62,15 @@ def _positive(value: Any, what: str) -> int:
     return int(value)
 
 
+def refuse_other_model(index_path: Path, index_model_id: str, model_id: str, what: str) -> None:
+    """The one-line refusal of embeddings of another model than an index's (every back end)."""
+    if model_id != index_model_id:
+        raise GceError(
+            f"{index_path}: the index was built with model {index_model_id[:12]}, but {what} is"
+            f" model {model_id[:12]}; embed the catalogue with this model or use its index"
+        )
+
+
 class SearchIndex:
     """A loaded index folder: the faiss index, the id -> (path, label) table and the manifest."""
 
@@ -124,11 +133,7 @@ class SearchIndex:
 
     def check_model(self, model_id: str, what: str = "the model") -> None:
         """Refuse queries embedded by another model than the one the index was built with."""
-        if model_id != self.model_id:
-            raise GceError(
-                f"{self.path}: the index was built with model {self.model_id[:12]}, but {what} is"
-                f" model {model_id[:12]}; embed the catalogue with this model or use its index"
-            )
+        refuse_other_model(self.path, self.model_id, model_id, what)
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Override the build-time default (more cells probed / a wider graph search: slower, more recall).

@@ -26,7 +26,7 @@ from gce.io import user_path
 from gce.retrieval.embedder import normalize_learners, slices_from_json
 from gce.retrieval.files import read_manifest, write_checked_manifest
 from gce.retrieval.filters import ItemFilter
-from gce.retrieval.index import SearchHit
+from gce.retrieval.index import SearchHit, refuse_other_model
 from gce.retrieval.index_files import writer_lock
 from gce.retrieval.index_manifest import MANIFEST, ManifestError, check_model_meta
 from gce.retrieval.milvus_schema import (
@@ -130,11 +130,7 @@ class MilvusIndex:
         return int(rows[0]["count(*)"])
 
     def check_model(self, model_id: str, what: str = "the model") -> None:
-        if model_id != self.model_id:
-            raise GceError(
-                f"{self.path}: the index was built with model {self.model_id[:12]}, but {what} is"
-                f" model {model_id[:12]}; embed the catalogue with this model or use its index"
-            )
+        refuse_other_model(self.path, self.model_id, model_id, what)
 
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
         if nprobe is not None and self.index_type != "ivf":
