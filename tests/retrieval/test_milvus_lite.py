@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from gce.cli import main
+from gce.errors import GceError
+from gce.retrieval import open_index
 from gce.retrieval.filters import parse_filter
 from gce.retrieval.milvus_build import build_milvus_index
 from gce.retrieval.vectors import query_vectors, stored_vectors
@@ -148,3 +150,26 @@ def test_service_searches_a_milvus_index_by_item(hnsw, data):
             service.search_item(N + 5, 5, None, None)
     finally:
         service.close()
+
+
+def test_delete_by_paths_counts_and_refuses_unknown_paths(data, tmp_path):
+    x, labels, paths = data
+    index, _ = build_milvus_index(
+        x[:40],
+        paths[:40],
+        labels[:40],
+        tmp_path / "idx",
+        model_meta(DIM, K),
+        uri=str(tmp_path / "d.db"),
+        index_type="flat",
+    )
+    with pytest.raises(GceError, match="1 path\\(s\\) are not live items"):
+        index.ids_of_paths([paths[3], "/img/nowhere.png"])
+    ids = index.ids_of_paths([paths[3], paths[7], paths[3]])
+    assert ids == [3, 7]
+    assert index.delete(ids) == 2
+    assert (index.size, index.deleted) == (38, 2)
+    reopened = open_index(tmp_path / "idx")
+    assert (reopened.size, reopened.deleted) == (38, 2)
+    with pytest.raises(GceError, match="not live items"):
+        reopened.ids_of_paths([paths[3]])

@@ -71,6 +71,14 @@ def refuse_other_model(index_path: Path, index_model_id: str, model_id: str, wha
         )
 
 
+def refuse_missing_paths(index_path: Path, missing: Sequence[str]) -> None:
+    """The one-line refusal of paths that no live item of an index has (naming the first three)."""
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(repr(p) for p in missing[:3]) + more
+        raise GceError(f"{len(missing)} path(s) are not live items of {index_path}: {shown}")
+
+
 class SearchIndex:
     """A loaded index folder: the faiss index, the id -> (path, label) table and the manifest."""
 
@@ -301,10 +309,7 @@ class SearchIndex:
         """The ids of the live items stored under ``paths`` (as stored: the paths the index lists);
         a path that no live item has is a one-line error naming the first few."""
         ids, missing = self._items.live_ids_of(paths)
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            shown = ", ".join(repr(p) for p in missing[:3]) + more
-            raise GceError(f"{len(missing)} path(s) are not live items of {self.path}: {shown}")
+        refuse_missing_paths(self.path, missing)
         return ids
 
     def _live_ids(self, ids: Sequence[int]) -> list[int]:

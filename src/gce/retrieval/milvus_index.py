@@ -26,7 +26,7 @@ from gce.io import user_path
 from gce.retrieval.embedder import normalize_learners, slices_from_json
 from gce.retrieval.files import read_manifest, write_checked_manifest
 from gce.retrieval.filters import ItemFilter
-from gce.retrieval.index import SearchHit, refuse_other_model
+from gce.retrieval.index import SearchHit, refuse_missing_paths, refuse_other_model
 from gce.retrieval.index_files import writer_lock
 from gce.retrieval.index_manifest import MANIFEST, ManifestError, check_model_meta
 from gce.retrieval.milvus_schema import (
@@ -327,10 +327,7 @@ class MilvusIndex:
         error naming the first few (as :meth:`SearchIndex.ids_of_paths`)."""
         found = ids_by_path(self._client, self.collection, [str(p) for p in paths])
         missing = [p for p in dict.fromkeys(str(p) for p in paths) if p not in found]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            shown = ", ".join(repr(p) for p in missing[:3]) + more
-            raise GceError(f"{len(missing)} path(s) are not live items of {self.path}: {shown}")
+        refuse_missing_paths(self.path, missing)
         return sorted({i for ids in found.values() for i in ids})
 
     def close(self) -> None:
