@@ -8,7 +8,8 @@ growth; Milvus: the server process' resident memory after loading), queries/s at
 batch 256 and recall@10 of ``--queries`` held-out queries against exact search (the faiss flat
 index), at the search setting the build chose (>= 0.95 on its sample, fastest). The Milvus
 server is the pip package's (Milvus 2.3.5) on 127.0.0.1, started and stopped here (one vector
-field per collection: Milvus 2.3). Each row is printed when it is done.
+field per collection: Milvus 2.3), in a network namespace whose only interface is loopback (the
+server binds all interfaces: tests/helpers/milvus_server.py). Each row is printed when it is done.
 
     nice -n 10 python benchmarks/index_scale.py --n 1000000
     python benchmarks/index_scale.py --n 20000      # a rehearsal
@@ -17,6 +18,7 @@ field per collection: Milvus 2.3). Each row is printed when it is done.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -128,6 +130,13 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--sample", type=int, default=200, help="build-time recall sample (the default setting)")
     args = p.parse_args()
+    from helpers.milvus_server import LOOPBACK_ONLY_ENV, loopback_only_command
+
+    if os.environ.get(LOOPBACK_ONLY_ENV) != "1":  # re-run in a loopback-only namespace
+        command, why_not = loopback_only_command([__file__, *sys.argv[1:]])
+        if command is None:
+            sys.exit(f"cannot start the Milvus server on loopback only: {why_not}")
+        os.execve(command[0], command, {**os.environ, LOOPBACK_ONLY_ENV: "1"})
     # A timeout's SIGTERM unwinds (the finally blocks stop the Milvus server and remove its data).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
