@@ -322,7 +322,10 @@ def _embed_range(embedder, paths, start, stop, stream, advance):
         for pos, error in zip(positions.tolist(), errors, strict=True):
             if error:
                 bad.append((shown_path(paths[pos]), error))
-        if ok.any():
+        if ok.all():  # the usual case: no copy (and no torch thread pool woken beside the runtime's)
+            chunks.append(embedder.embed_tensors(images))
+            ids.append(positions.numpy())
+        elif ok.any():
             chunks.append(embedder.embed_tensors(images[torch.from_numpy(ok)]))
             ids.append(positions.numpy()[ok])
         seen += len(errors)
