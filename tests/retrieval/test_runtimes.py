@@ -181,3 +181,38 @@ def test_an_input_error_comes_alone_before_any_export(tmp_path, capsys, exports)
     err = capsys.readouterr().err.strip()
     assert err.startswith("gce: error: --images") and "\n" not in err
     assert exports == [] and not (tmp_path / "model.pt.onnx-cache").exists()  # opened on first use only
+
+
+def _two_thread_onnx(checkpoint, onnx_embedder) -> Embedder:
+    embedder = Embedder.from_checkpoint(checkpoint, runtime="onnx")
+    embedder.runtime = rt.OnnxRuntime(onnx_embedder.runtime.path, embedder.device, threads=2)
+    return embedder
+
+
+def test_batch_lanes_run_single_threaded_sessions_and_return_batches_in_order(checkpoint, onnx_embedder, images):
+    from gce.retrieval.batch_lanes import BatchLanes
+
+    embedder = _two_thread_onnx(checkpoint, onnx_embedder)
+    got: list[tuple[int, np.ndarray]] = []
+    with BatchLanes(embedder) as lanes:
+        assert (lanes.lanes, lanes.runtime.threads) == (2, 1)
+        for number in range(len(images)):  # one image per batch: 6 batches on 2 lanes
+            lanes.submit(images[number : number + 1], np.array([number]), lambda e, ids: got.append((int(ids[0]), e)))
+        lanes.drain(lambda e, ids: got.append((int(ids[0]), e)))
+    assert [number for number, _ in got] == list(range(len(images)))
+    np.testing.assert_allclose(
+        np.concatenate([e for _, e in got]), embedder.embed_tensors(images), rtol=0, atol=EMBED_ATOL
+    )
+    with BatchLanes(Embedder.from_checkpoint(checkpoint, runtime="torch")) as lanes:
+        assert lanes.lanes == 1  # torch (and a 1-thread session) run one batch after the other
+
+
+def test_embed_on_lanes_writes_the_store_in_item_order(checkpoint, onnx_embedder, shape_folder, tmp_path):
+    from gce.retrieval import embed_to_store
+
+    embedder = _two_thread_onnx(checkpoint, onnx_embedder)
+    paths = load_folder(shape_folder, test_fraction=0.5).test.paths[:7]
+    embed_to_store(embedder, paths, None, tmp_path / "emb", shard_size=3, batch_size=2, progress=False)
+    stored = read_store(tmp_path / "emb")
+    assert stored.ids.tolist() == list(range(7)) and list(stored.paths) == [str(p) for p in paths]
+    np.testing.assert_allclose(stored.embeddings, embedder.embed_paths(paths), rtol=0, atol=EMBED_ATOL)

@@ -257,9 +257,10 @@ class Embedder:
         }
 
     # ------------------------------------------------------------------ embedding
-    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """Preprocessed ``B x 3 x S x S`` images -> ``B x D`` float32, each learner slice unit length."""
-        out = self.runtime(batch)
+    def embed_tensors(self, batch: torch.Tensor, runtime: Runtime | None = None) -> np.ndarray:
+        """Preprocessed ``B x 3 x S x S`` images -> ``B x D`` float32, each learner slice unit length
+        (``runtime``: another session of this model's runtime, e.g. one of :mod:`.batch_lanes`)."""
+        out = (runtime or self.runtime)(batch)
         if out.ndim != 2 or out.shape != (len(batch), self.embedding_dim):
             raise GceError(f"the model returned {out.shape}, expected ({len(batch)}, {self.embedding_dim})")
         return normalize_learners(out, self.learner_slices)

@@ -117,13 +117,15 @@ class OnnxRuntime:
     name = "onnx"
     pads_batches = False
 
-    def __init__(self, path: Path, device: torch.device, providers: list[str] | None = None) -> None:
+    def __init__(
+        self, path: Path, device: torch.device, providers: list[str] | None = None, *, threads: int | None = None
+    ) -> None:
         try:
             ort = _import_onnxruntime()
         except ImportError:
             raise RuntimeUnavailable("onnxruntime is not installed (pip install 'gce-dml[export]')") from None
         self.path = Path(path)
-        self.threads = set_threads()
+        self.threads = int(threads) if threads else set_threads()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1  # one graph, run op after op: threads go to each op

@@ -43,6 +43,7 @@ from gce.data.images import load_rgb
 from gce.distributed import SINGLE, DistContext, broadcast_object, distributed_errors
 from gce.errors import BadImageError, DatasetError, GceError
 from gce.io import refuse_foreign_dir
+from gce.retrieval.batch_lanes import BatchLanes
 from gce.retrieval.files import commit_file, shown_path, write_checked_manifest
 from gce.retrieval.store_manifest import DTYPES, MANIFEST, open_store, shard_name
 from gce.retrieval.store_parts import PartWriter, consolidate, files_in_parts, fold, part_name, read_parts, shard_count
@@ -152,10 +153,11 @@ def embed_to_store(
         stream = _decoded_batches(
             embedder, paths, labels, [_shard_range(n, job) for n in mine], batch_size, workers, skip_bad
         )
+        lanes = BatchLanes(embedder)
         try:
             for number in mine:
                 start, stop = _shard_range(number, job)
-                emb, ids, bad = _embed_range(embedder, paths, start, stop, stream, tally.advance)
+                emb, ids, bad = _embed_range(embedder, paths, start, stop, stream, tally.advance, lanes)
                 _write_shard(out, number, start, stop, (emb.astype(dtype), ids, bad), paths, labels, part)
                 if ctx.is_main and fold(manifest, part.records):  # rank 0's shards continue the manifest's
                     write_checked_manifest(out / MANIFEST, manifest)
@@ -164,6 +166,7 @@ def embed_to_store(
         except OSError as exc:
             raise GceError(f"cannot write embeddings to {out}: {exc.strerror or exc}; rerun to resume") from None
         finally:
+            lanes.close()
             bar.close()
         skipped, bad_all = broadcast_object(ctx, summary)  # also: no rank returns before the manifest is whole
     return StoreInfo(out, len(paths), len(paths) - skipped, skipped, bad_all, resumed_from)
@@ -313,8 +316,13 @@ def _decoded_batches(embedder, paths, labels, ranges, batch_size, workers, skip_
     return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers))
 
 
-def _embed_range(embedder, paths, start, stop, stream, advance):
+def _embed_range(embedder, paths, start, stop, stream, advance, lanes: BatchLanes):
     chunks, ids, bad = [], [], []
+
+    def done(embeddings: np.ndarray, kept: np.ndarray) -> None:
+        chunks.append(embeddings)
+        ids.append(kept)
+
     seen = start
     while seen < stop:
         images, positions, errors = next(stream)
@@ -323,12 +331,11 @@ def _embed_range(embedder, paths, start, stop, stream, advance):
             if error:
                 bad.append((shown_path(paths[pos]), error))
         if ok.all():  # the usual case: no copy (and no torch thread pool woken beside the runtime's)
-            chunks.append(embedder.embed_tensors(images))
-            ids.append(positions.numpy())
+            lanes.submit(images, positions.numpy(), done)
         elif ok.any():
-            chunks.append(embedder.embed_tensors(images[torch.from_numpy(ok)]))
-            ids.append(positions.numpy()[ok])
+            lanes.submit(images[torch.from_numpy(ok)], positions.numpy()[ok], done)
         seen += len(errors)
         advance(len(errors))
+    lanes.drain(done)  # the shard is whole before it is written
     emb = np.concatenate(chunks) if chunks else np.zeros((0, embedder.embedding_dim), dtype=np.float32)
     return emb, (np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, dtype=np.int64)), bad
