@@ -350,7 +350,7 @@ def main() -> None:
                         f"serve, 1 client, search by {kind}: p50 ms",
                         f"{served:.1f}",
                         f"{s['bare'][kind]:.1f} bare {what}",
-                        f"+{gap:.1f} ms (<= 5: {'yes' if gap <= 5 else 'NO'})",
+                        f"{gap:+.1f} ms (<= 5: {'yes' if gap <= 5 else 'NO'})",
                     )
                 )
         if "many" in s:
