@@ -52,8 +52,8 @@ class BatchLanes:
     def submit(self, batch: torch.Tensor, ids: np.ndarray, done: Callable[[np.ndarray, np.ndarray], None]) -> None:
         """Embed ``batch`` (items ``ids``); ``done(embeddings, ids)`` is called for it, in order,
         from this thread, once it and every batch before it are embedded."""
-        if self._pool is None:
-            done(self.embedder.embed_tensors(batch, self.runtime), ids)
+        if self._pool is None:  # the embedder's own runtime, one batch after the other
+            done(self.embedder.embed_tensors(batch), ids)
             return
         self._pending.append((self._pool.submit(self.embedder.embed_tensors, batch, self.runtime), ids))
         while len(self._pending) > self.lanes:
