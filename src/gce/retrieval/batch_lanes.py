@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gce.retrieval.runtimes import RUNTIMES, RuntimeUnavailable, parity_batch
+from gce.retrieval.runtimes import RUNTIMES, RuntimeUnavailable, parity_difference
 
 if TYPE_CHECKING:
     from gce.retrieval.embedder import Embedder
@@ -91,6 +91,4 @@ def _single_threaded(embedder: Embedder, checked: Runtime) -> Runtime | None:
         single = RUNTIMES["onnx"](checked.path, embedder.device, threads=1)  # type: ignore[attr-defined]
     except RuntimeUnavailable:
         return None
-    x = parity_batch(embedder.image_size)
-    difference = float(np.abs(embedder.normalized(single(x)) - embedder.normalized(checked(x))).max())
-    return single if difference <= PARITY_LIMIT else None
+    return single if parity_difference(embedder, single, checked) <= PARITY_LIMIT else None

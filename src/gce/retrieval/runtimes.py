@@ -226,13 +226,19 @@ def _session(embedder: Embedder, reference: Runtime, path: Path) -> Runtime:
     from gce.retrieval.export import PARITY_LIMIT
 
     runtime = RUNTIMES["onnx"](path, embedder.device)
-    x = parity_batch(embedder.image_size)
-    difference = float(np.abs(embedder.normalized(runtime(x)) - embedder.normalized(reference(x))).max())
+    difference = parity_difference(embedder, runtime, reference)
     if not difference <= PARITY_LIMIT:  # NaN fails too
         raise RuntimeUnavailable(
             f"the ONNX model differs from PyTorch by {difference:.1e} (> {PARITY_LIMIT:g}) on the parity batch"
         )
     return runtime
+
+
+def parity_difference(embedder: Embedder, runtime: Runtime, reference: Runtime) -> float:
+    """The largest difference of the two runtimes' embeddings (learner slices normalised) on
+    :func:`parity_batch`; compare it with :data:`~gce.retrieval.export.PARITY_LIMIT`."""
+    x = parity_batch(embedder.image_size)
+    return float(np.abs(embedder.normalized(runtime(x)) - embedder.normalized(reference(x))).max())
 
 
 def _import_check() -> None:
